@@ -1,0 +1,35 @@
+"""Liveness, readiness and the contract document itself."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.api.responses import json_response
+from gateway.runtime import Runtime
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def liveness() -> Response:
+    """The process is up and its event loop turns; says nothing about backends."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readiness(request: Request) -> Response:
+    """Policies are loaded and every backend's pinned model is ready (probed off-path)."""
+    runtime: Runtime = request.app.state.runtime
+    checks = {"policies": runtime.policies.version_hash, **runtime.readiness}
+    status = 200 if runtime.ready else 503
+    return json_response(
+        {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status
+    )
+
+
+@router.get("/openapi.json")
+async def openapi_document(request: Request) -> Response:
+    """The contract from `contracts/`: what callers read is what the gateway enforces."""
+    runtime: Runtime = request.app.state.runtime
+    return json_response(runtime.contracts.document)

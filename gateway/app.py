@@ -1,0 +1,127 @@
+"""Builds the FastAPI application from Settings: wiring only, no business logic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.api import health, predictions
+from gateway.api.responses import problem_response
+from gateway.problems import Problem
+from gateway.runtime import Configuration, load_configuration, start_runtime
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.app")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class RequestIdMiddleware:
+    """Every response carries `X-Request-ID` (the caller's when well-formed) and safe headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = caller_request_id(scope["headers"]) or uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER, request_id))
+                headers.extend(SECURITY_HEADERS)
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def caller_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The caller's request id if it is short and plain; anything else is replaced."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if 0 < len(value) <= 128 and all(c in _REQUEST_ID_CHARS for c in value):
+                return value
+            return None
+    return None
+
+
+def create_app(
+    settings: Settings | None = None,
+    env: Mapping[str, str] | None = None,
+    config: Configuration | None = None,
+) -> FastAPI:
+    """The gateway app; files are loaded and checked now, so a bad file fails here, loudly."""
+    settings = settings or Settings()
+    config = config or load_configuration(settings, os.environ if env is None else env)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = start_runtime(settings, config)
+        app.state.runtime = runtime
+        await runtime.refresh_readiness()
+        prober = asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))
+        try:
+            yield
+        finally:
+            prober.cancel()
+            await runtime.close()
+
+    app = FastAPI(
+        title="Resilient AI Gateway",
+        lifespan=lifespan,
+        openapi_url=None,  # /openapi.json is the contract from contracts/, served by health.py
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(predictions.router)
+    app.include_router(health.router)
+    app.add_exception_handler(Problem, _problem_handler)
+    app.add_exception_handler(HTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _unexpected_error_handler)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+async def _probe_forever(runtime, interval_s: float) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        await asyncio.sleep(interval_s)
+        await runtime.refresh_readiness()
+
+
+async def _problem_handler(request: Request, problem: Problem) -> Response:  # type: ignore[override]
+    return problem_response(problem, request.url.path)
+
+
+async def _http_error_handler(request: Request, error: HTTPException) -> Response:  # type: ignore[override]
+    titles = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Method not allowed")}
+    slug, title = titles.get(error.status_code, ("http-error", "Request refused"))
+    problem = Problem(error.status_code, slug, title, headers=dict(error.headers or {}))
+    return problem_response(problem, request.url.path)
+
+
+async def _unexpected_error_handler(request: Request, error: Exception) -> Response:
+    """A bug must still answer in the contract's error shape, without internals."""
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return problem_response(Problem(500, "internal-error", "Internal error"), request.url.path)

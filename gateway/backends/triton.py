@@ -1,0 +1,122 @@
+"""Triton (KServe v2) backend: contract features in, a probability out.
+
+One long-lived `tritonclient.http.aio` client per target, created at start-up and closed at
+shutdown, with binary tensors both ways. Its session timeout is session-wide, so each call
+is bounded by `asyncio.timeout` with the request's remaining budget, and the same budget is
+passed to Triton as the server-side queue timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import numpy as np
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException
+
+from gateway.backends import (
+    BackendError,
+    BackendOverloaded,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+)
+from gateway.policy import TritonTarget
+
+_NUMPY_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
+_OVERLOAD_STATUSES = {"429", "503"}
+
+
+def build_tensors(target: TritonTarget, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each input tensor as a batch of one row: features in policy order, scaled."""
+    return {
+        tensor.name: np.array(
+            [[float(features[f.feature]) * f.scale + f.offset for f in tensor.features]],
+            dtype=_NUMPY_DTYPES[tensor.dtype],
+        )
+        for tensor in target.inputs
+    }
+
+
+def read_probability(output: np.ndarray | None, target: TritonTarget) -> float:
+    """The positive-class probability from the output tensor, checked to be one."""
+    if output is None:
+        raise BackendError(f"output {target.output.name!r} missing from the answer")
+    flat = np.asarray(output).reshape(-1)
+    if flat.size <= target.output.index:
+        raise BackendError(f"output {target.output.name!r} has no element {target.output.index}")
+    value = round(float(flat[target.output.index]), 6)
+    if not 0.0 <= value <= 1.0:
+        raise BackendError(f"output {target.output.name!r} is not a probability")
+    return value
+
+
+class TritonBackend:
+    """Calls one pinned model version on one Triton server."""
+
+    def __init__(self, name: str, target: TritonTarget) -> None:
+        self.name = name
+        self.target = target
+        self._client = triton_http.InferenceServerClient(
+            url=target.url, conn_limit=target.max_concurrency, conn_timeout=60.0
+        )
+        self._outputs = [triton_http.InferRequestedOutput(target.output.name, binary_data=True)]
+
+    async def predict(
+        self,
+        features: Mapping[str, Any],
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> float:
+        """Probability for one input, or a BackendError subclass saying what went wrong."""
+        arrays = build_tensors(self.target, features)
+        inputs = []
+        for spec in self.target.inputs:
+            tensor = triton_http.InferInput(spec.name, list(arrays[spec.name].shape), spec.dtype)
+            tensor.set_data_from_numpy(arrays[spec.name], binary_data=True)
+            inputs.append(tensor)
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await self._client.infer(
+                    self.target.model,
+                    inputs,
+                    model_version=self.target.version,
+                    outputs=self._outputs,
+                    timeout=max(1, int(timeout_s * 1_000_000)),
+                    headers=dict(headers) if headers else None,
+                )
+        except TimeoutError:
+            raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        except InferenceServerException as error:
+            raise _translate(error) from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise BackendUnavailable(type(error).__name__) from None
+        return read_probability(result.as_numpy(self.target.output.name), self.target)
+
+    async def is_ready(self, timeout_s: float = 1.0) -> bool:
+        """Whether Triton reports the pinned model version ready to serve."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(
+                    await self._client.is_model_ready(
+                        self.target.model, model_version=self.target.version
+                    )
+                )
+        except (TimeoutError, InferenceServerException, aiohttp.ClientError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _translate(error: InferenceServerException) -> BackendError:
+    status = str(error.status() or "")
+    message = f"triton {status or 'error'}"
+    if status in _OVERLOAD_STATUSES:
+        return BackendOverloaded(message)
+    if status.startswith("4"):
+        return BackendRejected(message)
+    return BackendError(message)

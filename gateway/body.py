@@ -1,0 +1,107 @@
+"""Turning an untrusted HTTP body into plain data, or a precise 4xx problem.
+
+Checks run cheapest first: media type, declared size, actual size while reading, then a
+strict JSON parse (orjson: UTF-8 only, no NaN or Infinity), then nesting depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from gateway.problems import Problem
+
+JSON_MEDIA_TYPES = ("application/json",)
+
+
+def check_media_type(content_type: str | None) -> None:
+    """415 unless the body is declared as JSON (`application/json` or `application/*+json`)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type in JSON_MEDIA_TYPES or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise Problem(
+        415,
+        "unsupported-media-type",
+        "Unsupported media type",
+        "send the body as application/json",
+    )
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """413 before reading anything when the caller announces too large a body."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise Problem(400, "bad-request", "Bad request", "Content-Length is not a number") from None
+    if declared > limit:
+        raise _too_large(limit)
+
+
+async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The whole body, or 413 as soon as it passes `limit` bytes (chunked bodies included)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_json(body: bytes, max_depth: int) -> Any:
+    """Strict JSON, or 400 saying why it is not."""
+    if not body:
+        raise Problem(400, "malformed-json", "Malformed JSON", "the request body is empty")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise Problem(400, "malformed-json", "Malformed JSON", _parse_detail(error)) from None
+    if nesting_depth(value, max_depth) > max_depth:
+        raise Problem(
+            400,
+            "malformed-json",
+            "JSON nested too deeply",
+            f"the body nests deeper than {max_depth} levels",
+        )
+    return value
+
+
+def nesting_depth(value: Any, stop_above: int) -> int:
+    """Depth of containers in `value`, counting stops once it passes `stop_above`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_above:
+            return deepest
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _parse_detail(error: orjson.JSONDecodeError) -> str:
+    """Say what is wrong and where, without echoing the caller's bytes back at length."""
+    message = str(error.msg) if hasattr(error, "msg") else "invalid JSON"
+    if "recursion" in message.lower():
+        return "the body nests too deeply"
+    if "utf-8" in message.lower() or "surrogate" in message.lower():
+        return "the body is not valid UTF-8"
+    position = getattr(error, "pos", None)
+    where = f" at byte {position}" if isinstance(position, int) else ""
+    return f"the body is not valid JSON{where} (NaN and Infinity are not JSON)"
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(
+        413, "payload-too-large", "Payload too large", f"the body may be at most {limit} bytes"
+    )

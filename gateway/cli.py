@@ -1,0 +1,144 @@
+"""`aigw`: serve the gateway, run the demo, and check operator-edited files.
+
+aigw serve                      run the gateway (settings from AIGW_* variables)
+aigw demo [--port 8080]         a real Triton with two demo models, and the gateway
+aigw policy validate [DIR]      check policies (with contracts and fallbacks)
+aigw contracts check [DIR]      check every OpenAPI document in contracts/
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from gateway.contracts import ContractError, check_contracts, load_contracts
+from gateway.logs import configure_logging
+from gateway.policy import PolicyError, load_policies
+from gateway.rules import FallbackError, load_fallbacks
+from gateway.settings import Settings
+
+DEMO_CURL = (
+    "curl -s localhost:{port}/v1/predictions -H 'Content-Type: application/json' "
+    """-d '{{"model_id":"customer-churn","features":{{"customer_id":"12345","""
+    """"tenure_months":24,"monthly_charges":89.99}}}}'"""
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aigw", description="Resilient AI gateway")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="bind address (default: AIGW_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: AIGW_PORT or 8080)")
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="run a real Triton with demo models and the gateway")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument("--triton-http-port", type=int, help="Triton HTTP port (default: free)")
+    demo.set_defaults(handler=_demo)
+
+    policy = commands.add_parser("policy", help="policy files").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    validate = policy.add_parser("validate", help="check policies/, contracts/ and fallbacks/")
+    validate.add_argument("directory", nargs="?", type=Path, help="policies directory")
+    validate.set_defaults(handler=_policy_validate)
+
+    contracts = commands.add_parser("contracts", help="contract documents").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    check = contracts.add_parser("check", help="check every OpenAPI document")
+    check.add_argument("directory", nargs="?", type=Path, help="contracts directory")
+    check.set_defaults(handler=_contracts_check)
+    return parser
+
+
+def _contracts_check(args: argparse.Namespace) -> int:
+    directory = args.directory or Settings().contracts_dir
+    faults = check_contracts(directory)
+    for fault in faults:
+        print(fault, file=sys.stderr)
+    if not faults:
+        print(f"{directory}: every contract is valid OpenAPI 3.1")
+    return 1 if faults else 0
+
+
+def _policy_validate(args: argparse.Namespace) -> int:
+    settings = Settings()
+    directory = args.directory or settings.policies_dir
+    try:
+        contracts = load_contracts(settings.contracts_dir)
+        policies = load_policies(directory, contracts, os.environ)
+        load_fallbacks(settings.fallbacks_dir, contracts)
+    except (ContractError, PolicyError, FallbackError) as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return 1
+    print(f"{directory}: {len(policies.policies)} policies valid (version {policies.version_hash})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    return _run_gateway(settings, dict(os.environ))
+
+
+def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
+    """Load and check every file first: a bad one stops start-up with its faults listed."""
+    from gateway.app import create_app
+
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings, env)
+    except (ContractError, PolicyError, FallbackError) as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return 1
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Start the demo Triton in its own process group, then the gateway in front of it."""
+    from gateway.demo.triton_process import TritonProcess
+
+    triton = TritonProcess(http_port=args.triton_http_port)
+    print("starting Triton with the demo churn models (CPU)...", file=sys.stderr, flush=True)
+    triton.start()
+    try:
+        env = {**os.environ, "AIGW_TRITON_URL": triton.http_url}
+        settings = Settings(port=args.port)
+        print(f"Triton ready at {triton.http_url}; gateway on http://127.0.0.1:{args.port}")
+        print("try:\n  " + DEMO_CURL.format(port=args.port), flush=True)
+        return _run_gateway(settings, env)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

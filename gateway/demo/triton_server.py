@@ -1,0 +1,280 @@
+"""Serve the demo churn models with PyTriton: ``python -m gateway.demo.triton_server``.
+
+Models (version 1 each): ``churn_gbm`` and ``churn_logreg``. Input ``features`` FP32 ``[-1, 2]``
+(tenure_months, monthly_charges), output ``probability`` FP32 ``[-1, 1]``; batching on with
+max_batch_size 64 and dynamic batching with a 200 µs queue delay.
+
+Every port is bound to 127.0.0.1 only. PyTriton 0.7 protects the admin APIs (model repository,
+statistics, trace, logging, shared memory) with a random per-run token; health, metadata and
+inference stay open, which is all the gateway needs.
+
+Fault injection: with ``--control-file PATH`` each inference call reads that JSON file, e.g.
+``{"mode": "error", "delay_ms": 0, "models": ["churn_gbm"]}`` (``models`` omitted = all).
+``ok`` serves normally, ``slow`` sleeps ``delay_ms`` first, ``error`` raises so Triton returns an
+error to the client (after ``delay_ms`` if given). A missing file means ``ok``; an unreadable or
+half-written one keeps the last good setting.
+
+Prints ``READY http=<port> grpc=<port>`` once serving; SIGTERM or SIGINT stop Triton cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from gateway.demo.models import (
+    ChurnModels,
+    ProbabilisticClassifier,
+    churn_probability,
+    train_churn_models,
+)
+from gateway.demo.triton_process import LOOPBACK, env_with_libpython_first
+
+LOGGER = logging.getLogger("gateway.demo.triton_server")
+
+MAX_BATCH_SIZE = 64
+MAX_QUEUE_DELAY_US = 200
+VALID_MODES = ("ok", "error", "slow")
+
+
+class InjectedFaultError(RuntimeError):
+    """Raised from an infer function when the control file says ``error``.
+
+    A plain exception (not PyTritonUnrecoverableError) so PyTriton reports it to the client and
+    keeps the model serving.
+    """
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """One parsed control-file setting."""
+
+    mode: str = "ok"
+    delay_ms: int = 0
+    models: frozenset[str] | None = None  # None = every model
+
+    def applies_to(self, model_name: str) -> bool:
+        """Return True if this setting targets ``model_name``."""
+        return self.models is None or model_name in self.models
+
+
+class ControlFile:
+    """Reads the fault-injection file on every call, so tests can flip behaviour live."""
+
+    def __init__(self, path: Path | None) -> None:
+        """``path=None`` disables fault injection entirely."""
+        self._path = path
+        self._last_good = ControlState()
+
+    def read(self) -> ControlState:
+        """Return the current setting (cheap: one small file read)."""
+        if self._path is None:
+            return self._last_good
+        try:
+            raw = self._path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self._last_good = ControlState()  # removing the file is the way back to normal
+            return self._last_good
+        except OSError as exc:
+            LOGGER.warning("control file %s unreadable (%s); keeping last setting", self._path, exc)
+            return self._last_good
+        try:
+            state = self._parse(raw)
+        except (ValueError, TypeError) as exc:
+            # Most likely caught mid-write by a non-atomic writer; the next call will see it.
+            LOGGER.warning("control file %s invalid (%s); keeping last setting", self._path, exc)
+            return self._last_good
+        self._last_good = state
+        return state
+
+    @staticmethod
+    def _parse(raw: str) -> ControlState:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError("control file must hold a JSON object")
+        mode = data.get("mode", "ok")
+        if mode not in VALID_MODES:
+            raise ValueError(f"mode must be one of {VALID_MODES}, got {mode!r}")
+        delay_ms = int(data.get("delay_ms", 0))
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        models = data.get("models")
+        if models is not None:
+            if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+                raise TypeError("models must be a list of model names")
+            models = frozenset(models)
+        return ControlState(mode=mode, delay_ms=delay_ms, models=models)
+
+
+def make_infer_fn(
+    model_name: str, model: ProbabilisticClassifier, control: ControlFile
+) -> Callable[..., dict[str, np.ndarray]]:
+    """Build the ``@batch`` infer function PyTriton binds for one model."""
+    from pytriton.decorators import batch
+
+    @batch
+    def infer(features: np.ndarray) -> dict[str, np.ndarray]:
+        state = control.read()
+        if state.mode != "ok" and state.applies_to(model_name):
+            if state.delay_ms > 0:
+                # Blocks this model's handler thread, like a genuinely slow model would: queued
+                # requests wait (and get batched) behind it.
+                time.sleep(state.delay_ms / 1000.0)
+            if state.mode == "error":
+                raise InjectedFaultError(f"injected failure for {model_name} (control file)")
+        return {"probability": churn_probability(model, features)}
+
+    return infer
+
+
+def build_triton(
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    workspace: Path,
+    models: ChurnModels,
+    control: ControlFile,
+) -> Any:
+    """Create the (not yet started) PyTriton server with both models bound."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(
+        http_address=LOOPBACK,
+        grpc_address=LOOPBACK,
+        metrics_address=LOOPBACK,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        exit_timeout_secs=2,
+        allow_gpu_metrics=False,  # CPU-only demo; avoids NVML probing noise
+        # Readiness must mean "all models loaded", which is what the launcher polls for.
+        strict_readiness=True,
+    )
+    triton = Triton(config=config, workspace=workspace)
+    model_config = ModelConfig(
+        batching=True,
+        max_batch_size=MAX_BATCH_SIZE,
+        batcher=DynamicBatcher(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
+    )
+
+    def _bind(name: str, model: ProbabilisticClassifier) -> None:
+        triton.bind(
+            model_name=name,
+            model_version=1,
+            infer_func=make_infer_fn(name, model, control),
+            inputs=[Tensor(name="features", dtype=np.float32, shape=(2,))],
+            outputs=[Tensor(name="probability", dtype=np.float32, shape=(1,))],
+            config=model_config,
+        )
+
+    triton.run()
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(2) as ex:
+        list(
+            ex.map(
+                lambda nm: _bind(*nm), (("churn_gbm", models.gbm), ("churn_logreg", models.logreg))
+            )
+        )
+    return triton
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.demo.triton_server", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--control-file", type=Path, default=None)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="existing directory for PyTriton's workspace (default: a fresh temp dir)",
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down if the launching process dies (used by TritonProcess)",
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, serve until SIGTERM/SIGINT (or parent death), stop Triton; return exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Only the Python-backend stub (a grandchild) needs this; tritonserver copies os.environ.
+    os.environ.update(env_with_libpython_first(os.environ))
+
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Only set a flag: the main thread does the (slow, lock-taking) shutdown.
+        LOGGER.info("received %s, shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    parent_pid = os.getppid()
+
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="triton-demo-")) if own_workdir else args.workdir
+    workspace = workdir / "pytriton"  # PyTriton insists on creating this directory itself
+    triton = None
+    exit_code = 0
+    try:
+        t0 = time.perf_counter()
+        models = train_churn_models(seed=args.seed)
+        LOGGER.info("trained churn models in %.2fs", time.perf_counter() - t0)
+        control = ControlFile(args.control_file)
+        triton = build_triton(
+            args.http_port, args.grpc_port, args.metrics_port, workspace, models, control
+        )
+        if not stop_requested.is_set():
+            triton.run()  # starts tritonserver and waits for both models to load
+        if not stop_requested.is_set():
+            print(f"READY http={args.http_port} grpc={args.grpc_port}", flush=True)
+        while not stop_requested.wait(0.25):
+            if not triton.is_alive():
+                LOGGER.error("tritonserver or a model proxy died; exiting")
+                exit_code = 1
+                break
+            if args.exit_with_parent and os.getppid() != parent_pid:
+                LOGGER.warning("launcher (pid %d) is gone; exiting", parent_pid)
+                break
+    finally:
+        if triton is not None:
+            # Stops tritonserver (SIGINT + wait) and removes PyTriton's workspace.
+            with contextlib.suppress(Exception):
+                triton.stop()
+        shutil.rmtree(workspace if not own_workdir else workdir, ignore_errors=True)
+        LOGGER.info("demo Triton stopped")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

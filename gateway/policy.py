@@ -1,0 +1,269 @@
+"""Routing policies: what operators edit in `policies/`, validated as a whole at load.
+
+One YAML file per logical model says which Triton targets serve it, how contract features
+become input tensors and output tensors become an answer, how long a request may take,
+how each target's breaker behaves, and the fallback chain. A loaded `PolicySet` is an
+immutable snapshot: a request keeps the snapshot it started with.
+
+String values may name environment variables as `${NAME}` or `${NAME:-default}`, so one
+policy file serves every environment (the demo points it at its own Triton this way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.contracts import ContractSet
+
+RULES_STEP = "rules"
+STALE_CACHE_STEP = "stale-cache"
+DEFAULT_STEP = "default"
+BUILTIN_STEPS = (RULES_STEP, STALE_CACHE_STEP, DEFAULT_STEP)
+NUMERIC_FEATURE_TYPES = ("integer", "number", "boolean")
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
+
+
+class PolicyError(Exception):
+    """One or more policy files are invalid; `faults` holds `file: field: message` lines."""
+
+    def __init__(self, faults: list[str]) -> None:
+        super().__init__("\n".join(faults))
+        self.faults = faults
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureInput(_Strict):
+    """One contract feature placed in an input tensor, as `value * scale + offset`."""
+
+    feature: str
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class TensorInput(_Strict):
+    """One Triton input tensor, built from contract features in the order given."""
+
+    name: str
+    dtype: Literal["FP32", "FP64", "INT32", "INT64"] = "FP32"
+    features: list[FeatureInput] = Field(min_length=1)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _plain_names_allowed(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"feature": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class TensorOutput(_Strict):
+    """Where the positive-class probability is in Triton's answer."""
+
+    name: str = "probability"
+    index: int = Field(default=0, ge=0)
+
+
+class Labels(_Strict):
+    """How a probability becomes the `prediction` label."""
+
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    positive: str = Field(min_length=1)
+    negative: str = Field(min_length=1)
+
+    def label(self, probability: float) -> str:
+        return self.positive if probability >= self.threshold else self.negative
+
+
+class BreakerConfig(_Strict):
+    """When a target's breaker opens, how long it stays open and how it closes again.
+
+    It opens on `failure_threshold` failures in a row, or once `min_calls` calls are in the
+    window, on a failure rate or a slow-call rate at or above the configured share.
+    """
+
+    failure_threshold: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    slow_call_ms: float = Field(default=1000, gt=0)
+    slow_call_rate: float = Field(default=1.0, gt=0, le=1)
+    window: int = Field(default=20, ge=1, le=10_000)
+    min_calls: int = Field(default=10, ge=1)
+    reset_timeout_s: float = Field(default=5.0, gt=0)
+    max_reset_timeout_s: float = Field(default=60.0, gt=0)
+    success_threshold: int = Field(default=2, ge=1)
+    half_open_max_calls: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> BreakerConfig:
+        if self.max_reset_timeout_s < self.reset_timeout_s:
+            raise ValueError("max_reset_timeout_s must be >= reset_timeout_s")
+        if self.min_calls > self.window:
+            raise ValueError("min_calls must be <= window")
+        return self
+
+
+class TritonTarget(_Strict):
+    """One model on one Triton server, pinned to a version."""
+
+    kind: Literal["triton"] = "triton"
+    url: str = Field(
+        pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", description="host:port of Triton HTTP"
+    )
+    model: str = Field(min_length=1)
+    version: str = Field(pattern=r"^[0-9]+$")
+    inputs: list[TensorInput] = Field(min_length=1)
+    output: TensorOutput = TensorOutput()
+    max_concurrency: int = Field(default=64, ge=1)
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class RetryConfig(_Strict):
+    """At most one retry of a transient error, and only while retries stay within budget."""
+
+    max_retries: int = Field(default=1, ge=0, le=1)
+    budget_ratio: float = Field(default=0.2, ge=0, le=1)
+
+
+class Policy(_Strict):
+    """Everything the gateway needs to answer for one logical model."""
+
+    model_id: str
+    timeout_ms: int = Field(ge=1, le=600_000)
+    labels: Labels
+    targets: dict[Annotated[str, Field(pattern=_NAME)], TritonTarget] = Field(min_length=1)
+    chain: list[str] = Field(min_length=1)
+    retry: RetryConfig = RetryConfig()
+
+    @model_validator(mode="after")
+    def _chain_is_answerable(self) -> Policy:
+        unknown = [s for s in self.chain if s not in self.targets and s not in BUILTIN_STEPS]
+        if unknown:
+            raise ValueError(f"chain names unknown steps: {', '.join(unknown)}")
+        if len(set(self.chain)) != len(self.chain):
+            raise ValueError("chain lists a step twice")
+        if self.chain[-1] != DEFAULT_STEP:
+            raise ValueError("chain must end with `default`, so that every request gets an answer")
+        return self
+
+    @property
+    def primary(self) -> str:
+        return self.chain[0]
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """An immutable snapshot of every policy, with a content hash for audit and readiness."""
+
+    policies: Mapping[str, Policy]
+    version_hash: str
+
+    def get(self, model_id: str) -> Policy | None:
+        return self.policies.get(model_id)
+
+
+def load_policies(
+    directory: Path, contracts: ContractSet, env: Mapping[str, str] | None = None
+) -> PolicySet:
+    """Read and validate every policy in `directory`; raise PolicyError listing every fault."""
+    env = env or {}
+    faults: list[str] = []
+    policies: dict[str, Policy] = {}
+    paths = _policy_files(directory, faults)
+    for path in paths:
+        policy = _load_one(path, env, faults)
+        if policy is None:
+            continue
+        if policy.model_id in policies:
+            faults.append(f"{path}: model_id: {policy.model_id} is defined by another file too")
+            continue
+        faults.extend(f"{path}: {fault}" for fault in contract_faults(policy, contracts))
+        policies[policy.model_id] = policy
+    faults.extend(
+        f"{directory}: model {m} is in the contract but has no policy"
+        for m in contracts.models
+        if m not in policies and paths
+    )
+    if faults:
+        raise PolicyError(faults)
+    return PolicySet(policies=policies, version_hash=_content_hash(policies))
+
+
+def contract_faults(policy: Policy, contracts: ContractSet) -> list[str]:
+    """Faults between a policy and the contract: unknown model, non-numeric tensor features."""
+    model = contracts.models.get(policy.model_id)
+    if model is None:
+        return [f"model_id: {policy.model_id} is not a model of the contract"]
+    faults = []
+    for target_name, target in policy.targets.items():
+        for i, tensor in enumerate(target.inputs):
+            for j, item in enumerate(tensor.features):
+                kind = model.feature_types.get(item.feature)
+                where = f"targets.{target_name}.inputs.{i}.features.{j}"
+                if kind is None:
+                    faults.append(f"{where}: {item.feature} is not a feature of the contract")
+                elif kind not in NUMERIC_FEATURE_TYPES:
+                    faults.append(f"{where}: {item.feature} is a {kind}, not a number")
+    return faults
+
+
+def expand_environment(value: Any, env: Mapping[str, str]) -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+        return _ENV_REFERENCE.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [expand_environment(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_environment(v, env) for k, v in value.items()}
+    return value
+
+
+def _policy_files(directory: Path, faults: list[str]) -> list[Path]:
+    if not directory.is_dir():
+        faults.append(f"{directory}: policies directory not found")
+        return []
+    paths = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    if not paths:
+        faults.append(f"{directory}: no policy files")
+    return paths
+
+
+def _load_one(path: Path, env: Mapping[str, str], faults: list[str]) -> Policy | None:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        faults.append(f"{path}: cannot be read: {error}")
+        return None
+    if not isinstance(raw, dict):
+        faults.append(f"{path}: the file must hold a mapping")
+        return None
+    try:
+        policy = Policy.model_validate(expand_environment(raw, env))
+    except ValidationError as error:
+        faults.extend(f"{path}: {line}" for line in validation_lines(error))
+        return None
+    if policy.model_id != path.stem:
+        faults.append(f"{path}: model_id: {policy.model_id} must match the file name")
+    return policy
+
+
+def validation_lines(error: ValidationError) -> list[str]:
+    """pydantic errors as `field.path: message` lines an operator can act on."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in error.errors()]
+
+
+def _content_hash(policies: Mapping[str, Policy]) -> str:
+    canonical = {k: p.model_dump(mode="json") for k, p in sorted(policies.items())}
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

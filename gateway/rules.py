@@ -1,0 +1,189 @@
+"""Rule sets and static defaults from `fallbacks/`: the answers that need no model.
+
+Each file holds an ordered list of CEL rules for one logical model and its static default.
+Every expression is compiled at load and tried against a sample input shaped like the
+contract's features, so a broken or ill-typed rule fails the load, naming file, rule and
+position, and never a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cel
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.contracts import ContractSet
+from gateway.policy import validation_lines
+
+# A representative value per JSON Schema type, for checking rules at load.
+_SAMPLE_VALUES: dict[str, Any] = {
+    "string": "sample",
+    "integer": 1,
+    "number": 1.5,
+    "boolean": True,
+}
+
+
+class FallbackError(Exception):
+    """One or more fallback files are invalid; `faults` holds `file: where: message` lines."""
+
+    def __init__(self, faults: list[str]) -> None:
+        super().__init__("\n".join(faults))
+        self.faults = faults
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StaticAnswer(_Strict):
+    """A prediction that needs no model."""
+
+    prediction: str = Field(min_length=1)
+    probability: float = Field(ge=0, le=1)
+
+
+class RuleSpec(StaticAnswer):
+    """One rule as written: a CEL condition and the answer it gives."""
+
+    name: str = Field(min_length=1, max_length=64)
+    when: str = Field(min_length=1, max_length=4096)
+
+
+class FallbackFile(_Strict):
+    model_id: str
+    rules: list[RuleSpec] = []
+    default: StaticAnswer
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    program: Any
+    answer: StaticAnswer
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """Which rule answered, kept so the decision can be explained later."""
+
+    rule: str
+    answer: StaticAnswer
+
+
+@dataclass(frozen=True)
+class Fallbacks:
+    """One model's compiled rules and default, with a hash that versions them."""
+
+    model_id: str
+    rules: tuple[Rule, ...]
+    default: StaticAnswer
+    version: str
+
+    def first_match(self, features: Mapping[str, Any]) -> RuleMatch | None:
+        """The first rule whose condition holds for `features`, or None.
+
+        A rule that errors at run time (say, a feature it reads is absent) does not match;
+        load-time checks make that rare, and a rule must never fail a request.
+        """
+        context = {"features": dict(features)}
+        for rule in self.rules:
+            try:
+                if rule.program.execute(context) is True:
+                    return RuleMatch(rule=rule.name, answer=rule.answer)
+            except (TypeError, ValueError, KeyError, RuntimeError):
+                continue
+        return None
+
+
+def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbacks]:
+    """Read, compile and check every fallback file; raise FallbackError listing every fault."""
+    faults: list[str] = []
+    result: dict[str, Fallbacks] = {}
+    if not directory.is_dir():
+        raise FallbackError([f"{directory}: fallbacks directory not found"])
+    for path in sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml")):
+        fallbacks = _load_one(path, contracts, faults)
+        if fallbacks is not None:
+            result[fallbacks.model_id] = fallbacks
+    faults.extend(
+        f"{directory}: model {m} has no fallback file (its chain needs a default)"
+        for m in contracts.models
+        if m not in result
+    )
+    if faults:
+        raise FallbackError(faults)
+    return result
+
+
+def sample_features(feature_types: Mapping[str, str]) -> dict[str, Any]:
+    """A feature mapping with one plausible value per declared feature."""
+    return {name: _SAMPLE_VALUES.get(kind, "sample") for name, kind in feature_types.items()}
+
+
+def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:
+    """Compile one rule and try it on `sample`; ValueError says what is wrong and where."""
+    try:
+        program = cel.compile(spec.when)
+    except ValueError as error:
+        raise ValueError(f"does not compile: {_cel_message(error)}") from None
+    unknown = [v for v in program.variables() if v != "features"]
+    if unknown:
+        raise ValueError(f"refers to unknown variables: {', '.join(unknown)}")
+    try:
+        result = program.execute({"features": dict(sample)})
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"fails on a valid input: {_cel_message(error)}") from None
+    if not isinstance(result, bool):
+        raise ValueError(f"must be a boolean condition, gives {type(result).__name__}")
+    return Rule(name=spec.name, program=program, answer=StaticAnswer(**_answer_of(spec)))
+
+
+def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallbacks | None:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = FallbackFile.model_validate(raw)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        faults.append(f"{path}: cannot be read: {error}")
+        return None
+    except ValidationError as error:
+        faults.extend(f"{path}: {line}" for line in validation_lines(error))
+        return None
+    model = contracts.models.get(spec.model_id)
+    if model is None:
+        faults.append(f"{path}: model_id: {spec.model_id} is not a model of the contract")
+        return None
+    sample = sample_features(model.feature_types)
+    rules = []
+    for index, rule_spec in enumerate(spec.rules):
+        try:
+            rules.append(compile_rule(rule_spec, sample))
+        except ValueError as error:
+            faults.append(f"{path}: rules.{index} ({rule_spec.name}): when: {error}")
+    return Fallbacks(
+        model_id=spec.model_id,
+        rules=tuple(rules),
+        default=spec.default,
+        version=_content_hash(spec),
+    )
+
+
+def _answer_of(spec: RuleSpec) -> dict[str, Any]:
+    return {"prediction": spec.prediction, "probability": spec.probability}
+
+
+def _cel_message(error: Exception) -> str:
+    """CEL's message, on one line: it carries the position as `<input>:line:column`."""
+    return " ".join(str(error).split())
+
+
+def _content_hash(spec: FallbackFile) -> str:
+    digest = hashlib.sha256(orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS))
+    return "rules-" + digest.hexdigest()[:12]

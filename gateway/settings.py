@@ -1,0 +1,34 @@
+"""Process settings: one typed object, read from `AIGW_*` environment variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the gateway process needs to start; per-model behaviour lives in policies."""
+
+    model_config = SettingsConfigDict(env_prefix="AIGW_", extra="ignore")
+
+    contracts_dir: Path = Path("contracts")
+    policies_dir: Path = Path("policies")
+    fallbacks_dir: Path = Path("fallbacks")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    # Hostile-input limits: checked before any parsing work is spent on a body.
+    max_body_bytes: int = Field(default=64 * 1024, ge=256)
+    max_json_depth: int = Field(default=32, ge=2)
+
+    # Time kept back from a request's budget for the gateway's own work after the
+    # last backend call (rules, default, serialisation), so the answer still lands in time.
+    response_margin_ms: float = Field(default=5.0, ge=0)
+
+    # Triton servers are probed this often for /readyz, off the request path.
+    readiness_interval_s: float = Field(default=2.0, gt=0)
+
+    log_level: str = "info"
