@@ -34,7 +34,8 @@ import gateway
 MODEL_NAMES: tuple[str, str] = ("churn_gbm", "churn_logreg")
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 15.0
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # POSIX shared memory on Linux
+TRITON_TMP_DIR = Path("/tmp")  # hard-coded in libtritonserver, see remove_triton_model_folders
 
 ControlMode = Literal["ok", "error", "slow"]
 
@@ -97,6 +98,30 @@ def write_control_file(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(payload), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def remove_triton_model_folders(workspace: Path) -> list[Path]:
+    """Delete ``/tmp/folderXXXXXX`` model copies a dead tritonserver left for ``workspace``.
+
+    Models loaded through Triton's repository API (which PyTriton uses) are written to
+    ``/tmp/folderXXXXXX``; the path is hard-coded in libtritonserver (TMPDIR is ignored) and the
+    folder survives if the server exits before the unload finishes. Each config.pbtxt names the
+    PyTriton workspace, which is unique per run, so only this run's folders match. Call it only
+    after the server is gone.
+    """
+    marker = f'"{Path(workspace).resolve()}'
+    removed = []
+    for folder in TRITON_TMP_DIR.glob("folder??????"):
+        try:
+            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            config = (folder / "config.pbtxt").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if marker in config:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _read_proc_stat(pid: int) -> tuple[str, str, int] | None:
@@ -223,6 +248,11 @@ class TritonProcess:
     def log_path(self) -> Path:
         """File receiving the child's stdout and stderr (appended across restarts)."""
         return self._log_path
+
+    @property
+    def workdir(self) -> Path | None:
+        """Per-run temp directory (PyTriton workspace inside); None when not running."""
+        return self._workdir
 
     @property
     def frozen(self) -> bool:
@@ -431,6 +461,7 @@ class TritonProcess:
             with contextlib.suppress(OSError):
                 path.unlink()
         if self._workdir is not None:
+            remove_triton_model_folders(self._workdir)
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         if self._log_file is not None:

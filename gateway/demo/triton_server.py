@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,7 +44,14 @@ from gateway.demo.models import (
     churn_probability,
     train_churn_models,
 )
-from gateway.demo.triton_process import LOOPBACK, env_with_libpython_first
+from gateway.demo.triton_process import (
+    LOOPBACK,
+    env_with_libpython_first,
+    remove_triton_model_folders,
+)
+
+if TYPE_CHECKING:
+    from pytriton.triton import Triton
 
 LOGGER = logging.getLogger("gateway.demo.triton_server")
 
@@ -150,7 +157,7 @@ def build_triton(
     workspace: Path,
     models: ChurnModels,
     control: ControlFile,
-) -> Any:
+) -> Triton:
     """Create the (not yet started) PyTriton server with both models bound."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -173,8 +180,7 @@ def build_triton(
         max_batch_size=MAX_BATCH_SIZE,
         batcher=DynamicBatcher(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
     )
-
-    def _bind(name: str, model: ProbabilisticClassifier) -> None:
+    for name, model in (("churn_gbm", models.gbm), ("churn_logreg", models.logreg)):
         triton.bind(
             model_name=name,
             model_version=1,
@@ -182,16 +188,6 @@ def build_triton(
             inputs=[Tensor(name="features", dtype=np.float32, shape=(2,))],
             outputs=[Tensor(name="probability", dtype=np.float32, shape=(1,))],
             config=model_config,
-        )
-
-    triton.run()
-    import concurrent.futures as cf
-
-    with cf.ThreadPoolExecutor(2) as ex:
-        list(
-            ex.map(
-                lambda nm: _bind(*nm), (("churn_gbm", models.gbm), ("churn_logreg", models.logreg))
-            )
         )
     return triton
 
@@ -271,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Stops tritonserver (SIGINT + wait) and removes PyTriton's workspace.
             with contextlib.suppress(Exception):
                 triton.stop()
+        # tritonserver is gone now, so its leftovers can go too.
+        remove_triton_model_folders(workspace)
         shutil.rmtree(workspace if not own_workdir else workdir, ignore_errors=True)
         LOGGER.info("demo Triton stopped")
     return exit_code

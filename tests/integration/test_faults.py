@@ -1,0 +1,155 @@
+"""Real faults on a real Triton: errors, slowness, a frozen or killed server, a silent port.
+
+Each test opens its own gateway (fresh breakers) in front of this module's breakable Triton
+and restores the server afterwards. Waiting for recovery polls with a bound; nothing sleeps
+for a fixed time to hope a state was reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.demo.triton_process import TritonProcess
+from tests.conftest import CHURN_REQUEST
+
+pytestmark = pytest.mark.triton
+
+POLICY_TIMEOUT_MS = 400  # policies/customer-churn.yaml
+# The gateway's own work after the deadline (rules, default, serialising) is microseconds;
+# scheduling on a busy 2-core machine is not, so allow this much over the budget.
+DEADLINE_SLACK_MS = 150
+
+
+async def predict(client: httpx.AsyncClient, **headers: str) -> dict:
+    response = await client.post("/v1/predictions", json=CHURN_REQUEST, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def until_served_by(client: httpx.AsyncClient, target: str, within_s: float) -> dict:
+    """Send requests until `target` answers one; fail after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        body = await predict(client)
+        if body["served_by"] == target:
+            return body
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{target} did not answer within {within_s} s")
+
+
+def env_for(triton: TritonProcess) -> dict[str, str]:
+    return {"AIGW_TRITON_URL": triton.http_url}
+
+
+async def test_model_error_falls_back_to_simpler_model_then_recovers(gateway_client, healthy):
+    """A failing primary: the simpler model answers, the breaker opens, then closes again."""
+    healthy.set_control("error", models=["churn_gbm"])
+    async with gateway_client(env=env_for(healthy)) as client:
+        first = await predict(client)
+        assert first["served_by"] == "churn-logreg"
+        assert first["degraded"] is True
+        assert first["fallback_reason"] == "backend_error"
+        for _ in range(6):
+            body = await predict(client)
+        assert body["fallback_reason"] == "breaker_open"
+        assert body["served_by"] == "churn-logreg"
+
+        healthy.set_control("ok")
+        recovered = await until_served_by(client, "churn-gbm", within_s=10)
+    assert recovered["degraded"] is False
+
+
+async def test_slow_models_are_cut_at_the_deadline(gateway_client, healthy):
+    """Models slower than the budget: rules or default answer, within the budget."""
+    healthy.set_control("slow", delay_ms=1500)
+    async with gateway_client(env=env_for(healthy)) as client:
+        body = await predict(client)
+    assert body["degraded"] is True
+    assert body["fallback_reason"] == "timeout"
+    assert body["served_by"] in ("rules", "default")
+    assert body["latency_ms"] <= POLICY_TIMEOUT_MS + DEADLINE_SLACK_MS
+
+
+@pytest.mark.parametrize(("header_ms", "budget_ms"), [("120", 120), ("5000", POLICY_TIMEOUT_MS)])
+async def test_caller_can_lower_but_not_raise_the_budget(
+    gateway_client, healthy, header_ms: str, budget_ms: int
+):
+    """X-Request-Timeout-Ms lowers the budget; a larger value keeps the policy's."""
+    healthy.set_control("slow", delay_ms=1500)
+    async with gateway_client(env=env_for(healthy)) as client:
+        body = await predict(client, **{"X-Request-Timeout-Ms": header_ms})
+    assert body["fallback_reason"] == "timeout"
+    assert body["latency_ms"] <= budget_ms + DEADLINE_SLACK_MS
+    if budget_ms < POLICY_TIMEOUT_MS:
+        assert body["latency_ms"] < POLICY_TIMEOUT_MS
+
+
+async def test_slow_calls_open_the_breaker_even_when_they_succeed(
+    gateway_client, healthy, data_dirs
+):
+    """Answers slower than slow_call_ms trip the breaker on the slow-call rate."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    policy.write_text(policy.read_text().replace("slow_call_ms: 300", "slow_call_ms: 100"))
+    async with gateway_client(env=env_for(healthy), root=data_dirs) as client:
+        await until_served_by(client, "churn-gbm", within_s=10)
+        healthy.set_control("slow", delay_ms=150, models=["churn_gbm"])
+        bodies = [await predict(client) for _ in range(14)]
+    assert bodies[0]["served_by"] == "churn-gbm"  # a slow success is a success for its caller
+    assert bodies[0]["degraded"] is False
+    assert bodies[-1]["fallback_reason"] == "breaker_open"
+    assert bodies[-1]["served_by"] == "churn-logreg"
+
+
+async def test_frozen_server_gets_degraded_answers_in_time_then_recovers(gateway_client, healthy):
+    """SIGSTOPped Triton (connections hang): degraded answers in budget; thaw restores it."""
+    async with gateway_client(env=env_for(healthy)) as client:
+        assert (await predict(client))["served_by"] == "churn-gbm"
+        healthy.freeze()
+        try:
+            bodies = [await predict(client) for _ in range(8)]
+        finally:
+            healthy.thaw()
+        recovered = await until_served_by(client, "churn-gbm", within_s=10)
+    assert all(b["degraded"] for b in bodies)
+    assert {b["fallback_reason"] for b in bodies} <= {"timeout", "breaker_open"}
+    assert bodies[-1]["fallback_reason"] == "breaker_open"
+    assert max(b["latency_ms"] for b in bodies) <= POLICY_TIMEOUT_MS + DEADLINE_SLACK_MS
+    assert recovered["degraded"] is False
+
+
+async def test_killed_server_gets_degraded_answers_then_recovers(gateway_client, healthy):
+    """A dead Triton: the gateway keeps answering; a restarted one takes traffic back."""
+    async with gateway_client(env=env_for(healthy)) as client:
+        healthy.kill()
+        bodies = [await predict(client) for _ in range(8)]
+        await asyncio.to_thread(healthy.restart)
+        recovered = await until_served_by(client, "churn-gbm", within_s=10)
+    assert all(b["degraded"] and b["served_by"] in ("rules", "default") for b in bodies)
+    assert bodies[0]["fallback_reason"] == "backend_error"
+    assert bodies[-1]["fallback_reason"] == "breaker_open"
+    assert recovered["degraded"] is False
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that completes TCP handshakes (backlog) but never reads or answers."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    yield server.getsockname()[1]
+    server.close()
+
+
+async def test_port_that_never_answers_is_cut_at_the_deadline(gateway_client, silent_port: int):
+    """A backend that accepts and never answers costs a request its budget, no more."""
+    async with gateway_client(env={"AIGW_TRITON_URL": f"127.0.0.1:{silent_port}"}) as client:
+        body = await predict(client)
+    assert body["degraded"] is True
+    assert body["fallback_reason"] == "timeout"
+    assert body["latency_ms"] <= POLICY_TIMEOUT_MS + DEADLINE_SLACK_MS

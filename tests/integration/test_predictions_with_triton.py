@@ -1,0 +1,88 @@
+"""The gateway in front of a real Triton: the contract's envelope, answered by the primary."""
+
+from __future__ import annotations
+
+import jsonschema_rs
+import pytest
+
+from gateway.demo.triton_process import TritonProcess
+from tests.conftest import CHURN_REQUEST
+
+pytestmark = pytest.mark.triton
+
+
+def response_validator(document: dict) -> jsonschema_rs.Draft202012Validator:
+    root = {"$ref": "#/components/schemas/PredictionResponse", **document}
+    return jsonschema_rs.Draft202012Validator(root)
+
+
+async def test_primary_model_answers_with_full_envelope(gateway_client, triton: TritonProcess):
+    """A valid request is answered by the primary Triton model, not degraded, in the envelope."""
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        response = await client.post("/v1/predictions", json=CHURN_REQUEST)
+        document = (await client.get("/openapi.json")).json()
+    assert response.status_code == 200
+    body = response.json()
+    response_validator(document).validate(body)
+    assert body["served_by"] == "churn-gbm"
+    assert body["degraded"] is False
+    assert body["fallback_reason"] is None
+    assert body["model_version"] == "1"
+    assert body["prediction"] in ("churn", "stay")
+    assert 0.0 <= body["probability"] <= 1.0
+    assert response.headers["x-request-id"]
+
+
+async def test_same_input_gets_same_answer(gateway_client, triton: TritonProcess):
+    """Deterministic models: repeated identical requests get identical probabilities."""
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        answers = [
+            (await client.post("/v1/predictions", json=CHURN_REQUEST)).json() for _ in range(5)
+        ]
+    assert len({(a["prediction"], a["probability"]) for a in answers}) == 1
+    assert len({a["prediction_id"] for a in answers}) == 5
+
+
+@pytest.mark.parametrize(
+    ("tenure", "charges", "expected"),
+    [(1, 110.0, "churn"), (70, 20.0, "stay")],
+)
+async def test_model_separates_obvious_cases(
+    gateway_client, triton: TritonProcess, tenure: int, charges: float, expected: str
+):
+    """Features reach the model in the policy's order: clear churners and stayers differ."""
+    request = {
+        "model_id": "customer-churn",
+        "features": {"customer_id": "c", "tenure_months": tenure, "monthly_charges": charges},
+    }
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        body = (await client.post("/v1/predictions", json=request)).json()
+    assert body["served_by"] == "churn-gbm"
+    assert body["prediction"] == expected
+
+
+async def test_readiness_reports_each_backend(gateway_client, triton: TritonProcess):
+    """/readyz is 200 with every target ok when Triton serves the pinned versions."""
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        response = await client.get("/readyz")
+        live = await client.get("/healthz")
+    assert response.status_code == 200
+    checks = response.json()["checks"]
+    assert checks["customer-churn/churn-gbm"] == "ok"
+    assert checks["customer-churn/churn-logreg"] == "ok"
+    assert live.status_code == 200
+
+
+async def test_readiness_fails_but_answers_continue_without_triton(gateway_client):
+    """With no Triton, /readyz is 503 yet predictions still get a degraded answer."""
+    from gateway.demo.triton_process import free_port
+
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    async with gateway_client(env=env) as client:
+        ready = await client.get("/readyz")
+        response = await client.post("/v1/predictions", json=CHURN_REQUEST)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["customer-churn/churn-gbm"] == "unavailable"
+    assert response.status_code == 200
+    assert response.json()["degraded"] is True
+    assert response.json()["served_by"] in ("rules", "default")
