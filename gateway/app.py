@@ -45,16 +45,28 @@ class RequestIdMiddleware:
             return
         request_id = caller_request_id(scope["headers"]) or uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
+        response_started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER, request_id))
                 headers.extend(SECURITY_HEADERS)
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette answers unhandled errors outside every middleware, so a 500 would
+            # otherwise lose X-Request-ID and the security headers: answer it here instead.
+            if response_started:
+                raise
+            log.exception("unhandled error", extra={"path": scope.get("path")})
+            problem = Problem(500, "internal-error", "Internal error")
+            await problem_response(problem, scope.get("path"))(scope, receive, send_with_headers)
 
 
 def caller_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -17,11 +17,12 @@ JSON_MEDIA_TYPES = ("application/json",)
 
 
 def check_media_type(content_type: str | None) -> None:
-    """415 unless the body is declared as JSON (`application/json` or `application/*+json`)."""
+    """415 unless the body is declared as `application/json`, the one type the contract takes.
+
+    `application/*+json` types are JSON too, but with their own meaning (a merge patch is a
+    set of edits, not a prediction request), so they are refused rather than misread."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    if media_type in JSON_MEDIA_TYPES or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    ):
+    if media_type in JSON_MEDIA_TYPES:
         return
     raise Problem(
         415,
@@ -92,7 +93,7 @@ def nesting_depth(value: Any, stop_above: int) -> int:
 def _parse_detail(error: orjson.JSONDecodeError) -> str:
     """Say what is wrong and where, without echoing the caller's bytes back at length."""
     message = str(error.msg) if hasattr(error, "msg") else "invalid JSON"
-    if "recursion" in message.lower():
+    if "recursion" in message.lower() or "depth limit" in message.lower():
         return "the body nests too deeply"
     if "utf-8" in message.lower() or "surrogate" in message.lower():
         return "the body is not valid UTF-8"

@@ -115,10 +115,16 @@ def document_faults(path: Path, document: Any) -> list[str]:
         return [f"{path}: the document must be a mapping"]
     if not str(document.get("openapi", "")).startswith("3.1"):
         return [f"{path}: /openapi: must be an OpenAPI 3.1 document"]
-    return [
-        f"{path}: {json_pointer(list(e.absolute_path)) or '/'}: {e.message}"
-        for e in OpenAPIV31SpecValidator(document).iter_errors()
-    ]
+    faults: list[str] = []
+    try:
+        for e in OpenAPIV31SpecValidator(document).iter_errors():
+            message = e.message.split("\n", 1)[0]  # the rest repeats the schema and instance
+            faults.append(f"{path}: {json_pointer(list(e.absolute_path)) or '/'}: {message}")
+    except Exception as error:
+        # The validator itself trips over some broken documents (a dangling `$ref`, `paths: 5`).
+        reason = _bounded(f"{type(error).__name__}: {error}")
+        faults.append(f"{path}: /: cannot be checked: {reason}")
+    return faults
 
 
 def _read_documents(directory: Path) -> list[tuple[Path, Any]]:
@@ -163,7 +169,13 @@ def _compile_model(document: dict, model_id: str, ref: str) -> ModelContract:
         validator = jsonschema_rs.Draft202012Validator(root)
     except (ValueError, jsonschema_rs.ReferencingError) as error:
         raise ContractError([f"model {model_id}: schema does not compile: {error}"]) from None
-    features = _resolve(document, _resolve(document, ref)["properties"]["features"])
+    try:
+        features = _resolve(document, _resolve(document, ref)["properties"]["features"])
+        features["properties"].items()
+    except (KeyError, TypeError, AttributeError):
+        raise ContractError(
+            [f"model {model_id}: {ref} must declare `features` as an object with `properties`"]
+        ) from None
     return ModelContract(
         model_id=model_id,
         validator=validator,

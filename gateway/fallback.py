@@ -161,17 +161,18 @@ async def call_target(
     started = ctx.clock()
     guard.retry_budget.on_call()
     attempts = 0
+    last_error: BackendError | None = None  # the failure a refused retry leaves standing
     while True:
         budget = deadline.remaining(ctx.clock()) - ctx.margin_s
         if budget < MIN_CALL_BUDGET_S:
-            return _skipped(name, "timeout", started, ctx, attempts), None
+            return _refused(name, "timeout", last_error, started, ctx, attempts), None
         permit = guard.breaker.try_acquire(ctx.clock())
         if permit is None:
-            return _skipped(name, "breaker_open", started, ctx, attempts), None
+            return _refused(name, "breaker_open", last_error, started, ctx, attempts), None
         if not guard.bulkhead.try_enter():
             # Our own load shedding: give the permit back without blaming the backend.
             guard.breaker.record(permit, Outcome.IGNORED, 0.0, ctx.clock())
-            return _skipped(name, "overloaded", started, ctx, attempts), None
+            return _refused(name, "overloaded", last_error, started, ctx, attempts), None
         attempts += 1
         call_started = ctx.clock()
         try:
@@ -181,6 +182,7 @@ async def call_target(
             now = ctx.clock()
             guard.breaker.record(permit, outcome, now - call_started, now)
             if error.transient and attempts == 1 and guard.retry_budget.try_spend():
+                last_error = error
                 continue
             return _failed(name, error, started, ctx, attempts), None
         finally:
@@ -191,6 +193,20 @@ async def call_target(
             step=name, outcome="answered", duration_ms=_ms(now - started), attempts=attempts
         )
         return record, probability
+
+
+def _refused(
+    name: str,
+    reason: str,
+    last_error: BackendError | None,
+    started: float,
+    ctx: ChainContext,
+    attempts: int,
+) -> StepRecord:
+    """A call that could not start: a skip, or, when it was a retry, the failure before it."""
+    if last_error is not None:
+        return _failed(name, last_error, started, ctx, attempts)
+    return _skipped(name, reason, started, ctx, attempts)
 
 
 def _skipped(

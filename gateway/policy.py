@@ -20,7 +20,15 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gateway.contracts import ContractSet
 
@@ -147,16 +155,21 @@ class Policy(_Strict):
     chain: list[str] = Field(min_length=1)
     retry: RetryConfig = RetryConfig()
 
-    @model_validator(mode="after")
-    def _chain_is_answerable(self) -> Policy:
-        unknown = [s for s in self.chain if s not in self.targets and s not in BUILTIN_STEPS]
-        if unknown:
-            raise ValueError(f"chain names unknown steps: {', '.join(unknown)}")
-        if len(set(self.chain)) != len(self.chain):
+    @field_validator("chain")
+    @classmethod
+    def _chain_is_answerable(cls, chain: list[str], info: ValidationInfo) -> list[str]:
+        # `targets` is declared before `chain`, so it is in info.data once it validated;
+        # when it did not, its own faults are reported and unknown steps cannot be judged.
+        targets = info.data.get("targets")
+        if targets is not None:
+            unknown = [s for s in chain if s not in targets and s not in BUILTIN_STEPS]
+            if unknown:
+                raise ValueError(f"chain names unknown steps: {', '.join(unknown)}")
+        if len(set(chain)) != len(chain):
             raise ValueError("chain lists a step twice")
-        if self.chain[-1] != DEFAULT_STEP:
+        if chain[-1] != DEFAULT_STEP:
             raise ValueError("chain must end with `default`, so that every request gets an answer")
-        return self
+        return chain
 
     @property
     def primary(self) -> str:
@@ -222,12 +235,29 @@ def contract_faults(policy: Policy, contracts: ContractSet) -> list[str]:
 def expand_environment(value: Any, env: Mapping[str, str]) -> Any:
     """Replace `${NAME}` / `${NAME:-default}` in every string of a parsed YAML tree."""
     if isinstance(value, str):
-        return _ENV_REFERENCE.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+        return _ENV_REFERENCE.sub(lambda m: _reference_value(m, env), value)
     if isinstance(value, list):
         return [expand_environment(v, env) for v in value]
     if isinstance(value, dict):
         return {k: expand_environment(v, env) for k, v in value.items()}
     return value
+
+
+def _reference_value(match: re.Match[str], env: Mapping[str, str]) -> str:
+    """`${NAME}` is NAME's value or ""; `${NAME:-default}` is default when NAME is unset or
+    empty, as in POSIX shells and compose files."""
+    value = env.get(match.group(1), "")
+    if match.group(2) is not None and value == "":
+        return match.group(2)
+    return value
+
+
+def yaml_fault(path: Path, error: Exception) -> str:
+    """A YAML read error as one `file: line L, column C: problem` line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
+    return f"{path}: {where}: cannot be read: {' '.join(str(problem).split())}"
 
 
 def _policy_files(directory: Path, faults: list[str]) -> list[Path]:
@@ -244,7 +274,7 @@ def _load_one(path: Path, env: Mapping[str, str], faults: list[str]) -> Policy |
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        faults.append(f"{path}: cannot be read: {error}")
+        faults.append(yaml_fault(path, error))
         return None
     if not isinstance(raw, dict):
         faults.append(f"{path}: the file must hold a mapping")
@@ -256,6 +286,7 @@ def _load_one(path: Path, env: Mapping[str, str], faults: list[str]) -> Policy |
         return None
     if policy.model_id != path.stem:
         faults.append(f"{path}: model_id: {policy.model_id} must match the file name")
+        return None
     return policy
 
 

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.contracts import ContractSet
-from gateway.policy import validation_lines
+from gateway.policy import validation_lines, yaml_fault
 
 # A representative value per JSON Schema type, for checking rules at load.
 _SAMPLE_VALUES: dict[str, Any] = {
@@ -151,7 +151,7 @@ def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallback
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         spec = FallbackFile.model_validate(raw)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        faults.append(f"{path}: cannot be read: {error}")
+        faults.append(yaml_fault(path, error))
         return None
     except ValidationError as error:
         faults.extend(f"{path}: {line}" for line in validation_lines(error))

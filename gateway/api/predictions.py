@@ -75,7 +75,8 @@ def caller_timeout(raw: str | None) -> int | None:
     if raw is None:
         return None
     value = raw.strip()
-    if not value.isdigit() or not 1 <= int(value) <= MAX_CALLER_TIMEOUT_MS:
+    # isdigit() alone also says yes to '²' and other digits int() refuses: ASCII only.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_CALLER_TIMEOUT_MS:
         raise Problem(
             400,
             "invalid-header",

@@ -205,12 +205,10 @@ class TritonProcess:
         self.grpc_port = _pick(grpc_port)
         self.metrics_port = _pick(metrics_port)
         self.control_file = Path(control_file) if control_file is not None else None
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="triton-demo-", suffix=".log")
-            os.close(fd)
-            self._log_path = Path(name)
-        else:
-            self._log_path = Path(log_path)
+        # Without log_path, a temp log is made at start() and deleted by stop() (kept by kill(),
+        # so a crashed run can still be inspected before restart() or stop()).
+        self._log_path: Path | None = Path(log_path) if log_path is not None else None
+        self._log_is_temp = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._workdir: Path | None = None
@@ -245,7 +243,7 @@ class TritonProcess:
         return self._proc.pid if self._proc is not None else None
 
     @property
-    def log_path(self) -> Path:
+    def log_path(self) -> Path | None:
         """File receiving the child's stdout and stderr (appended across restarts)."""
         return self._log_path
 
@@ -269,6 +267,8 @@ class TritonProcess:
 
     def log_tail(self, max_bytes: int = 4000) -> str:
         """Return the end of the child's log, for error messages."""
+        if self._log_path is None:
+            return "<no log yet>"
         try:
             with open(self._log_path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -290,6 +290,10 @@ class TritonProcess:
                 raise RuntimeError(f"Triton demo server already running (pid={self.pid})")
             self._cleanup()  # leftovers of a previous run that died on its own
             self._workdir = Path(tempfile.mkdtemp(prefix="triton-demo-"))
+            if self._log_path is None:
+                fd, name = tempfile.mkstemp(prefix="triton-demo-", suffix=".log")
+                os.close(fd)
+                self._log_path = Path(name)
             self._log_file = open(self._log_path, "ab")  # noqa: SIM115 - lives as long as the child
             self._log_file.write(f"--- starting demo Triton at {time.ctime()} ---\n".encode())
             self._log_file.flush()
@@ -346,10 +350,18 @@ class TritonProcess:
         self.start(timeout=timeout)
 
     def freeze(self) -> None:
-        """SIGSTOP the whole group: ports stay open, nothing answers (a hung backend)."""
+        """SIGSTOP tritonserver and its backend stubs: ports stay open, nothing answers.
+
+        PyTriton's own Python process (which runs the model functions) is left running:
+        stopped under load, its inference handler threads do not survive a thaw and it shuts
+        the server down, which is a harness artefact, not the hung backend being simulated.
+        """
         with self._lock:
             if self.is_running() and not self._frozen:
-                self._signal_group(signal.SIGSTOP)
+                for pid, comm in self.group_processes():
+                    if comm.startswith("triton"):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGSTOP)
                 self._frozen = True
 
     def thaw(self) -> None:
@@ -363,6 +375,10 @@ class TritonProcess:
         """SIGKILL the whole group (a crashed backend), wait for it and clean up temp files."""
         with self._lock:
             if self._proc is None:
+                return
+            if self._proc.poll() is not None and not self.group_processes():
+                # Already dead: do not signal a pgid the kernel may since have reused.
+                self._cleanup()
                 return
             shm = _shm_files_of(pid for pid, _ in self.group_processes())
             self._signal_group(signal.SIGKILL)
@@ -378,6 +394,7 @@ class TritonProcess:
                 return
             if self._proc.poll() is not None and not self.group_processes():
                 self._cleanup()
+                self._drop_temp_log()
                 return
             self.thaw()  # a stopped process would not act on SIGTERM until continued
             shm = _shm_files_of(pid for pid, _ in self.group_processes())
@@ -390,6 +407,7 @@ class TritonProcess:
                 self._proc.wait()
                 self._wait_group_gone(5.0)
             self._cleanup(shm)
+            self._drop_temp_log()
 
     def set_control(
         self, mode: ControlMode = "ok", delay_ms: int = 0, models: Iterable[str] | None = None
@@ -468,6 +486,12 @@ class TritonProcess:
             self._log_file.close()
             self._log_file = None
         TritonProcess._live.discard(self)
+
+    def _drop_temp_log(self) -> None:
+        if self._log_is_temp and self._log_path is not None:
+            with contextlib.suppress(OSError):
+                self._log_path.unlink()
+            self._log_path = None
 
     @classmethod
     def _register_live(cls, proc: TritonProcess) -> None:

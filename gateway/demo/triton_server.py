@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -215,6 +216,52 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _StartupInterruptedError(BaseException):
+    """Unwinds ``Triton.run()`` when a stop is needed before serving starts.
+
+    PyTriton holds an internal lock while it waits (up to 120 s) for tritonserver to become
+    ready, and its own exit callback needs that lock, so a tritonserver that dies during
+    startup, or a SIGTERM then, would otherwise leave the process stuck. A BaseException so
+    PyTriton's ``except Exception`` blocks do not swallow it (like KeyboardInterrupt).
+    """
+
+
+def _busy_ports(ports: Sequence[int]) -> list[int]:
+    """Return the ports that cannot be bound on 127.0.0.1 right now."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # Same option Triton's listeners use, so TIME_WAIT leftovers do not count as busy.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def _watch_startup(triton: Triton, serving: threading.Event, failed: threading.Event) -> None:
+    """Until serving, SIGTERM ourselves if tritonserver dies (so ``run()`` unwinds at once).
+
+    Uses PyTriton 0.7's private ``_triton_server`` handle; if that changes, this watchdog does
+    nothing and a dead tritonserver is only noticed after PyTriton's 120 s startup timeout.
+    """
+    seen_alive = False
+    while not serving.wait(0.2):
+        server = getattr(triton, "_triton_server", None)
+        try:
+            alive = server is not None and bool(server.is_alive())
+        except Exception:  # private API drift: give up watching, never crash the server
+            return
+        if alive:
+            seen_alive = True
+        elif seen_alive:
+            LOGGER.error("tritonserver exited during startup; see its log above")
+            failed.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, serve until SIGTERM/SIGINT (or parent death), stop Triton; return exit code."""
     args = _parse_args(argv)
@@ -223,15 +270,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    busy = _busy_ports([args.http_port, args.grpc_port, args.metrics_port])
+    if busy:
+        # Fail fast: tritonserver would exit on its own, but PyTriton only notices much later.
+        LOGGER.error("port(s) %s on %s already in use", busy, LOOPBACK)
+        return 3
     # Only the Python-backend stub (a grandchild) needs this; tritonserver copies os.environ.
     os.environ.update(env_with_libpython_first(os.environ))
 
     stop_requested = threading.Event()
+    serving = threading.Event()  # set once READY is printed (or shutdown has begun)
+    startup_failed = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        # Only set a flag: the main thread does the (slow, lock-taking) shutdown.
         LOGGER.info("received %s, shutting down", signal.Signals(signum).name)
         stop_requested.set()
+        if not serving.is_set():
+            serving.set()  # raise at most once
+            raise _StartupInterruptedError
+        # While serving only set a flag: the main loop does the slow, lock-taking shutdown.
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -250,10 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         triton = build_triton(
             args.http_port, args.grpc_port, args.metrics_port, workspace, models, control
         )
-        if not stop_requested.is_set():
-            triton.run()  # starts tritonserver and waits for both models to load
-        if not stop_requested.is_set():
-            print(f"READY http={args.http_port} grpc={args.grpc_port}", flush=True)
+        threading.Thread(
+            target=_watch_startup,
+            args=(triton, serving, startup_failed),
+            name="startup-watch",
+            daemon=True,
+        ).start()
+        triton.run()  # starts tritonserver and loads both models, one after the other
+        serving.set()
+        if stop_requested.is_set():  # the signal landed just after run() returned
+            return exit_code
+        print(f"READY http={args.http_port} grpc={args.grpc_port}", flush=True)
         while not stop_requested.wait(0.25):
             if not triton.is_alive():
                 LOGGER.error("tritonserver or a model proxy died; exiting")
@@ -261,8 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             if args.exit_with_parent and os.getppid() != parent_pid:
                 LOGGER.warning("launcher (pid %d) is gone; exiting", parent_pid)
+                own_workdir = True  # nobody else is left to remove it
                 break
+    except _StartupInterruptedError:
+        exit_code = 1 if startup_failed.is_set() else 0
+        LOGGER.warning("startup interrupted")
     finally:
+        serving.set()  # from here on a signal only sets the flag
         if triton is not None:
             # Stops tritonserver (SIGINT + wait) and removes PyTriton's workspace.
             with contextlib.suppress(Exception):

@@ -1,0 +1,427 @@
+"""Policy files: the shipped ones load, broken ones fail with `file: field: message` faults."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.contracts import ContractSet, load_contracts
+from gateway.policy import PolicyError, expand_environment, load_policies
+
+REPO = Path(__file__).resolve().parents[1]
+CHURN = "customer-churn.yaml"
+
+
+@pytest.fixture(scope="module")
+def contracts() -> ContractSet:
+    return load_contracts(REPO / "contracts")
+
+
+def shipped_policy() -> dict[str, Any]:
+    """The shipped churn policy as plain data, with its YAML anchors unshared."""
+    return json.loads(json.dumps(yaml.safe_load((REPO / "policies" / CHURN).read_text())))
+
+
+def faults_of(directory: Path, contracts: ContractSet, env: dict[str, str] | None = None):
+    with pytest.raises(PolicyError) as caught:
+        load_policies(directory, contracts, env or {})
+    assert str(caught.value) == "\n".join(caught.value.faults)
+    return caught.value.faults
+
+
+def assert_fault(faults: list[str], path: Path, field: str, fragment: str) -> None:
+    prefix = f"{path}: {field}: " if field else f"{path}: "
+    matching = [f for f in faults if f.startswith(prefix) and fragment in f]
+    assert matching, f"no fault starting {prefix!r} containing {fragment!r} in:\n" + "\n".join(
+        faults
+    )
+
+
+# --- the shipped policies ---------------------------------------------------------------------
+
+
+def test_shipped_policies_load(contracts):
+    """policies/ loads against contracts/, with the documented defaults and chain."""
+    policy_set = load_policies(REPO / "policies", contracts, {})
+    policy = policy_set.get("customer-churn")
+    assert policy is not None
+    assert set(policy_set.policies) == set(contracts.models)
+    assert policy.primary == "churn-gbm"
+    assert policy.chain == ["churn-gbm", "churn-logreg", "rules", "stale-cache", "default"]
+    assert policy.timeout_ms == 400
+    assert policy.targets["churn-gbm"].url == "127.0.0.1:8000"  # ${AIGW_TRITON_URL:-...}
+    assert [f.feature for f in policy.targets["churn-gbm"].inputs[0].features] == [
+        "tenure_months",
+        "monthly_charges",
+    ]
+    assert policy.targets["churn-logreg"].breaker == policy.targets["churn-gbm"].breaker
+    assert len(policy_set.version_hash) == 16
+    assert policy_set.get("no-such-model") is None
+
+
+def test_policy_version_hash_follows_content(contracts):
+    """The version hash is stable for the same content and changes with it (here via the env)."""
+    first = load_policies(REPO / "policies", contracts, {})
+    again = load_policies(REPO / "policies", contracts, {})
+    moved = load_policies(REPO / "policies", contracts, {"AIGW_TRITON_URL": "triton:9000"})
+    assert first.version_hash == again.version_hash
+    assert moved.get("customer-churn").targets["churn-gbm"].url == "triton:9000"
+    assert moved.version_hash != first.version_hash
+
+
+# --- broken policy files ----------------------------------------------------------------------
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def setting(*keys: str, value: Any) -> Mutation:
+    """A mutation setting doc[k1][k2]...[kn] = value."""
+
+    def mutate(doc: dict[str, Any]) -> None:
+        node = doc
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return mutate
+
+
+def removing(key: str) -> Mutation:
+    def mutate(doc: dict[str, Any]) -> None:
+        del doc[key]
+
+    return mutate
+
+
+GBM = ("targets", "churn-gbm")
+GBM_BREAKER = (*GBM, "breaker")
+GBM_FEATURES = (*GBM, "inputs", 0, "features")
+
+# (file name, the policy as data changed by a mutation, or raw text; field; message fragment)
+BROKEN_POLICIES = [
+    pytest.param(
+        CHURN,
+        setting("chain", value=["churn-gbm", "churn-xgb", "default"]),
+        "chain",
+        "chain names unknown steps: churn-xgb",
+        id="unknown-chain-step",
+    ),
+    pytest.param(
+        CHURN,
+        setting("chain", value=["churn-gbm", "churn-logreg", "rules"]),
+        "chain",
+        "chain must end with `default`",
+        id="chain-not-ending-in-default",
+    ),
+    pytest.param(
+        CHURN,
+        setting("chain", value=["churn-gbm", "rules", "churn-gbm", "default"]),
+        "chain",
+        "chain lists a step twice",
+        id="duplicate-chain-step",
+    ),
+    pytest.param(
+        CHURN,
+        setting("chain", value=[]),
+        "chain",
+        "at least 1 item",
+        id="empty-chain",
+    ),
+    pytest.param(
+        CHURN,
+        setting("timeout_ms", value=0),
+        "timeout_ms",
+        "greater than or equal to 1",
+        id="timeout-zero",
+    ),
+    pytest.param(
+        CHURN,
+        setting("timeout_ms", value="fast"),
+        "timeout_ms",
+        "valid integer",
+        id="timeout-not-a-number",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "version", value="v1"),
+        "targets.churn-gbm.version",
+        "should match pattern",
+        id="version-v1",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="http://triton:8000"),
+        "targets.churn-gbm.url",
+        "should match pattern",
+        id="url-with-scheme",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="triton"),
+        "targets.churn-gbm.url",
+        "should match pattern",
+        id="url-without-port",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="${NOT_SET_ANYWHERE}"),
+        "targets.churn-gbm.url",
+        "should match pattern",
+        id="url-from-unset-variable",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "min_calls", value=30),
+        "targets.churn-gbm.breaker",
+        "min_calls must be <= window",
+        id="min-calls-over-window",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "max_reset_timeout_s", value=0.5),
+        "targets.churn-gbm.breaker",
+        "max_reset_timeout_s must be >= reset_timeout_s",
+        id="max-reset-under-reset",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "failure_rate", value=0),
+        "targets.churn-gbm.breaker.failure_rate",
+        "greater than 0",
+        id="failure-rate-zero",
+    ),
+    pytest.param(
+        CHURN,
+        setting("timeout_msec", value=400),
+        "timeout_msec",
+        "Extra inputs are not permitted",
+        id="typo-top-level-key",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "failure_treshold", value=5),
+        "targets.churn-gbm.breaker.failure_treshold",
+        "Extra inputs are not permitted",
+        id="typo-nested-key",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "inputs", 0, "dtype", value="FP16"),
+        "targets.churn-gbm.inputs.0.dtype",
+        "'FP32', 'FP64', 'INT32' or 'INT64'",
+        id="unknown-dtype",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_FEATURES, value=["tenure_months", "monthly_charge"]),
+        "targets.churn-gbm.inputs.0.features.1",
+        "monthly_charge is not a feature of the contract",
+        id="feature-not-in-contract",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_FEATURES, value=["customer_id", "tenure_months"]),
+        "targets.churn-gbm.inputs.0.features.0",
+        "customer_id is a string, not a number",
+        id="non-numeric-feature-in-tensor",
+    ),
+    pytest.param(
+        CHURN,
+        setting("model_id", value="churn"),
+        "model_id",
+        "churn must match the file name",
+        id="model-id-not-file-name",
+    ),
+    pytest.param(
+        "fraud-score.yaml",
+        setting("model_id", value="fraud-score"),
+        "model_id",
+        "fraud-score is not a model of the contract",
+        id="model-not-in-contract",
+    ),
+    pytest.param(
+        CHURN,
+        removing("labels"),
+        "labels",
+        "Field required",
+        id="missing-labels",
+    ),
+    pytest.param(
+        CHURN,
+        setting("labels", "threshold", value=1.5),
+        "labels.threshold",
+        "less than or equal to 1",
+        id="threshold-over-one",
+    ),
+    pytest.param(
+        CHURN,
+        "model_id: customer-churn\ntimeout_ms: [400,\n",
+        "",
+        "line 3",
+        id="yaml-syntax-error",
+    ),
+    pytest.param(
+        CHURN,
+        "- model_id: customer-churn\n- timeout_ms: 400\n",
+        "",
+        "the file must hold a mapping",
+        id="file-is-a-list",
+    ),
+    pytest.param(CHURN, "", "", "the file must hold a mapping", id="file-is-empty"),
+]
+
+
+def write_policy(directory: Path, name: str, content: Mutation | str) -> Path:
+    if isinstance(content, str):
+        text = content
+    else:
+        doc = shipped_policy()
+        content(doc)
+        text = yaml.safe_dump(doc, sort_keys=False)
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("name", "content", "field", "fragment"), BROKEN_POLICIES)
+def test_broken_policy_is_refused_naming_file_and_field(
+    data_dirs, contracts, name, content, field, fragment
+):
+    """Each broken policy fails the load with a `file: field: message` fault for its field."""
+    policies = data_dirs / "policies"
+    if name != CHURN:
+        (policies / CHURN).unlink()
+    path = write_policy(policies, name, content)
+    faults = faults_of(policies, contracts)
+    assert_fault(faults, path, field, fragment)
+
+
+def test_mutations_alone_are_the_fault(data_dirs, contracts):
+    """Control for the table: the shipped policy, re-written the same way, loads cleanly."""
+    write_policy(data_dirs / "policies", CHURN, lambda doc: None)
+    assert load_policies(data_dirs / "policies", contracts, {}).get("customer-churn")
+
+
+def test_yaml_syntax_fault_is_one_line(data_dirs, contracts):
+    """A YAML syntax error is reported on one `file: ...` line that gives the position."""
+    path = write_policy(data_dirs / "policies", CHURN, "model_id: customer-churn\n  bad: indent\n")
+    faults = faults_of(data_dirs / "policies", contracts)
+    assert all("\n" not in fault for fault in faults), faults
+    assert_fault(faults, path, "", "line 2")
+
+
+def test_several_faults_in_one_file_are_all_reported(data_dirs, contracts):
+    """Every field fault of one file is listed, not only the first."""
+
+    def break_many(doc: dict[str, Any]) -> None:
+        doc["timeout_ms"] = 0
+        doc["targets"]["churn-gbm"]["url"] = "http://triton:8000"
+        doc["targets"]["churn-logreg"]["version"] = "v1"
+        doc["targets"]["churn-logreg"]["breaker"]["min_calls"] = 30
+        doc["retry"]["max_retries"] = 3
+        doc["labels"]["positve"] = "churn"
+
+    path = write_policy(data_dirs / "policies", CHURN, break_many)
+    faults = faults_of(data_dirs / "policies", contracts)
+    assert_fault(faults, path, "timeout_ms", "greater than or equal to 1")
+    assert_fault(faults, path, "targets.churn-gbm.url", "should match pattern")
+    assert_fault(faults, path, "targets.churn-logreg.version", "should match pattern")
+    assert_fault(faults, path, "targets.churn-logreg.breaker", "min_calls must be <= window")
+    assert_fault(faults, path, "retry.max_retries", "less than or equal to 1")
+    assert_fault(faults, path, "labels.positve", "Extra inputs are not permitted")
+
+
+def test_several_contract_faults_in_one_file_are_all_reported(data_dirs, contracts):
+    """Every tensor feature that does not fit the contract is listed, in every target."""
+
+    def break_features(doc: dict[str, Any]) -> None:
+        doc["targets"]["churn-gbm"]["inputs"][0]["features"] = ["customer_id", "tenure"]
+        doc["targets"]["churn-logreg"]["inputs"][0]["features"] = ["monthly_charges", "age"]
+
+    path = write_policy(data_dirs / "policies", CHURN, break_features)
+    faults = faults_of(data_dirs / "policies", contracts)
+    gbm, logreg = "targets.churn-gbm.inputs.0", "targets.churn-logreg.inputs.0"
+    assert_fault(faults, path, f"{gbm}.features.0", "customer_id is a string, not a number")
+    assert_fault(faults, path, f"{gbm}.features.1", "tenure is not a feature of the contract")
+    assert_fault(faults, path, f"{logreg}.features.1", "age is not a feature of the contract")
+
+
+def test_faults_of_several_files_are_all_reported(data_dirs, contracts):
+    """A broken file does not hide the faults of another one."""
+    policies = data_dirs / "policies"
+    churn = write_policy(policies, CHURN, setting("timeout_ms", value=0))
+    other = write_policy(policies, "fraud-score.yaml", setting("model_id", value="fraud-score"))
+    faults = faults_of(policies, contracts)
+    assert_fault(faults, churn, "timeout_ms", "greater than or equal to 1")
+    assert_fault(faults, other, "model_id", "fraud-score is not a model of the contract")
+
+
+def test_misnamed_copy_is_blamed_not_the_original(data_dirs, contracts):
+    """A copy of a policy under another file name is the fault, not the correctly named file."""
+    policies = data_dirs / "policies"
+    copy = write_policy(policies, "customer-churn-v2.yaml", lambda doc: None)
+    faults = faults_of(policies, contracts)
+    assert_fault(faults, copy, "model_id", "customer-churn must match the file name")
+    assert not [f for f in faults if f.startswith(f"{policies / CHURN}: ")], faults
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        (lambda policies: (policies / CHURN).unlink(), "no policy files"),
+        (lambda policies: policies.rename(policies.with_name("gone")), "directory not found"),
+    ],
+    ids=["empty", "missing"],
+)
+def test_policies_directory_must_hold_policies(data_dirs, contracts, setup, fragment):
+    """An empty or missing policies directory is a fault naming the directory."""
+    policies = data_dirs / "policies"
+    setup(policies)
+    faults = faults_of(policies, contracts)
+    assert_fault(faults, policies, "", fragment)
+
+
+# --- ${VAR} expansion ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "env", "expected"),
+    [
+        ("${A}", {"A": "x"}, "x"),
+        ("${A}", {}, ""),
+        ("${A:-d}", {}, "d"),
+        ("${A:-d}", {"A": "x"}, "x"),
+        ("${A:-}", {}, ""),
+        ("${AIGW_TRITON_URL:-127.0.0.1:8000}", {}, "127.0.0.1:8000"),
+        ("${AIGW_TRITON_URL:-127.0.0.1:8000}", {"AIGW_TRITON_URL": "t:1"}, "t:1"),
+        ("http://${H:-localhost}:${P:-8000}/v2", {"P": "9000"}, "http://localhost:9000/v2"),
+        ("${A}${A}", {"A": "ab"}, "abab"),
+        ("$A and {A} and $(A)", {"A": "x"}, "$A and {A} and $(A)"),  # only ${...} expands
+        ("${1A}", {"1A": "x"}, "${1A}"),  # not a variable name
+        ("${A}", {"A": "${B}", "B": "x"}, "${B}"),  # one pass: values are not re-expanded
+        ("no references", {"A": "x"}, "no references"),
+        pytest.param(
+            "${A:-d}",
+            {"A": ""},
+            "d",
+            id="empty-variable-takes-default",
+        ),
+    ],
+)
+def test_expand_environment_strings(value, env, expected):
+    """`${NAME}` and `${NAME:-default}` are replaced in strings as the table says."""
+    assert expand_environment(value, env) == expected
+
+
+def test_expand_environment_walks_lists_and_mappings_and_keeps_other_values():
+    """Every string in nested lists and mappings expands; keys and non-strings stay as they are."""
+    tree = {"${K}": ["${A}", 1, 2.5, True, None, {"inner": "${B:-z}"}], "n": 3}
+    assert expand_environment(tree, {"A": "a", "K": "k"}) == {
+        "${K}": ["a", 1, 2.5, True, None, {"inner": "z"}],
+        "n": 3,
+    }

@@ -1,0 +1,256 @@
+"""Fallback rules: shipped rules load, match first-wins, and broken rules fail the load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.contracts import ContractSet, load_contracts
+from gateway.rules import FallbackError, Fallbacks, StaticAnswer, load_fallbacks
+
+REPO = Path(__file__).resolve().parents[1]
+CHURN = "customer-churn.yaml"
+
+
+@pytest.fixture(scope="module")
+def contracts() -> ContractSet:
+    return load_contracts(REPO / "contracts")
+
+
+@pytest.fixture(scope="module")
+def churn(contracts) -> Fallbacks:
+    return load_fallbacks(REPO / "fallbacks", contracts)["customer-churn"]
+
+
+def features(tenure: int, charges: float) -> dict[str, Any]:
+    return {"customer_id": "c-1", "tenure_months": tenure, "monthly_charges": charges}
+
+
+def rule(name: str, when: str, probability: float = 0.5) -> dict[str, Any]:
+    return {"name": name, "when": when, "prediction": "churn", "probability": probability}
+
+
+GOOD_RULE = rule("short-tenure", "features.tenure_months < 6")
+
+
+def write_fallbacks(directory: Path, rules: list[dict[str, Any]], name: str = CHURN) -> Path:
+    doc = {
+        "model_id": Path(name).stem,
+        "rules": rules,
+        "default": {"prediction": "stay", "probability": 0.27},
+    }
+    path = directory / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def faults_of(directory: Path, contracts: ContractSet) -> list[str]:
+    with pytest.raises(FallbackError) as caught:
+        load_fallbacks(directory, contracts)
+    return caught.value.faults
+
+
+def only_fault_starting(faults: list[str], prefix: str) -> str:
+    matching = [f for f in faults if f.startswith(prefix)]
+    assert len(matching) == 1, f"expected one fault starting {prefix!r} in:\n" + "\n".join(faults)
+    return matching[0]
+
+
+# --- the shipped fallbacks ------------------------------------------------------------------------
+
+
+def test_shipped_fallbacks_load(contracts, churn):
+    """fallbacks/ loads: one entry per contract model, rules in file order, and the default."""
+    loaded = load_fallbacks(REPO / "fallbacks", contracts)
+    assert set(loaded) == set(contracts.models)
+    assert [r.name for r in churn.rules] == [
+        "new-customer-high-bill",
+        "new-customer",
+        "loyal-customer",
+    ]
+    assert churn.default == StaticAnswer(prediction="stay", probability=0.27)
+    assert churn.version.startswith("rules-")
+    assert load_fallbacks(REPO / "fallbacks", contracts)["customer-churn"].version == churn.version
+
+
+@pytest.mark.parametrize(
+    ("tenure", "charges", "rule_name", "prediction", "probability"),
+    [
+        # both new-customer rules hold: the first in file order wins
+        (3, 80.0, "new-customer-high-bill", "churn", 0.74),
+        (11, 70.0, "new-customer-high-bill", "churn", 0.74),
+        (3, 70, "new-customer-high-bill", "churn", 0.74),  # an int where a double is declared
+        (3, 69.99, "new-customer", "churn", 0.58),
+        (0, 0.0, "new-customer", "churn", 0.58),
+        (48, 200.0, "loyal-customer", "stay", 0.08),
+        (600, 10.0, "loyal-customer", "stay", 0.08),
+    ],
+)
+def test_first_matching_rule_wins(churn, tenure, charges, rule_name, prediction, probability):
+    """Rules are tried in file order and the first whose condition holds answers."""
+    match = churn.first_match(features(tenure, charges))
+    assert match is not None
+    assert match.rule == rule_name
+    assert match.answer == StaticAnswer(prediction=prediction, probability=probability)
+
+
+@pytest.mark.parametrize(("tenure", "charges"), [(12, 80.0), (24, 89.99), (47, 5.0), (6, 50.0)])
+def test_no_matching_rule_gives_none(churn, tenure, charges):
+    """When no condition holds, first_match is None (the chain moves on)."""
+    assert churn.first_match(features(tenure, charges)) is None
+
+
+def test_rule_failing_at_run_time_does_not_match(churn):
+    """A rule erroring on an input (a feature missing) is passed over; the next may match."""
+    assert churn.first_match({"tenure_months": 3}).rule == "new-customer"
+    assert churn.first_match({}) is None
+
+
+# --- broken rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("when", "probability", "where", "fragments"),
+    [
+        pytest.param(
+            "features.tenure_months < ",
+            0.5,
+            "when: does not compile",
+            ["<input>:1:"],
+            id="cel-syntax-error",
+        ),
+        pytest.param(
+            "features.tenure_months < 6 &&& true",
+            0.5,
+            "when: does not compile",
+            ["<input>:1:"],
+            id="cel-syntax-error-mid-expression",
+        ),
+        pytest.param(
+            "customer.tenure_months < 6",
+            0.5,
+            "when: refers to unknown variables",
+            ["customer"],
+            id="unknown-variable",
+        ),
+        pytest.param(
+            "features.customer_id > 3",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="string-compared-with-number",
+        ),
+        pytest.param(
+            "features.no_such_feature > 3",
+            0.5,
+            "when: fails on a valid input",
+            ["no_such_feature"],
+            id="feature-not-in-contract",
+        ),
+        pytest.param(
+            "features.tenure_months + 1",
+            0.5,
+            "when: must be a boolean condition",
+            ["int"],
+            id="non-boolean-result",
+        ),
+        pytest.param(
+            "features.customer_id",
+            0.5,
+            "when: must be a boolean condition",
+            ["str"],
+            id="string-result",
+        ),
+    ],
+)
+def test_broken_rule_is_refused_naming_file_and_rule(
+    data_dirs, contracts, when, probability, where, fragments
+):
+    """A broken rule fails the load with `file: rules.<i> (<name>): when: ...`."""
+    fallbacks = data_dirs / "fallbacks"
+    path = write_fallbacks(fallbacks, [GOOD_RULE, rule("broken", when, probability)])
+    faults = faults_of(fallbacks, contracts)
+    fault = only_fault_starting(faults, f"{path}: rules.1 (broken): {where}")
+    assert "\n" not in fault
+    for fragment in fragments:
+        assert fragment in fault
+    assert not [f for f in faults if f.startswith(f"{path}: rules.0")]
+
+
+def test_cel_syntax_error_gives_its_position(data_dirs, contracts):
+    """A CEL syntax error names the line and column where parsing failed."""
+    fallbacks = data_dirs / "fallbacks"
+    path = write_fallbacks(fallbacks, [rule("broken", "features.tenure_months < ")])
+    fault = only_fault_starting(faults_of(fallbacks, contracts), f"{path}: rules.0 (broken): ")
+    assert "<input>:1:26" in fault
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "fragment"),
+    [
+        (rule("too-sure", "true", probability=1.5), "probability", "less than or equal to 1"),
+        (rule("negative", "true", probability=-0.1), "probability", "greater than or equal to 0"),
+        ({**GOOD_RULE, "prediction": ""}, "prediction", "at least 1 character"),
+        ({**GOOD_RULE, "when": ""}, "when", "at least 1 character"),
+        ({**GOOD_RULE, "whne": "true"}, "whne", "Extra inputs are not permitted"),
+    ],
+    ids=["probability-over-one", "probability-negative", "empty-prediction", "empty-when", "typo"],
+)
+def test_bad_rule_answer_is_refused_naming_file_and_rule(
+    data_dirs, contracts, spec, field, fragment
+):
+    """A rule whose answer or shape is invalid fails the load naming file, rule and field."""
+    fallbacks = data_dirs / "fallbacks"
+    path = write_fallbacks(fallbacks, [GOOD_RULE, spec])
+    faults = faults_of(fallbacks, contracts)
+    fault = only_fault_starting(faults, f"{path}: rules.1.{field}: ")
+    assert fragment in fault
+
+
+def test_every_broken_rule_of_a_file_is_reported(data_dirs, contracts):
+    """All broken rules are listed, not only the first."""
+    fallbacks = data_dirs / "fallbacks"
+    path = write_fallbacks(
+        fallbacks,
+        [rule("a", "features.tenure_months <"), GOOD_RULE, rule("c", "features.tenure_months")],
+    )
+    faults = faults_of(fallbacks, contracts)
+    only_fault_starting(faults, f"{path}: rules.0 (a): when: does not compile")
+    only_fault_starting(faults, f"{path}: rules.2 (c): when: must be a boolean condition")
+
+
+def test_model_without_fallback_file_is_a_fault(data_dirs, contracts):
+    """Every contract model needs a fallback file: its chain ends in a default."""
+    fallbacks = data_dirs / "fallbacks"
+    (fallbacks / CHURN).unlink()
+    faults = faults_of(fallbacks, contracts)
+    assert faults == [
+        f"{fallbacks}: model customer-churn has no fallback file (its chain needs a default)"
+    ]
+
+
+def test_fallback_file_for_unknown_model_is_a_fault(data_dirs, contracts):
+    """A fallback file for a model the contract does not have is refused."""
+    fallbacks = data_dirs / "fallbacks"
+    path = write_fallbacks(fallbacks, [GOOD_RULE], name="fraud-score.yaml")
+    faults = faults_of(fallbacks, contracts)
+    only_fault_starting(faults, f"{path}: model_id: fraud-score is not a model of the contract")
+
+
+def test_missing_fallbacks_directory_is_a_fault(data_dirs, contracts):
+    """A missing fallbacks directory is a fault naming it."""
+    missing = data_dirs / "no-fallbacks"
+    assert faults_of(missing, contracts) == [f"{missing}: fallbacks directory not found"]
+
+
+def test_yaml_syntax_fault_is_one_line(data_dirs, contracts):
+    """A fallback file that is not YAML is one `file: ...` fault line giving the position."""
+    fallbacks = data_dirs / "fallbacks"
+    path = fallbacks / CHURN
+    path.write_text("model_id: customer-churn\n  rules: []\n", encoding="utf-8")
+    fault = only_fault_starting(faults_of(fallbacks, contracts), f"{path}: ")
+    assert "line 2" in fault
+    assert "\n" not in fault
