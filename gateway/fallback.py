@@ -8,6 +8,7 @@ tried is recorded with its outcome, so the decision can be explained afterwards.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from gateway.backends import BackendError, BackendRejected
 from gateway.policy import DEFAULT_STEP, RULES_STEP, STALE_CACHE_STEP, Policy
 from gateway.resilience import Breaker, Bulkhead, Deadline, Outcome, RetryBudget
 from gateway.rules import Fallbacks
+
+log = logging.getLogger("gateway.fallback")
 
 # A model call is not started with less budget than this: it could not answer in time.
 MIN_CALL_BUDGET_S = 0.002
@@ -179,6 +182,10 @@ async def call_target(
             probability = await guard.backend.predict(features, budget, ctx.headers)
         except BackendError as error:
             outcome = Outcome.IGNORED if isinstance(error, BackendRejected) else Outcome.FAILURE
+            log.debug(
+                "backend call failed",
+                extra={"target": name, "reason": error.reason, "error": str(error)},
+            )
             now = ctx.clock()
             guard.breaker.record(permit, outcome, now - call_started, now)
             if error.transient and attempts == 1 and guard.retry_budget.try_spend():

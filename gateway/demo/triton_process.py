@@ -350,7 +350,7 @@ class TritonProcess:
         self.start(timeout=timeout)
 
     def freeze(self) -> None:
-        """SIGSTOP tritonserver and its backend stubs: ports stay open, nothing answers.
+        """SIGSTOP the tritonserver process: its ports stay open, nothing answers.
 
         PyTriton's own Python process (which runs the model functions) is left running:
         stopped under load, its inference handler threads do not survive a thaw and it shuts
@@ -359,7 +359,7 @@ class TritonProcess:
         with self._lock:
             if self.is_running() and not self._frozen:
                 for pid, comm in self.group_processes():
-                    if comm.startswith("triton"):
+                    if comm == "tritonserver":
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGSTOP)
                 self._frozen = True
