@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import health, predictions
 from gateway.api.responses import problem_response
+from gateway.breaker_sync import BreakerSync
 from gateway.problems import Problem
-from gateway.runtime import Configuration, load_configuration, start_runtime
+from gateway.runtime import Configuration, Runtime, load_configuration, start_runtime
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.app")
@@ -92,12 +93,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = start_runtime(settings, config)
         app.state.runtime = runtime
+        sync = _breaker_sync(settings, runtime)
+        if sync is not None:
+            await sync.start()
         await runtime.refresh_readiness()
         prober = asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))
         try:
             yield
         finally:
             prober.cancel()
+            if sync is not None:
+                await sync.stop()
             await runtime.close()
 
     app = FastAPI(
@@ -114,6 +120,12 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected_error_handler)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _breaker_sync(settings: Settings, runtime: Runtime) -> BreakerSync | None:
+    if not (settings.share_breaker_state and settings.redis_url):
+        return None
+    return BreakerSync(settings.redis_url, runtime.breakers)
 
 
 async def _probe_forever(runtime, interval_s: float) -> None:  # type: ignore[no-untyped-def]

@@ -96,6 +96,7 @@ class Breaker:
         self._opened_at = 0.0
         self._open_for = 0.0
         self._generation = 0
+        self._trip_hooks: list[Callable[[Breaker, float], None]] = []
 
     @property
     def state(self) -> str:
@@ -104,6 +105,24 @@ class Breaker:
     def add_listener(self, listener: pybreaker.CircuitBreakerListener) -> None:
         """Listeners see every state change (metrics and logs hook in here)."""
         self._state_machine.add_listener(listener)
+
+    def on_trip(self, hook: Callable[[Breaker, float], None]) -> None:
+        """Call `hook(breaker, open_for_s)` whenever this breaker opens on its own evidence."""
+        self._trip_hooks.append(hook)
+
+    def force_open(self, now: float, open_for_s: float) -> None:
+        """Open for `open_for_s` on another's evidence (another replica, an operator).
+
+        A breaker already open keeps the later of the two re-open times; trip hooks are not
+        called, so an opening learnt from a peer is not echoed back to it.
+        """
+        until = now + open_for_s
+        if self.state == OPEN:
+            if until > self._opened_at + self._open_for:
+                self._open_for = until - self._opened_at
+            return
+        self._opened_at, self._open_for = now, open_for_s
+        self._enter(OPEN)
 
     def try_acquire(self, now: float) -> Permit | None:
         """Leave for one call, or None when the breaker rejects it."""
@@ -169,6 +188,8 @@ class Breaker:
         self._opened_at = now
         self._trips_without_close += 1
         self._enter(OPEN)
+        for hook in self._trip_hooks:
+            hook(self, self._open_for)
 
     def _enter(self, state: str) -> None:
         """Move pybreaker to `state` (it notifies listeners) and start a fresh generation."""

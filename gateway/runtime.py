@@ -83,6 +83,14 @@ class Runtime:
     def backends(self) -> list[TritonBackend]:
         return [g.backend for by_target in self.guards.values() for g in by_target.values()]
 
+    @property
+    def breakers(self) -> dict[str, Breaker]:
+        return {
+            g.breaker.name: g.breaker
+            for by_target in self.guards.values()
+            for g in by_target.values()
+        }
+
     async def refresh_readiness(self) -> None:
         """Ask every backend whether its pinned model is ready; record it for /readyz."""
         names = [f"{m}/{t}" for m, by_target in self.guards.items() for t in by_target]

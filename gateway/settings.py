@@ -31,4 +31,9 @@ class Settings(BaseSettings):
     # Triton servers are probed this often for /readyz, off the request path.
     readiness_interval_s: float = Field(default=2.0, gt=0)
 
+    # Redis, for state shared by replicas. Unset: every replica keeps its own state.
+    redis_url: str | None = None
+    # Share breaker openings across replicas through `redis_url`.
+    share_breaker_state: bool = False
+
     log_level: str = "info"

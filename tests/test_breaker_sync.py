@@ -1,0 +1,125 @@
+"""Breaker openings shared across replicas through a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.breaker_sync import BreakerSync, remaining_open_s
+from gateway.demo.triton_process import free_port
+from gateway.policy import BreakerConfig
+from gateway.resilience import CLOSED, OPEN, Breaker, Outcome
+from tests.conftest import CHURN_REQUEST
+
+CONFIG = BreakerConfig(failure_threshold=2, reset_timeout_s=3, max_reset_timeout_s=3)
+NAME = "customer-churn/churn-gbm"
+
+
+def replica_breakers() -> dict[str, Breaker]:
+    return {NAME: Breaker(NAME, CONFIG, jitter=lambda: 0.0)}
+
+
+def trip(breaker: Breaker) -> None:
+    now = time.monotonic()
+    for _ in range(CONFIG.failure_threshold):
+        permit = breaker.try_acquire(now)
+        assert permit is not None
+        breaker.record(permit, Outcome.FAILURE, 0.01, now)
+    assert breaker.state == OPEN
+
+
+async def until(condition, within_s: float = 1.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ({"breaker": NAME, "until": 110.0, "replica": "peer"}, 10.0),
+        ({"breaker": NAME, "until": 110.0, "replica": "me"}, None),
+        ({"breaker": NAME, "until": 90.0, "replica": "peer"}, None),
+        ({"breaker": NAME, "until": "soon", "replica": "peer"}, None),
+        ({"breaker": NAME, "until": True, "replica": "peer"}, None),
+        ({"breaker": NAME, "replica": "peer"}, None),
+        ([], None),
+    ],
+)
+def test_remaining_open_time_of_a_peer_message(message, expected):
+    """Only a peer's opening that still lies in the future applies; junk is ignored."""
+    assert remaining_open_s(message, "me", wall_now=100.0) == expected
+
+
+async def test_an_opening_on_one_replica_opens_the_breaker_on_the_others(redis_server):
+    """Replica A trips; replica B opens the same breaker within a second, C on joining."""
+    a, b = replica_breakers(), replica_breakers()
+    sync_a, sync_b = BreakerSync(redis_server.url, a), BreakerSync(redis_server.url, b)
+    await sync_a.start()
+    await sync_b.start()
+    try:
+        assert await until(lambda: sync_a.connected and sync_b.connected)
+        trip(a[NAME])
+        assert await until(lambda: b[NAME].state == OPEN)
+        assert 2.0 < b[NAME].open_remaining(time.monotonic()) <= 3.0
+
+        c = replica_breakers()
+        sync_c = BreakerSync(redis_server.url, c)
+        await sync_c.start()
+        try:
+            assert await until(lambda: c[NAME].state == OPEN)
+        finally:
+            await sync_c.stop()
+    finally:
+        await sync_a.stop()
+        await sync_b.stop()
+
+
+async def test_unknown_breakers_and_own_messages_are_not_adopted(redis_server):
+    """A peer's opening of a breaker this replica lacks, or its own echo, changes nothing."""
+    breakers = replica_breakers()
+    sync = BreakerSync(redis_server.url, breakers, replica_id="me")
+    try:
+        far = time.time() + 10
+        assert not sync.adopt({"breaker": "other/target", "until": far, "replica": "peer"})
+        assert not sync.adopt({"breaker": NAME, "until": far, "replica": "me"})
+        assert breakers[NAME].state == CLOSED
+    finally:
+        await sync.stop()
+
+
+async def test_unreachable_redis_leaves_local_breakers_working(unreachable_redis_url):
+    """With Redis down, a replica's breakers still trip and recover on their own."""
+    breakers = replica_breakers()
+    sync = BreakerSync(unreachable_redis_url, breakers)
+    await sync.start()
+    try:
+        trip(breakers[NAME])
+        await asyncio.sleep(0.3)  # let the publisher try and fail
+        assert not sync.connected
+        assert breakers[NAME].state == OPEN
+    finally:
+        await sync.stop()
+
+
+async def test_gateways_sharing_redis_share_breaker_openings(gateway_client, redis_server):
+    """Two gateway replicas: one finds Triton dead, the other skips it without trying."""
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    shared = {"redis_url": redis_server.url, "share_breaker_state": True}
+    async with (
+        gateway_client(env=env, **shared) as first,
+        gateway_client(env=env, **shared) as second,
+    ):
+        await asyncio.sleep(0.3)  # both subscribed
+        for _ in range(6):
+            body = (await first.post("/v1/predictions", json=CHURN_REQUEST)).json()
+        assert body["fallback_reason"] == "breaker_open"
+        await asyncio.sleep(0.5)
+        other = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
+    assert other["degraded"] is True
+    assert other["fallback_reason"] == "breaker_open"

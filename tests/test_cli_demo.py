@@ -1,0 +1,76 @@
+"""`aigw demo`, run as a user runs it: a real Triton, the gateway, the README's curl, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.demo.triton_process import free_port, port_is_open, process_group_members
+
+pytestmark = pytest.mark.triton
+
+REPO = Path(__file__).resolve().parents[1]
+README_REQUEST = {
+    "model_id": "customer-churn",
+    "features": {"customer_id": "12345", "tenure_months": 24, "monthly_charges": 89.99},
+}
+
+
+def wait_for_ready(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "aigw demo exited early"
+        try:
+            if httpx.get(base_url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail("aigw demo did not become ready")
+
+
+def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
+    """`aigw demo` serves the README's request from the primary and Ctrl-C stops all of it."""
+    port, triton_port = free_port(), free_port()
+    log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "demo", "--port", str(port),
+         "--triton-http-port", str(triton_port)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ},
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_ready(base_url, demo)
+        answers = [
+            httpx.post(base_url + "/v1/predictions", json=README_REQUEST, timeout=5)
+            for _ in range(3)
+        ]
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        log.close()
+    output = (tmp_path / "demo.log").read_text()
+
+    first = answers[0].json()
+    assert answers[0].status_code == 200, output[-2000:]
+    assert first["served_by"] == "churn-gbm"
+    assert first["degraded"] is False
+    assert set(first) >= {
+        "prediction", "probability", "model_version", "latency_ms",
+        "prediction_id", "served_by", "degraded", "arm",
+    }  # fmt: skip
+    assert len({(a.json()["prediction"], a.json()["probability"]) for a in answers}) == 1
+    assert "curl -s localhost:" in output
+    assert code == 0
+    assert not port_is_open(port) and not port_is_open(triton_port)
+    assert not process_group_members(demo.pid), "Triton outlived the demo"
