@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHURN_REQUEST, REPO
 from openapi_spec_validator import validate
 
 from gateway.contracts import check_contracts, load_contracts
 from gateway.demo.triton_process import free_port
+from tests.conftest import CHURN_REQUEST, REPO
 
 CONTRACTS = REPO / "contracts"
 CONTRACT_FILES = sorted(p for p in CONTRACTS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))

@@ -17,10 +17,10 @@ import jsonschema_rs
 import pytest
 import yaml
 from asgi_lifespan import LifespanManager
-from conftest import CHURN_REQUEST, REPO, settings_for
 
 from gateway.app import create_app
 from gateway.demo.triton_process import free_port
+from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
 PATH = "/v1/predictions"
 JSON = {"content-type": "application/json"}
