@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api import health, predictions
+from gateway.api import feedback, health, predictions
 from gateway.api.responses import problem_response
 from gateway.breaker_sync import BreakerSync
 from gateway.problems import Problem
@@ -114,6 +114,7 @@ def create_app(
         redoc_url=None,
     )
     app.include_router(predictions.router)
+    app.include_router(feedback.router)
     app.include_router(health.router)
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)

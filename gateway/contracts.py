@@ -22,6 +22,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from gateway.problems import FieldError, json_pointer
 
 PREDICTIONS_PATH = "/v1/predictions"
+FEEDBACK_SCHEMA = "#/components/schemas/FeedbackRequest"
 
 
 def _same(value: Any) -> Any:
@@ -68,6 +69,13 @@ class ContractSet:
     version: str
     document: dict
     models: dict[str, ModelContract]
+    feedback_validator: Any = None
+
+    def feedback_violations(self, payload: Any) -> list[FieldError]:
+        """Every way `payload` breaks the FeedbackRequest schema, by JSON pointer."""
+        if self.feedback_validator is None:
+            return [FieldError("", "this contract declares no feedback")]
+        return [f for e in self.feedback_validator.iter_errors(payload) for f in _field_errors(e)]
 
     def violations(self, payload: Any) -> list[FieldError]:
         """Every way `payload` breaks the prediction request schema, by JSON pointer."""
@@ -97,7 +105,12 @@ def load_contracts(directory: Path) -> ContractSet:
         models = _compile_models(merged)
     except ContractError as error:
         raise ContractError([f"{directory}: {f}" for f in error.faults]) from None
-    return ContractSet(version=merged["info"]["version"], document=merged, models=models)
+    return ContractSet(
+        version=merged["info"]["version"],
+        document=merged,
+        models=models,
+        feedback_validator=_optional_validator(merged, FEEDBACK_SCHEMA),
+    )
 
 
 def check_contracts(directory: Path) -> list[str]:
@@ -182,6 +195,15 @@ def _compile_model(document: dict, model_id: str, ref: str) -> ModelContract:
         feature_types={name: s.get("type", "any") for name, s in features["properties"].items()},
         pii_features=frozenset(n for n, s in features["properties"].items() if s.get("x-pii")),
     )
+
+
+def _optional_validator(document: dict, ref: str) -> Any:
+    """A validator for `ref` when the contract declares it, else None."""
+    name = ref.rsplit("/", 1)[-1]
+    if name not in document.get("components", {}).get("schemas", {}):
+        return None
+    root = {"$ref": ref, "components": document["components"]}
+    return jsonschema_rs.Draft202012Validator(root, validate_formats=True)
 
 
 def _prediction_request_schema(document: dict) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,23 +92,31 @@ class ChainContext:
 
 
 async def run_chain(
-    policy: Policy, features: Mapping[str, Any], deadline: Deadline, ctx: ChainContext
+    policy: Policy,
+    features: Mapping[str, Any],
+    deadline: Deadline,
+    ctx: ChainContext,
+    chain: Sequence[str] | None = None,
 ) -> ChainResult:
-    """Walk `policy.chain` for one request; the last step, `default`, always answers."""
+    """Walk `chain` (the policy's first arm's when not given); `default` always answers."""
+    chain = list(chain or policy.arm_list[0].chain)
     steps: list[StepRecord] = []
-    for step in policy.chain:
+    for step in chain:
         if step == DEFAULT_STEP:
             break
-        result = await _run_step(step, policy, features, deadline, ctx, steps)
+        result = await _run_step(step, chain[0], policy, features, deadline, ctx, steps)
         if result is not None:
             return result
     default = ctx.fallbacks.default
     steps.append(StepRecord(step=DEFAULT_STEP, outcome="answered"))
-    return _result(policy, default.prediction, default.probability, "default", DEFAULT_STEP, steps)
+    return _result(
+        chain[0], default.prediction, default.probability, "default", DEFAULT_STEP, steps
+    )
 
 
 async def _run_step(
     step: str,
+    primary: str,
     policy: Policy,
     features: Mapping[str, Any],
     deadline: Deadline,
@@ -123,7 +131,7 @@ async def _run_step(
         steps.append(StepRecord(step=RULES_STEP, outcome="answered", rule=match.rule))
         answer = match.answer
         return _result(
-            policy,
+            primary,
             answer.prediction,
             answer.probability,
             ctx.fallbacks.version,
@@ -138,7 +146,7 @@ async def _run_step(
             return None
         steps.append(StepRecord(step=STALE_CACHE_STEP, outcome="answered"))
         return _result(
-            policy,
+            primary,
             stale.prediction,
             stale.probability,
             stale.model_version,
@@ -150,7 +158,7 @@ async def _run_step(
     if probability is None:
         return None
     label = policy.labels.label(probability)
-    return _result(policy, label, probability, ctx.guards[step].model_version, step, steps)
+    return _result(primary, label, probability, ctx.guards[step].model_version, step, steps)
 
 
 async def call_target(
@@ -242,7 +250,7 @@ def _failed(
 
 
 def _result(
-    policy: Policy,
+    primary: str,
     prediction: str,
     probability: float,
     model_version: str,
@@ -250,7 +258,7 @@ def _result(
     steps: list[StepRecord],
     rule: str | None = None,
 ) -> ChainResult:
-    degraded = served_by != policy.primary
+    degraded = served_by != primary
     return ChainResult(
         prediction=prediction,
         probability=probability,

@@ -145,35 +145,129 @@ class RetryConfig(_Strict):
     budget_ratio: float = Field(default=0.2, ge=0, le=1)
 
 
+class Arm(_Strict):
+    """One arm of an experiment: a share of traffic and the chain that serves it."""
+
+    name: str = Field(pattern=_NAME)
+    weight: float = Field(ge=0)
+    chain: list[str] = Field(min_length=1)
+
+    @property
+    def primary(self) -> str:
+        return self.chain[0]
+
+
+class Route(_Strict):
+    """A CEL condition over `features`, `headers` and `tenant` that sends a request to an arm."""
+
+    name: str = Field(pattern=_NAME)
+    when: str = Field(min_length=1, max_length=4096)
+    arm: str
+
+
+class Shadow(_Strict):
+    """A target that gets a copy of a share of requests; its answers are compared, never served."""
+
+    target: str
+    sample_rate: float = Field(default=1.0, ge=0, le=1)
+
+
+class CacheConfig(_Strict):
+    """Exact-match caching of primary answers, and how long a stale copy may stand in."""
+
+    enabled: bool = True
+    ttl_s: float = Field(default=300, gt=0)
+    stale_ttl_s: float = Field(default=86_400, ge=0)
+    max_entries: int = Field(default=10_000, ge=1)
+    per_tenant: bool = False
+
+
 class Policy(_Strict):
-    """Everything the gateway needs to answer for one logical model."""
+    """Everything the gateway needs to answer for one logical model.
+
+    Either one `chain` serves all traffic (arm `default`), or `arms` split it by weight,
+    sticky by the feature named in `sticky_by`; `routes` may override the split.
+    """
 
     model_id: str
     timeout_ms: int = Field(ge=1, le=600_000)
     labels: Labels
     targets: dict[Annotated[str, Field(pattern=_NAME)], TritonTarget] = Field(min_length=1)
-    chain: list[str] = Field(min_length=1)
+    chain: list[str] | None = Field(default=None, min_length=1)
+    arms: list[Arm] | None = Field(default=None, min_length=1)
+    sticky_by: str | None = None
+    routes: list[Route] = []
+    shadows: list[Shadow] = []
+    shadow_max_concurrency: int = Field(default=8, ge=1, le=1024)
+    cache: CacheConfig = CacheConfig()
     retry: RetryConfig = RetryConfig()
 
     @field_validator("chain")
     @classmethod
-    def _chain_is_answerable(cls, chain: list[str], info: ValidationInfo) -> list[str]:
+    def _chain_is_answerable(cls, chain: list[str] | None, info: ValidationInfo) -> list[str]:
         # `targets` is declared before `chain`, so it is in info.data once it validated;
         # when it did not, its own faults are reported and unknown steps cannot be judged.
-        targets = info.data.get("targets")
-        if targets is not None:
-            unknown = [s for s in chain if s not in targets and s not in BUILTIN_STEPS]
-            if unknown:
-                raise ValueError(f"chain names unknown steps: {', '.join(unknown)}")
-        if len(set(chain)) != len(chain):
-            raise ValueError("chain lists a step twice")
-        if chain[-1] != DEFAULT_STEP:
-            raise ValueError("chain must end with `default`, so that every request gets an answer")
+        if chain is None:
+            return chain  # type: ignore[return-value]
+        problem = chain_problem(chain, info.data.get("targets"))
+        if problem:
+            raise ValueError(problem)
         return chain
+
+    @model_validator(mode="after")
+    def _one_way_to_serve(self) -> Policy:
+        if (self.chain is None) == (self.arms is None):
+            raise ValueError("give either `chain` (one arm) or `arms`, not both or neither")
+        return self
+
+    @property
+    def arm_list(self) -> list[Arm]:
+        if self.arms is not None:
+            return self.arms
+        return [Arm(name="default", weight=1, chain=self.chain or [DEFAULT_STEP])]
 
     @property
     def primary(self) -> str:
-        return self.chain[0]
+        return self.arm_list[0].primary
+
+
+def chain_problem(chain: list[str], targets: Mapping[str, Any] | None) -> str | None:
+    """Why a chain cannot serve, or None: unknown or repeated steps, no final default."""
+    if targets is not None:
+        unknown = [s for s in chain if s not in targets and s not in BUILTIN_STEPS]
+        if unknown:
+            return f"chain names unknown steps: {', '.join(unknown)}"
+    if len(set(chain)) != len(chain):
+        return "chain lists a step twice"
+    if chain[-1] != DEFAULT_STEP:
+        return "chain must end with `default`, so that every request gets an answer"
+    return None
+
+
+def traffic_faults(policy: Policy) -> list[str]:
+    """Faults in arms, routes and shadows, each at its field path."""
+    faults = []
+    arms = policy.arm_list
+    for i, arm in enumerate(policy.arms or []):
+        problem = chain_problem(arm.chain, policy.targets)
+        if problem:
+            faults.append(f"arms.{i}.chain: {problem}")
+    names = [arm.name for arm in arms]
+    if len(set(names)) != len(names):
+        faults.append("arms: two arms share a name")
+    if sum(arm.weight for arm in arms) <= 0:
+        faults.append("arms: the weights add up to nothing")
+    faults.extend(
+        f"routes.{i}.arm: {route.arm} is not an arm"
+        for i, route in enumerate(policy.routes)
+        if route.arm not in names
+    )
+    faults.extend(
+        f"shadows.{i}.target: {shadow.target} is not a target"
+        for i, shadow in enumerate(policy.shadows)
+        if shadow.target not in policy.targets
+    )
+    return faults
 
 
 @dataclass(frozen=True)
@@ -202,6 +296,7 @@ def load_policies(
         if policy.model_id in policies:
             faults.append(f"{path}: model_id: {policy.model_id} is defined by another file too")
             continue
+        faults.extend(f"{path}: {fault}" for fault in traffic_faults(policy))
         faults.extend(f"{path}: {fault}" for fault in contract_faults(policy, contracts))
         policies[policy.model_id] = policy
     faults.extend(
@@ -229,7 +324,23 @@ def contract_faults(policy: Policy, contracts: ContractSet) -> list[str]:
                     faults.append(f"{where}: {item.feature} is not a feature of the contract")
                 elif kind not in NUMERIC_FEATURE_TYPES:
                     faults.append(f"{where}: {item.feature} is a {kind}, not a number")
+    if policy.sticky_by is not None and policy.sticky_by not in model.feature_types:
+        faults.append(f"sticky_by: {policy.sticky_by} is not a feature of the contract")
+    faults.extend(_route_faults(policy, model.feature_types))
     return faults
+
+
+def _route_faults(policy: Policy, feature_types: Mapping[str, str]) -> list[str]:
+    from gateway.routing import compile_routes  # routing builds on this module's types
+
+    arm_names = {arm.name for arm in policy.arm_list}
+    if any(route.arm not in arm_names for route in policy.routes):
+        return []  # traffic_faults names the unknown arm; the conditions wait for a fix
+    try:
+        compile_routes(policy, feature_types)
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def expand_environment(value: Any, env: Mapping[str, str]) -> Any:

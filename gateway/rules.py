@@ -14,21 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cel
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.contracts import ContractSet
+from gateway.expressions import compile_condition, holds, sample_features
 from gateway.policy import validation_lines, yaml_fault
-
-# A representative value per JSON Schema type, for checking rules at load.
-_SAMPLE_VALUES: dict[str, Any] = {
-    "string": "sample",
-    "integer": 1,
-    "number": 1.5,
-    "boolean": True,
-}
 
 
 class FallbackError(Exception):
@@ -95,11 +87,8 @@ class Fallbacks:
         """
         context = {"features": dict(features)}
         for rule in self.rules:
-            try:
-                if rule.program.execute(context) is True:
-                    return RuleMatch(rule=rule.name, answer=rule.answer)
-            except (TypeError, ValueError, KeyError, RuntimeError):
-                continue
+            if holds(rule.program, context):
+                return RuleMatch(rule=rule.name, answer=rule.answer)
         return None
 
 
@@ -123,26 +112,9 @@ def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbac
     return result
 
 
-def sample_features(feature_types: Mapping[str, str]) -> dict[str, Any]:
-    """A feature mapping with one plausible value per declared feature."""
-    return {name: _SAMPLE_VALUES.get(kind, "sample") for name, kind in feature_types.items()}
-
-
 def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:
     """Compile one rule and try it on `sample`; ValueError says what is wrong and where."""
-    try:
-        program = cel.compile(spec.when)
-    except ValueError as error:
-        raise ValueError(f"does not compile: {_cel_message(error)}") from None
-    unknown = [v for v in program.variables() if v != "features"]
-    if unknown:
-        raise ValueError(f"refers to unknown variables: {', '.join(unknown)}")
-    try:
-        result = program.execute({"features": dict(sample)})
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"fails on a valid input: {_cel_message(error)}") from None
-    if not isinstance(result, bool):
-        raise ValueError(f"must be a boolean condition, gives {type(result).__name__}")
+    program = compile_condition(spec.when, ("features",), {"features": dict(sample)})
     return Rule(name=spec.name, program=program, answer=StaticAnswer(**_answer_of(spec)))
 
 
@@ -177,11 +149,6 @@ def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallback
 
 def _answer_of(spec: RuleSpec) -> dict[str, Any]:
     return {"prediction": spec.prediction, "probability": spec.probability}
-
-
-def _cel_message(error: Exception) -> str:
-    """CEL's message, on one line: it carries the position as `<input>:line:column`."""
-    return " ".join(str(error).split())
 
 
 def _content_hash(spec: FallbackFile) -> str:

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 import pybreaker
 
 from gateway.backends.triton import TritonBackend
+from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
+from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
-from gateway.policy import PolicySet, load_policies
+from gateway.policy import Policy, PolicySet, load_policies
 from gateway.resilience import Breaker, Bulkhead, RetryBudget
+from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
+from gateway.shadow import ShadowRunner
 
 log = logging.getLogger("gateway.runtime")
 
@@ -59,13 +63,26 @@ def load_configuration(settings: Settings, env: Mapping[str, str]) -> Configurat
 
 
 @dataclass
+class ModelRuntime:
+    """One logical model's live parts: serving guards, shadows and routes."""
+
+    guards: dict[str, TargetGuard]
+    routes: RouteTable
+    shadows: ShadowRunner
+
+
+@dataclass
 class Runtime:
-    """Everything a request needs: the configuration and a guarded backend per target."""
+    """Everything a request needs: the configuration and the live parts built from it."""
 
     settings: Settings
     config: Configuration
-    guards: dict[str, dict[str, TargetGuard]]
+    models: dict[str, ModelRuntime]
+    cache: PredictionCache
+    single_flight: SingleFlight = field(default_factory=SingleFlight)
+    experiments: Experiments = field(default_factory=Experiments)
     readiness: dict[str, str] = field(default_factory=dict)
+    _shadow_backends: list[TritonBackend] = field(default_factory=list)
 
     @property
     def contracts(self) -> ContractSet:
@@ -80,20 +97,24 @@ class Runtime:
         return self.config.fallbacks
 
     @property
+    def guards(self) -> dict[str, dict[str, TargetGuard]]:
+        return {model_id: model.guards for model_id, model in self.models.items()}
+
+    @property
     def backends(self) -> list[TritonBackend]:
-        return [g.backend for by_target in self.guards.values() for g in by_target.values()]
+        return [g.backend for model in self.models.values() for g in model.guards.values()]
 
     @property
     def breakers(self) -> dict[str, Breaker]:
         return {
             g.breaker.name: g.breaker
-            for by_target in self.guards.values()
-            for g in by_target.values()
+            for model in self.models.values()
+            for g in model.guards.values()
         }
 
     async def refresh_readiness(self) -> None:
         """Ask every backend whether its pinned model is ready; record it for /readyz."""
-        names = [f"{m}/{t}" for m, by_target in self.guards.items() for t in by_target]
+        names = [f"{m}/{t}" for m, model in self.models.items() for t in model.guards]
         results = await asyncio.gather(*(b.is_ready() for b in self.backends))
         self.readiness = {
             n: ("ok" if ok else "unavailable") for n, ok in zip(names, results, strict=True)
@@ -104,24 +125,63 @@ class Runtime:
         return bool(self.readiness) and all(v == "ok" for v in self.readiness.values())
 
     async def close(self) -> None:
-        await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
+        await asyncio.gather(*(m.shadows.close() for m in self.models.values()))
+        backends = self.backends + self._shadow_backends
+        await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
+        await self.cache.close()
 
 
 def start_runtime(settings: Settings, config: Configuration) -> Runtime:
-    """One guarded backend per policy target; call inside the event loop (clients bind to it)."""
+    """Build the live parts; call inside the event loop (clients bind to it)."""
     listener = _BreakerLog()
-    guards: dict[str, dict[str, TargetGuard]] = {}
+    models: dict[str, ModelRuntime] = {}
+    shadow_backends: list[TritonBackend] = []
     for model_id, policy in config.policies.policies.items():
-        retry_ratio = policy.retry.budget_ratio if policy.retry.max_retries else 0.0
-        guards[model_id] = {}
-        for name, target in policy.targets.items():
-            breaker = Breaker(f"{model_id}/{name}", target.breaker)
-            breaker.add_listener(listener)
-            guards[model_id][name] = TargetGuard(
-                backend=TritonBackend(name, target),
-                breaker=breaker,
-                bulkhead=Bulkhead(target.max_concurrency),
-                retry_budget=RetryBudget(retry_ratio),
-                model_version=target.version,
-            )
-    return Runtime(settings, config, guards)
+        guards = _guards(model_id, policy, listener)
+        # Shadows get clients and breakers of their own: they must not touch serving's.
+        shadow_guards = _guards(f"{model_id}/shadow", policy, listener, only=_shadow_names(policy))
+        shadow_backends.extend(g.backend for g in shadow_guards.values())  # type: ignore[misc]
+        feature_types = config.contracts.models[model_id].feature_types
+        models[model_id] = ModelRuntime(
+            guards=guards,
+            routes=compile_routes(policy, feature_types),
+            shadows=ShadowRunner(
+                shadow_guards, policy.shadow_max_concurrency, policy.timeout_ms / 1000
+            ),
+        )
+    runtime = Runtime(settings, config, models, cache=_cache(settings, config))
+    runtime._shadow_backends = shadow_backends
+    return runtime
+
+
+def _shadow_names(policy: Policy) -> set[str]:
+    return {shadow.target for shadow in policy.shadows}
+
+
+def _guards(
+    prefix: str, policy: Policy, listener: pybreaker.CircuitBreakerListener, only: set | None = None
+) -> dict[str, TargetGuard]:
+    retry_ratio = policy.retry.budget_ratio if policy.retry.max_retries else 0.0
+    guards = {}
+    for name, target in policy.targets.items():
+        if only is not None and name not in only:
+            continue
+        breaker = Breaker(f"{prefix}/{name}", target.breaker)
+        breaker.add_listener(listener)
+        guards[name] = TargetGuard(
+            backend=TritonBackend(name, target),
+            breaker=breaker,
+            bulkhead=Bulkhead(target.max_concurrency),
+            retry_budget=RetryBudget(retry_ratio),
+            model_version=target.version,
+        )
+    return guards
+
+
+def _cache(settings: Settings, config: Configuration) -> PredictionCache:
+    if settings.cache_backend == "redis":
+        if not settings.redis_url:
+            raise ValueError("AIGW_CACHE_BACKEND=redis needs AIGW_REDIS_URL")
+        return RedisCache(settings.redis_url)
+    largest = max((p.cache.max_entries for p in config.policies.policies.values()), default=1)
+    return MemoryCache(max_entries=largest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
 
     # Redis, for state shared by replicas. Unset: every replica keeps its own state.
     redis_url: str | None = None
+    # Where predictions are cached: `memory` (per process, the default) or `redis`.
+    cache_backend: Literal["memory", "redis"] = "memory"
     # Share breaker openings across replicas through `redis_url`.
     share_breaker_state: bool = False
 

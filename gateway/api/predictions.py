@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import Mapping
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
-from gateway.fallback import ChainContext, run_chain
+from gateway.pipeline import PredictionInput, predict
 from gateway.problems import FieldError, Problem
-from gateway.resilience import Deadline, request_budget_ms
 from gateway.runtime import Runtime
 
 router = APIRouter()
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+DEFAULT_TENANT = "default"  # until API keys name a tenant
+_PRIVATE_HEADERS = frozenset({"x-api-key"})
 MAX_CALLER_TIMEOUT_MS = 600_000
 _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 
@@ -43,31 +44,36 @@ async def create_prediction(request: Request) -> Response:
         )
 
     model_id = payload["model_id"]
-    policy = runtime.policies.get(model_id)
-    if policy is None:
+    if runtime.policies.get(model_id) is None:
         raise Problem(503, "model-unavailable", "Model unavailable", f"{model_id} has no policy")
-    features = runtime.contracts.models[model_id].canonical_features(payload["features"])
-    budget_ms = request_budget_ms(policy.timeout_ms, caller_timeout_ms)
-    deadline = Deadline.after(budget_ms / 1000, started)
-    ctx = ChainContext(
-        guards=runtime.guards[model_id],
-        fallbacks=runtime.fallbacks[model_id],
-        margin_s=settings.response_margin_ms / 1000,
+    request_input = PredictionInput(
+        model_id=model_id,
+        features=runtime.contracts.models[model_id].canonical_features(payload["features"]),
+        headers=routing_headers(request.headers),
+        tenant=DEFAULT_TENANT,
+        caller_timeout_ms=caller_timeout_ms,
+        use_cache=not bypasses_cache(request.headers.get("cache-control")),
+        started=started,
     )
-    result = await run_chain(policy, features, deadline, ctx)
-    return json_response(
-        {
-            "prediction": result.prediction,
-            "probability": result.probability,
-            "model_version": result.model_version,
-            "latency_ms": round((time.monotonic() - started) * 1000, 3),
-            "prediction_id": str(uuid.uuid4()),
-            "served_by": result.served_by,
-            "degraded": result.degraded,
-            "arm": "default",
-            "fallback_reason": result.fallback_reason,
-        }
-    )
+    answer = await predict(runtime, request_input)
+    return json_response(answer.envelope())
+
+
+def bypasses_cache(cache_control: str | None) -> bool:
+    """`Cache-Control: no-cache` (or `no-store`) asks for a fresh answer."""
+    if not cache_control:
+        return False
+    directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+    return bool(directives & {"no-cache", "no-store"})
+
+
+def routing_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers route conditions may read: `x-` headers, lower-cased, bounded in size."""
+    return {
+        name: value[:256]
+        for name, value in headers.items()
+        if name.startswith("x-") and len(name) <= 64 and name not in _PRIVATE_HEADERS
+    }
 
 
 def caller_timeout(raw: str | None) -> int | None:

@@ -49,7 +49,8 @@ async def run_schedule(
     current = {"phase": PHASES[0][0]}
     stop = asyncio.Event()
     body_bytes = orjson.dumps(CHURN_REQUEST)
-    headers = {"Content-Type": "application/json"}
+    # Bypass the cache: every request must go through the chain to exercise the outage.
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
 
     async def client_loop(session: aiohttp.ClientSession) -> None:
         while not stop.is_set():

@@ -1,0 +1,68 @@
+"""POST /v1/feedback and GET /v1/experiments/{model_id}: real outcomes, and what arms did."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.api.responses import json_response
+from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
+from gateway.problems import FieldError, Problem
+from gateway.runtime import Runtime
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback")
+async def record_feedback(request: Request) -> Response:
+    """Tie a real outcome to a recent prediction, for the experiment's outcome statistics."""
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    check_media_type(request.headers.get("content-type"))
+    check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
+    payload = parse_json(
+        await read_limited(request.stream(), settings.max_body_bytes), settings.max_json_depth
+    )
+    violations = runtime.contracts.feedback_violations(payload)
+    if violations:
+        raise Problem(
+            422, "invalid-request", "The request does not match the contract",
+            f"{len(violations)} field(s) are invalid", errors=violations,
+        )  # fmt: skip
+    prediction_id, outcome = payload["prediction_id"], payload["outcome"]
+    decision = runtime.experiments.decision(prediction_id)
+    if decision is None:
+        raise Problem(
+            404, "unknown-prediction", "Unknown prediction", "no recent prediction has this id"
+        )
+    labels = runtime.policies.policies[decision.model_id].labels
+    if outcome not in (labels.positive, labels.negative):
+        detail = f"must be {labels.positive!r} or {labels.negative!r}"
+        raise Problem(
+            422, "invalid-request", "The request does not match the contract", detail,
+            errors=[FieldError("/outcome", detail)],
+        )  # fmt: skip
+    status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive)
+    if status == "duplicate":
+        raise Problem(
+            409, "duplicate-feedback", "Outcome already recorded", "one outcome per prediction"
+        )
+    return json_response({"prediction_id": prediction_id, "status": "recorded"}, 202)
+
+
+@router.get("/v1/experiments/{model_id}")
+async def experiment_report(request: Request, model_id: str) -> Response:
+    """Per arm: requests, latency, fallback rate, outcomes and shadow agreement, with 95% CIs."""
+    runtime: Runtime = request.app.state.runtime
+    policy = runtime.policies.get(model_id)
+    if policy is None:
+        raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
+    arms = {arm.name: {"weight": arm.weight, "chain": arm.chain} for arm in policy.arm_list}
+    stats = runtime.experiments.report(model_id)
+    return json_response(
+        {
+            "model_id": model_id,
+            "policy_version": runtime.policies.version_hash,
+            "arms": {name: {**config, **stats.get(name, {})} for name, config in arms.items()},
+        }
+    )

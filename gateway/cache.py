@@ -1,0 +1,199 @@
+"""Prediction caching: one interface, an in-memory LRU (default) and Redis (shared by replicas).
+
+Keys cover everything that could change an answer: the model, the arm's primary target and
+its pinned version, the contract version and the canonical features (key order and number
+formatting do not matter), plus the tenant when the policy scopes entries per tenant. A new
+model version, target or contract therefore never serves an old answer.
+
+Only primary answers are cached as good ones. Each is also kept, longer, as a stale copy
+that the chain's `stale-cache` step may serve when every model fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("gateway.cache")
+
+T = TypeVar("T")
+KEY_PREFIX = "aigw:pred:"
+STALE_PREFIX = "aigw:stale:"
+
+
+@dataclass(frozen=True)
+class CachedPrediction:
+    prediction: str
+    probability: float
+    model_version: str
+    served_by: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CachedPrediction | None:
+        try:
+            raw = orjson.loads(data)
+            return cls(
+                prediction=str(raw["prediction"]),
+                probability=float(raw["probability"]),
+                model_version=str(raw["model_version"]),
+                served_by=str(raw["served_by"]),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def cache_key(
+    model_id: str,
+    target: str,
+    model_version: str,
+    contract_version: str,
+    features: Mapping[str, Any],
+    tenant: str | None = None,
+) -> str:
+    """The key of one exact input; features must already be canonical (see contracts.py)."""
+    material = orjson.dumps(
+        [model_id, target, model_version, contract_version, tenant, features],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+class PredictionCache(Protocol):
+    """Where answers are kept. Errors never escape: a failing store is a miss."""
+
+    async def get(self, key: str) -> CachedPrediction | None: ...
+
+    async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryCache:
+    """An LRU bounded in entries, with a TTL per entry; the default, per process."""
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, CachedPrediction]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str) -> CachedPrediction | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires_at, value = entry
+        if expires_at <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
+        self._entries[key] = (self._clock() + ttl_s, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
+class RedisCache:
+    """Entries in Redis, shared by every replica.
+
+    Redis sits on the request path here, so every call is bounded by a short timeout, and
+    after a failure Redis is left alone for `retry_after_s`: a dead Redis costs requests
+    nothing but their cache, and `errors` counts what it cost.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.05,
+        retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = aioredis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+        self._resting_until = 0.0
+        self.errors = 0
+
+    @property
+    def available(self) -> bool:
+        return self._clock() >= self._resting_until
+
+    async def get(self, key: str) -> CachedPrediction | None:
+        data = await self._call(self._redis.get(key))
+        return CachedPrediction.from_json(data) if data else None
+
+    async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
+        await self._call(self._redis.set(key, value.to_json(), px=max(1, int(ttl_s * 1000))))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _call(self, operation: Awaitable[Any]) -> Any:
+        if not self.available:
+            _discard(operation)
+            return None
+        try:
+            async with asyncio.timeout(self._timeout_s * 2):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as error:
+            self.errors += 1
+            self._resting_until = self._clock() + self._retry_after_s
+            log.warning("redis cache unavailable", extra={"error": type(error).__name__})
+            return None
+
+
+def _discard(operation: Awaitable[Any]) -> None:
+    close = getattr(operation, "close", None)
+    if close is not None:
+        close()  # an un-awaited coroutine must be closed, or Python warns about it
+
+
+class SingleFlight:
+    """Concurrent identical misses share one computation instead of each calling a backend."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, asyncio.Future] = {}
+        self.coalesced = 0
+
+    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """The result for `key`, and whether it was shared from another caller's run."""
+        existing = self._in_flight.get(key)
+        if existing is not None:
+            self.coalesced += 1
+            return await asyncio.shield(existing), True
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            result = await compute()
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # mark retrieved: followers re-raise it, nobody else must
+            raise
+        else:
+            future.set_result(result)
+            return result, False
+        finally:
+            del self._in_flight[key]

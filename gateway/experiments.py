@@ -1,0 +1,145 @@
+"""What each arm of an experiment did: traffic, latency, fallbacks, outcomes, shadow agreement.
+
+Kept in memory per process (a replica reports its own traffic); the ledger of recent
+decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+Z_95 = 1.959964
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion, or None without trials."""
+    if trials <= 0:
+        return None
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class ShadowStats:
+    compared: int = 0
+    agreed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class ArmStats:
+    requests: int = 0
+    degraded: int = 0
+    cached: int = 0
+    latency_ms_total: float = 0.0
+    latency_ms_max: float = 0.0
+    feedback: int = 0
+    positive_outcomes: int = 0
+    correct: int = 0
+    shadows: dict[str, ShadowStats] = field(default_factory=dict)
+
+    def report(self) -> dict:
+        return {
+            "requests": self.requests,
+            "cached": self.cached,
+            "latency_ms_mean": round(self.latency_ms_total / self.requests, 3)
+            if self.requests
+            else None,
+            "latency_ms_max": round(self.latency_ms_max, 3),
+            "fallback_rate": _rate(self.degraded, self.requests),
+            "fallback_rate_ci95": wilson_interval(self.degraded, self.requests),
+            "feedback": self.feedback,
+            "outcome_rate": _rate(self.positive_outcomes, self.feedback),
+            "outcome_rate_ci95": wilson_interval(self.positive_outcomes, self.feedback),
+            "accuracy": _rate(self.correct, self.feedback),
+            "accuracy_ci95": wilson_interval(self.correct, self.feedback),
+            "shadows": {
+                target: {
+                    "compared": s.compared,
+                    "failed": s.failed,
+                    "agreement": _rate(s.agreed, s.compared),
+                    "agreement_ci95": wilson_interval(s.agreed, s.compared),
+                }
+                for target, s in sorted(self.shadows.items())
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the ledger keeps of one answer, to judge it when its outcome arrives."""
+
+    model_id: str
+    arm: str
+    prediction: str
+    tenant: str
+
+
+class Experiments:
+    """Per-model, per-arm statistics, and a bounded ledger of recent decisions."""
+
+    def __init__(self, ledger_size: int = 100_000) -> None:
+        self._stats: dict[str, dict[str, ArmStats]] = {}
+        self._ledger: OrderedDict[str, Decision] = OrderedDict()
+        self._judged: set[str] = set()
+        self._ledger_size = ledger_size
+
+    def record_answer(
+        self,
+        prediction_id: str,
+        decision: Decision,
+        latency_ms: float,
+        degraded: bool,
+        cached: bool,
+    ) -> None:
+        stats = self.arm(decision.model_id, decision.arm)
+        stats.requests += 1
+        stats.degraded += degraded
+        stats.cached += cached
+        stats.latency_ms_total += latency_ms
+        stats.latency_ms_max = max(stats.latency_ms_max, latency_ms)
+        self._ledger[prediction_id] = decision
+        if len(self._ledger) > self._ledger_size:
+            old_id, _ = self._ledger.popitem(last=False)
+            self._judged.discard(old_id)
+
+    def record_shadow(self, model_id: str, arm: str, target: str, agreed: bool | None) -> None:
+        """One shadow comparison: agreed, disagreed, or (None) the shadow failed."""
+        shadow = self.arm(model_id, arm).shadows.setdefault(target, ShadowStats())
+        if agreed is None:
+            shadow.failed += 1
+            return
+        shadow.compared += 1
+        shadow.agreed += agreed
+
+    def decision(self, prediction_id: str) -> Decision | None:
+        return self._ledger.get(prediction_id)
+
+    def record_outcome(self, prediction_id: str, outcome: str, positive_label: str) -> str:
+        """Count a real outcome: `recorded`, `unknown` (not in the ledger) or `duplicate`."""
+        decision = self._ledger.get(prediction_id)
+        if decision is None:
+            return "unknown"
+        if prediction_id in self._judged:
+            return "duplicate"
+        self._judged.add(prediction_id)
+        stats = self.arm(decision.model_id, decision.arm)
+        stats.feedback += 1
+        stats.positive_outcomes += outcome == positive_label
+        stats.correct += outcome == decision.prediction
+        return "recorded"
+
+    def arm(self, model_id: str, arm: str) -> ArmStats:
+        return self._stats.setdefault(model_id, {}).setdefault(arm, ArmStats())
+
+    def report(self, model_id: str) -> dict[str, dict]:
+        return {name: s.report() for name, s in sorted(self._stats.get(model_id, {}).items())}
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 6) if whole else None

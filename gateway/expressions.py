@@ -1,0 +1,55 @@
+"""CEL conditions, compiled and checked once at load so they can never fail a request.
+
+Rules in `fallbacks/` and routes in `policies/` are both CEL boolean conditions. Each is
+compiled, limited to the variables its place allows, and tried on a sample input shaped
+like the real one, so a syntax error, a misspelt variable or a type mismatch is reported
+at load with the CEL position, never at request time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import cel
+
+RUNTIME_ERRORS = (TypeError, ValueError, KeyError, RuntimeError)
+
+# A representative value per JSON Schema type, for checking conditions at load.
+_SAMPLE_VALUES: dict[str, Any] = {"string": "sample", "integer": 1, "number": 1.5, "boolean": True}
+
+
+def sample_features(feature_types: Mapping[str, str]) -> dict[str, Any]:
+    """A feature mapping with one plausible value per declared feature."""
+    return {name: _SAMPLE_VALUES.get(kind, "sample") for name, kind in feature_types.items()}
+
+
+def compile_condition(source: str, allowed: Collection[str], sample: Mapping[str, Any]) -> Any:
+    """A compiled CEL program that is a boolean on `sample`; ValueError says what is wrong."""
+    try:
+        program = cel.compile(source)
+    except ValueError as error:
+        raise ValueError(f"does not compile: {one_line(error)}") from None
+    unknown = [v for v in program.variables() if v not in allowed]
+    if unknown:
+        raise ValueError(f"refers to unknown variables: {', '.join(unknown)}")
+    try:
+        result = program.execute(dict(sample))
+    except RUNTIME_ERRORS as error:
+        raise ValueError(f"fails on a valid input: {one_line(error)}") from None
+    if not isinstance(result, bool):
+        raise ValueError(f"must be a boolean condition, gives {type(result).__name__}")
+    return program
+
+
+def holds(program: Any, context: Mapping[str, Any]) -> bool:
+    """Whether a checked condition is true for `context`; an error at run time means false."""
+    try:
+        return program.execute(context) is True
+    except RUNTIME_ERRORS:
+        return False
+
+
+def one_line(error: Exception) -> str:
+    """CEL's message on one line: it carries the position as `<input>:line:column`."""
+    return " ".join(str(error).split())

@@ -1,0 +1,211 @@
+"""One prediction, from validated features to the envelope: route, cache, chain, shadows.
+
+The HTTP handler validates and hands over plain data; this module decides, in order:
+which arm serves (routing), whether a cached answer stands (cache), the chain walk under
+one deadline (fallback), what is kept for next time, which shadows get a copy, and what
+the experiment statistics learn. It returns a plain `Answer`; it does no HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.cache import STALE_PREFIX, CachedPrediction, cache_key
+from gateway.experiments import Decision
+from gateway.fallback import ChainContext, ChainResult, StaleAnswer, StepRecord, run_chain
+from gateway.policy import Policy
+from gateway.resilience import Deadline, request_budget_ms
+from gateway.routing import Assignment
+from gateway.runtime import ModelRuntime, Runtime
+
+
+@dataclass(frozen=True)
+class PredictionInput:
+    """A validated request, as plain data."""
+
+    model_id: str
+    features: Mapping[str, Any]
+    headers: Mapping[str, str]
+    tenant: str
+    caller_timeout_ms: int | None
+    use_cache: bool
+    started: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The envelope's content and how it was reached (kept for audit and explanations)."""
+
+    prediction_id: str
+    prediction: str
+    probability: float
+    model_version: str
+    served_by: str
+    degraded: bool
+    fallback_reason: str | None
+    arm: str
+    route: str | None
+    cached: bool
+    coalesced: bool
+    latency_ms: float
+    steps: tuple[StepRecord, ...]
+    rule: str | None
+    policy_version: str
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "prediction": self.prediction,
+            "probability": self.probability,
+            "model_version": self.model_version,
+            "latency_ms": self.latency_ms,
+            "prediction_id": self.prediction_id,
+            "served_by": self.served_by,
+            "degraded": self.degraded,
+            "arm": self.arm,
+            "cached": self.cached,
+            "fallback_reason": self.fallback_reason,
+        }
+
+
+async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
+    """Answer one validated request; always answers (the chain ends in a default)."""
+    policy = runtime.policies.policies[request.model_id]
+    model = runtime.models[request.model_id]
+    prediction_id = str(uuid.uuid4())
+    assignment = model.routes.assign(
+        request.features, request.headers, request.tenant, prediction_id
+    )
+    key = _key(runtime, policy, assignment, request)
+    cached = await runtime.cache.get(key) if key and request.use_cache else None
+    if cached is not None:
+        result, coalesced = _from_cache(cached), False
+    elif key:
+        result, coalesced = await runtime.single_flight.run(
+            key, lambda: _walk(runtime, model, policy, assignment, request, key)
+        )
+    else:
+        result, coalesced = await _walk(runtime, model, policy, assignment, request, None), False
+    answer = _answer(runtime, prediction_id, assignment, request, result, cached, coalesced)
+    _learn(runtime, model, policy, assignment, request, answer)
+    return answer
+
+
+async def _walk(
+    runtime: Runtime,
+    model: ModelRuntime,
+    policy: Policy,
+    assignment: Assignment,
+    request: PredictionInput,
+    key: str | None,
+) -> ChainResult:
+    budget_ms = request_budget_ms(policy.timeout_ms, request.caller_timeout_ms)
+    ctx = ChainContext(
+        guards=model.guards,
+        fallbacks=runtime.fallbacks[request.model_id],
+        stale_lookup=_stale_lookup(runtime, key),
+        margin_s=runtime.settings.response_margin_ms / 1000,
+    )
+    deadline = Deadline.after(budget_ms / 1000, request.started)
+    result = await run_chain(policy, request.features, deadline, ctx, chain=assignment.arm.chain)
+    if key and not result.degraded:
+        kept = CachedPrediction(
+            result.prediction, result.probability, result.model_version, result.served_by
+        )
+        await runtime.cache.set(key, kept, policy.cache.ttl_s)
+        if policy.cache.stale_ttl_s > 0:
+            await runtime.cache.set(STALE_PREFIX + key, kept, policy.cache.stale_ttl_s)
+    return result
+
+
+def _stale_lookup(runtime: Runtime, key: str | None):  # type: ignore[no-untyped-def]
+    if key is None:
+        return None
+
+    async def lookup() -> StaleAnswer | None:
+        kept = await runtime.cache.get(STALE_PREFIX + key)
+        if kept is None:
+            return None
+        return StaleAnswer(kept.prediction, kept.probability, kept.model_version)
+
+    return lookup
+
+
+def _key(
+    runtime: Runtime, policy: Policy, assignment: Assignment, request: PredictionInput
+) -> str | None:
+    """The cache key of this request's arm, or None when the policy does not cache."""
+    target = policy.targets.get(assignment.arm.primary)
+    if not policy.cache.enabled or target is None:
+        return None
+    tenant = request.tenant if policy.cache.per_tenant else None
+    return cache_key(
+        policy.model_id, assignment.arm.primary, target.version, runtime.contracts.version,
+        request.features, tenant,
+    )  # fmt: skip
+
+
+def _from_cache(cached: CachedPrediction) -> ChainResult:
+    return ChainResult(
+        prediction=cached.prediction,
+        probability=cached.probability,
+        model_version=cached.model_version,
+        served_by=cached.served_by,
+        degraded=False,
+        fallback_reason=None,
+        steps=(StepRecord(step="cache", outcome="answered"),),
+    )
+
+
+def _answer(
+    runtime: Runtime,
+    prediction_id: str,
+    assignment: Assignment,
+    request: PredictionInput,
+    result: ChainResult,
+    cached: CachedPrediction | None,
+    coalesced: bool,
+) -> Answer:
+    return Answer(
+        prediction_id=prediction_id,
+        prediction=result.prediction,
+        probability=result.probability,
+        model_version=result.model_version,
+        served_by=result.served_by,
+        degraded=result.degraded,
+        fallback_reason=result.fallback_reason,
+        arm=assignment.arm.name,
+        route=assignment.route,
+        cached=cached is not None,
+        coalesced=coalesced,
+        latency_ms=round((time.monotonic() - request.started) * 1000, 3),
+        steps=result.steps,
+        rule=result.rule,
+        policy_version=runtime.policies.version_hash,
+    )
+
+
+def _learn(
+    runtime: Runtime,
+    model: ModelRuntime,
+    policy: Policy,
+    assignment: Assignment,
+    request: PredictionInput,
+    answer: Answer,
+) -> None:
+    """Statistics for the experiment, and shadow copies, after the answer is settled."""
+    decision = Decision(request.model_id, answer.arm, answer.prediction, request.tenant)
+    runtime.experiments.record_answer(
+        answer.prediction_id, decision, answer.latency_ms, answer.degraded, answer.cached
+    )
+    if answer.cached:
+        return  # a cached answer called no model: nothing new to compare a shadow with
+
+    def report(target: str, agreed: bool | None) -> None:
+        runtime.experiments.record_shadow(request.model_id, answer.arm, target, agreed)
+
+    for target in model.routes.shadows_for(assignment, answer.served_by):
+        model.shadows.fire(target, request.features, answer.prediction, policy.labels.label, report)

@@ -1,0 +1,81 @@
+"""Shadow traffic: copies of requests to targets whose answers are compared, never served.
+
+Shadows run after the answer is computed, as background tasks, through their own clients
+and breakers, so a failing or hanging shadow cannot delay an answer, fill the serving
+connection pool or trip a breaker that serving relies on. At most `max_concurrency`
+copies are in flight per model; beyond that, copies are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.backends import BackendError
+from gateway.fallback import TargetGuard
+from gateway.resilience import Outcome
+
+log = logging.getLogger("gateway.shadow")
+
+ShadowReport = Callable[[str, bool | None], None]
+
+
+class ShadowRunner:
+    """Fires shadow copies for one model within a concurrency bound."""
+
+    def __init__(
+        self, guards: Mapping[str, TargetGuard], max_concurrency: int, timeout_s: float
+    ) -> None:
+        self._guards = guards
+        self._max = max_concurrency
+        self._timeout_s = timeout_s
+        self._tasks: set[asyncio.Task] = set()
+        self.dropped = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def fire(
+        self, target: str, features: Mapping[str, Any], served_label: str,
+        label_of: Callable[[float], str], report: ShadowReport,
+    ) -> bool:  # fmt: skip
+        """Start one copy unless the bound is reached; never waits."""
+        guard = self._guards.get(target)
+        if guard is None or len(self._tasks) >= self._max:
+            self.dropped += 1
+            return False
+        task = asyncio.create_task(
+            self._call(target, guard, features, served_label, label_of, report)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _call(
+        self, target: str, guard: TargetGuard, features: Mapping[str, Any],
+        served_label: str, label_of: Callable[[float], str], report: ShadowReport,
+    ) -> None:  # fmt: skip
+        permit = guard.breaker.try_acquire(time.monotonic())
+        if permit is None:
+            report(target, None)
+            return
+        started = time.monotonic()
+        try:
+            probability = await guard.backend.predict(features, self._timeout_s, None)
+        except BackendError:
+            guard.breaker.record(
+                permit, Outcome.FAILURE, time.monotonic() - started, time.monotonic()
+            )
+            report(target, None)
+            return
+        guard.breaker.record(permit, Outcome.SUCCESS, time.monotonic() - started, time.monotonic())
+        report(target, label_of(probability) == served_label)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
