@@ -102,16 +102,18 @@ def _canonical(value: Any) -> bytes:
     encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     # orjson writes NaN and ±Infinity as null; walk the value only when a null appears at all.
     if b"null" in encoded:
-        _refuse_non_finite(value)
+        _refuse_non_finite((value,))
     return encoded
 
 
-def _refuse_non_finite(value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("audit records cannot hold NaN or infinity")
-    items = value.values() if isinstance(value, Mapping) else value
-    if isinstance(value, Mapping | list | tuple):
-        for item in items:
+def _refuse_non_finite(container: dict | list | tuple) -> None:
+    # Concrete types only (orjson serialises no other containers), and a call per container
+    # rather than per value: this walk runs on the event loop for most records.
+    for item in container.values() if isinstance(container, dict) else container:
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("audit records cannot hold NaN or infinity")
+        elif isinstance(item, (dict, list, tuple)):
             _refuse_non_finite(item)
 
 
@@ -709,7 +711,8 @@ class AuditLog:
         _refuse_reserved_fields(record)
         tail = self._tail
         entry = chained(record, tail.seq + 1, tail.prev)
-        line = canonical_json(entry) + b"\n"
+        # chained() has already refused NaN in this content: serialise without a second walk.
+        line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
         tail.seq, tail.prev = entry["seq"], entry["hash"]
         tail.segment_bytes += len(line)
         tail.segment_records += 1

@@ -52,7 +52,13 @@ def test_shipped_policies_load(contracts):
     assert policy is not None
     assert set(policy_set.policies) == set(contracts.models)
     assert policy.primary == "churn-gbm"
-    assert policy.chain == ["churn-gbm", "churn-logreg", "rules", "stale-cache", "default"]
+    control, challenger = policy.arm_list
+    assert (control.name, control.weight, challenger.name, challenger.weight) == (
+        "control", 90, "challenger", 10,
+    )  # fmt: skip
+    assert control.chain == ["churn-gbm", "churn-logreg", "rules", "stale-cache", "default"]
+    assert challenger.primary == "churn-gbm-v2"
+    assert policy.sticky_by == "customer_id"
     assert policy.timeout_ms == 400
     assert policy.targets["churn-gbm"].url == "127.0.0.1:8000"  # ${AIGW_TRITON_URL:-...}
     assert [f.feature for f in policy.targets["churn-gbm"].inputs[0].features] == [

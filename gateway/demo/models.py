@@ -30,10 +30,11 @@ class ProbabilisticClassifier(Protocol):
 
 @dataclass(frozen=True)
 class ChurnModels:
-    """The two fitted demo models."""
+    """The fitted demo models: the primary, its next version (a challenger), the simple one."""
 
     gbm: GradientBoostingClassifier
     logreg: Pipeline
+    gbm_v2: GradientBoostingClassifier
 
 
 def train_churn_models(seed: int = 7) -> ChurnModels:
@@ -47,7 +48,12 @@ def train_churn_models(seed: int = 7) -> ChurnModels:
     # Features have very different scales (months vs dollars); scale so lbfgs converges fast.
     logreg = make_pipeline(StandardScaler(), LogisticRegression(max_iter=200))
     logreg.fit(features, labels)
-    return ChurnModels(gbm=gbm, logreg=logreg)
+    # The challenger: the primary's next version, more trees and a slower learning rate.
+    gbm_v2 = GradientBoostingClassifier(
+        n_estimators=120, max_depth=3, learning_rate=0.05, subsample=0.8, random_state=seed
+    )
+    gbm_v2.fit(features, labels)
+    return ChurnModels(gbm=gbm, logreg=logreg, gbm_v2=gbm_v2)
 
 
 def churn_probability(model: ProbabilisticClassifier, features: np.ndarray) -> np.ndarray:

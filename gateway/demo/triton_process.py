@@ -31,7 +31,7 @@ from typing import IO, ClassVar, Literal
 
 import gateway
 
-MODEL_NAMES: tuple[str, str] = ("churn_gbm", "churn_logreg")
+MODEL_NAMES: tuple[str, ...] = ("churn_gbm", "churn_gbm_v2", "churn_logreg")
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 15.0
 SHM_DIR = Path("/dev/shm")  # POSIX shared memory on Linux

@@ -1,6 +1,6 @@
 """Serve the demo churn models with PyTriton: ``python -m gateway.demo.triton_server``.
 
-Models (version 1 each): ``churn_gbm`` and ``churn_logreg``. Input ``features`` FP32 ``[-1, 2]``
+Models (version 1 each): ``churn_gbm``, ``churn_gbm_v2`` (its challenger) and ``churn_logreg``. Input ``features`` FP32 ``[-1, 2]``
 (tenure_months, monthly_charges), output ``probability`` FP32 ``[-1, 1]``; batching on with
 max_batch_size 64 and dynamic batching with a 200 µs queue delay.
 
@@ -181,7 +181,13 @@ def build_triton(
         max_batch_size=MAX_BATCH_SIZE,
         batcher=DynamicBatcher(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
     )
-    for name, model in (("churn_gbm", models.gbm), ("churn_logreg", models.logreg)):
+    # PyTriton binds one version per model name, so the challenger version has its own name.
+    served = (
+        ("churn_gbm", models.gbm),
+        ("churn_gbm_v2", models.gbm_v2),
+        ("churn_logreg", models.logreg),
+    )
+    for name, model in served:
         triton.bind(
             model_name=name,
             model_version=1,
