@@ -1,0 +1,150 @@
+"""Caching, single-flight and shadows in front of a real Triton, counted by Triton itself."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import httpx
+import pytest
+
+from gateway.demo.triton_process import TritonProcess, free_port
+from tests.conftest import RedisServer
+
+pytestmark = pytest.mark.triton
+
+
+def triton_successes(triton: TritonProcess, model: str) -> int:
+    """Successful inferences of `model` according to Triton's own Prometheus metrics."""
+    text = httpx.get(triton.metrics_url, timeout=5).text
+    pattern = rf'^nv_inference_request_success{{[^}}]*model="{model}"[^}}]*}} (\S+)$'
+    return sum(int(float(m)) for m in re.findall(pattern, text, re.MULTILINE))
+
+
+def request_for(customer_id: str, tenure: int = 10, charges: float = 80.0) -> dict:
+    features = {"customer_id": customer_id, "tenure_months": tenure, "monthly_charges": charges}
+    return {"model_id": "customer-churn", "features": features}
+
+
+async def test_identical_request_is_answered_from_the_cache(gateway_client, triton):
+    """The second identical request is `cached: true` and calls no model."""
+    request = request_for(f"cache-{uuid.uuid4()}")
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        first = (await client.post("/v1/predictions", json=request)).json()
+        calls = triton_successes(triton, "churn_gbm")
+        second = (await client.post("/v1/predictions", json=request)).json()
+        bypass = await client.post(
+            "/v1/predictions", json=request, headers={"Cache-Control": "no-cache"}
+        )
+    assert first["cached"] is False and second["cached"] is True
+    assert (second["prediction"], second["probability"]) == (
+        first["prediction"], first["probability"],
+    )  # fmt: skip
+    assert second["prediction_id"] != first["prediction_id"]
+    assert triton_successes(triton, "churn_gbm") == calls + 1  # only the no-cache bypass
+    assert bypass.json()["cached"] is False
+
+
+async def test_fifty_concurrent_identical_misses_make_one_triton_call(gateway_client, triton):
+    """Single-flight: 50 concurrent identical misses share one call to the primary."""
+    request = request_for(f"flight-{uuid.uuid4()}")
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        before = triton_successes(triton, "churn_gbm")
+        responses = await asyncio.gather(
+            *(client.post("/v1/predictions", json=request) for _ in range(50))
+        )
+    bodies = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses)
+    assert {(b["prediction"], b["probability"], b["served_by"]) for b in bodies} == {
+        (bodies[0]["prediction"], bodies[0]["probability"], "churn-gbm")
+    }
+    assert len({b["prediction_id"] for b in bodies}) == 50
+    assert triton_successes(triton, "churn_gbm") - before == 1
+
+
+async def test_cache_in_redis_serves_other_replicas(gateway_client, triton, redis_server):
+    """With the Redis cache, an answer computed by one replica is cached for another."""
+    request = request_for(f"replicas-{uuid.uuid4()}")
+    settings = {"cache_backend": "redis", "redis_url": redis_server.url}
+    env = {"AIGW_TRITON_URL": triton.http_url}
+    async with (
+        gateway_client(env=env, **settings) as first,
+        gateway_client(env=env, **settings) as second,
+    ):
+        computed = (await first.post("/v1/predictions", json=request)).json()
+        reused = (await second.post("/v1/predictions", json=request)).json()
+    assert computed["cached"] is False
+    assert reused["cached"] is True
+    assert reused["probability"] == computed["probability"]
+
+
+async def test_redis_killed_mid_run_fails_no_request(gateway_client, triton, tmp_path):
+    """Redis dies under traffic: requests are still answered, uncached."""
+    redis = RedisServer(free_port())
+    redis.start()
+    settings = {"cache_backend": "redis", "redis_url": redis.url}
+    try:
+        async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}, **settings) as client:
+
+            async def burst(tag: str) -> list[httpx.Response]:
+                return await asyncio.gather(
+                    *(client.post("/v1/predictions", json=request_for(f"{tag}-{i % 7}"))
+                      for i in range(40))
+                )  # fmt: skip
+
+            before = await burst("before")
+            redis.stop()
+            during = await burst("during")
+            again = await burst("during")
+    finally:
+        redis.stop()
+    for response in [*before, *during, *again]:
+        assert response.status_code == 200
+        assert response.json()["degraded"] is False
+    assert not any(r.json()["cached"] for r in again)  # no cache to answer from
+
+
+@pytest.fixture
+def shadow_everything(data_dirs):
+    """A policy copy whose logreg shadow gets every request."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    policy.write_text(policy.read_text().replace("sample_rate: 0.25", "sample_rate: 1.0"))
+    return data_dirs
+
+
+@pytest.mark.parametrize("fault", ["error", "slow"])
+async def test_failing_or_hanging_shadow_changes_nothing(
+    gateway_client, healthy, shadow_everything, fault: str
+):
+    """A shadow that errors or hangs leaves answers and their timing to the served chain."""
+    env = {"AIGW_TRITON_URL": healthy.http_url}
+    requests = [request_for(f"shadow-{fault}-{i}") for i in range(12)]
+    async with gateway_client(env=env, root=shadow_everything) as client:
+        healthy.set_control(fault, delay_ms=3000, models=["churn_logreg"])
+        try:
+            bodies = [(await client.post("/v1/predictions", json=r)).json() for r in requests]
+            report = (await client.get("/v1/experiments/customer-churn")).json()
+        finally:
+            healthy.set_control("ok")
+    assert [b for b in bodies if b["degraded"] or b["served_by"] == "churn-logreg"] == []
+    # Each answer arrived well inside the budget although its shadow took 3 s or failed.
+    assert max(b["latency_ms"] for b in bodies) < 400
+    shadow = report["arms"]["control"]["shadows"].get("churn-logreg", {})
+    assert shadow.get("agreement") is None  # no shadow answer came back to agree with
+
+
+async def test_healthy_shadow_agreement_is_reported(gateway_client, triton, shadow_everything):
+    """A working shadow's answers are compared with the served ones, per arm."""
+    env = {"AIGW_TRITON_URL": triton.http_url}
+    async with gateway_client(env=env, root=shadow_everything) as client:
+        for i in range(20):
+            await client.post("/v1/predictions", json=request_for(f"agree-{uuid.uuid4()}-{i}"))
+        for _ in range(100):
+            report = (await client.get("/v1/experiments/customer-churn")).json()
+            shadow = report["arms"]["control"]["shadows"].get("churn-logreg", {})
+            if shadow.get("compared", 0) + shadow.get("failed", 0) >= 20:
+                break
+            await asyncio.sleep(0.05)
+    assert shadow["compared"] >= 18
+    assert 0.0 <= shadow["agreement"] <= 1.0
