@@ -1,0 +1,619 @@
+"""The audit trail: canonical form, pseudonyms, the hash chain, rotation, verify, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway import audit
+from gateway.audit import (
+    GENESIS,
+    AuditCorrupt,
+    AuditLog,
+    AuditUnavailable,
+    ChainCheck,
+    canonical_json,
+    chained,
+    checkpoint,
+    checkpoint_mac,
+    find_record,
+    pseudonymise,
+    record_hash,
+    segment_files,
+    verify,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = b"pseudonym-key"
+CHECKPOINT_KEY = b"checkpoint-key"
+
+
+def decision(i: int) -> dict[str, Any]:
+    return {
+        "prediction_id": f"p-{i:05d}",
+        "model_id": "customer-churn",
+        "features": {"customer_id": f"C{i}", "tenure_months": i % 60, "monthly_charges": 89.99},
+        "served_by": "churn-gbm",
+        "degraded": False,
+        "fallback_reason": None,
+    }
+
+
+def new_log(directory: Path, **options: Any) -> AuditLog:
+    return AuditLog(directory, KEY, CHECKPOINT_KEY, **options)
+
+
+async def write_log(directory: Path, count: int, start: int = 0, **options: Any) -> list[str]:
+    """Append `count` decisions one after the other and close; their hashes."""
+    log = new_log(directory, **options)
+    await log.open()
+    try:
+        return [await log.append(decision(start + i)) for i in range(count)]
+    finally:
+        await log.close()
+
+
+def entries(directory: Path) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line)
+        for _, path in segment_files(directory)
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+def records(directory: Path) -> list[dict[str, Any]]:
+    return [entry for entry in entries(directory) if entry.get("type") != "checkpoint"]
+
+
+# ---- pure functions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"b": 1, "a": 2}, b'{"a":2,"b":1}'),
+        ({"z": {"y": 1, "x": [3, {"d": 0, "c": 0}]}}, b'{"z":{"x":[3,{"c":0,"d":0}],"y":1}}'),
+        ({"name": "Zoë"}, '{"name":"Zoë"}'.encode()),
+        ({"p": 0.1, "n": None, "t": True}, b'{"n":null,"p":0.1,"t":true}'),
+    ],
+)
+def test_canonical_json_sorts_keys_at_every_level_and_is_compact(record, expected):
+    """Canonical JSON: keys sorted at every depth, no spaces, raw UTF-8."""
+    assert canonical_json(record) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), [1.0, float("-inf")], {"deep": (float("nan"),)}]
+)
+def test_canonical_json_refuses_nan_and_infinity(value):
+    """NaN and infinities are refused rather than silently written as null."""
+    with pytest.raises(ValueError, match="NaN"):
+        canonical_json({"v": value})
+
+
+@pytest.mark.parametrize(
+    ("features", "pii", "key", "same_as_baseline"),
+    [
+        ({"customer_id": "12345"}, {"customer_id"}, KEY, True),
+        ({"customer_id": "12345"}, {"customer_id"}, b"another key", False),
+        ({"customer_id": 12345}, {"customer_id"}, KEY, False),
+        ({"account_id": "12345"}, {"account_id"}, KEY, False),
+    ],
+)
+def test_pseudonyms_depend_on_key_value_type_and_field_name(features, pii, key, same_as_baseline):
+    """A pseudonym is stable for one (key, field, value) and changes with any of them."""
+    baseline = next(iter(pseudonymise({"customer_id": "12345"}, {"customer_id"}, KEY).values()))
+    pseudonym = next(iter(pseudonymise(features, pii, key).values()))
+    assert pseudonym.startswith("hmac-sha256:")
+    assert len(pseudonym) == len("hmac-sha256:") + 32
+    assert (pseudonym == baseline) is same_as_baseline
+
+
+def test_pseudonymise_leaves_other_fields_unchanged():
+    """Only the named personal fields are replaced; the rest pass through as they were."""
+    features = {"customer_id": "12345", "email": "a@b.c", "tenure_months": 24, "plan": None}
+    out = pseudonymise(features, {"customer_id", "email", "absent"}, KEY)
+    assert out["tenure_months"] == 24 and out["plan"] is None
+    assert "12345" not in out["customer_id"] and "a@b.c" not in out["email"]
+    assert set(out) == set(features)
+
+
+def test_a_chained_hash_covers_the_previous_hash():
+    """The same record after a different predecessor gets a different hash."""
+    first = chained({"a": 1}, 1, GENESIS)
+    other = chained({"a": 1}, 1, "f" * 64)
+    assert first["hash"] == record_hash(first) != other["hash"]
+
+
+def chain_lines(*fields: dict[str, Any], file: str = "audit-000001.jsonl") -> list[bytes]:
+    """Valid log lines for records, sealing the file at a `{"seal": True}` marker."""
+    lines, seq, prev, count = [], 0, GENESIS, 0
+    for extra in fields:
+        if extra.get("seal"):
+            entry = checkpoint(file, seq, prev, count, CHECKPOINT_KEY)
+        else:
+            seq, count = seq + 1, count + 1
+            entry = chained(extra, seq, prev)
+        prev = entry["hash"]
+        lines.append(canonical_json(entry) + b"\n")
+    return lines
+
+
+def forged(line: bytes, **changes: Any) -> bytes:
+    """The line with fields changed and its hash recomputed, as a forger would."""
+    entry = {**orjson.loads(line), **changes}
+    entry["hash"] = record_hash(entry)
+    return canonical_json(entry) + b"\n"
+
+
+def first_problem(lines: list[bytes], key: bytes | None = CHECKPOINT_KEY) -> tuple[int, str] | None:
+    check = ChainCheck(key)
+    check.start_file("audit-000001.jsonl")
+    for number, line in enumerate(lines, 1):
+        if problem := check.line_problem(line):
+            return number, problem
+    return None
+
+
+VALID = chain_lines({"a": 1}, {"a": 2}, {"seal": True})
+
+
+@pytest.mark.parametrize(
+    ("lines", "key", "expected"),
+    [
+        (VALID, CHECKPOINT_KEY, None),
+        ([VALID[0], VALID[1], forged(VALID[2], file="audit-000009.jsonl")], None, (3, "seals")),
+        ([VALID[0], VALID[1], forged(VALID[2], file_records=5)], None, (3, "counts 5")),
+        ([VALID[0], VALID[1], forged(VALID[2], mac="0" * 64)], CHECKPOINT_KEY, (3, "MAC")),
+        ([VALID[0], VALID[1], forged(VALID[2], mac="0" * 64)], None, None),
+        ([VALID[0], VALID[1].replace(b",", b", ", 1)], None, (2, "canonical form")),
+        ([VALID[0], VALID[1].rstrip(b"\n")], None, (2, "torn")),
+        ([VALID[0], b"[1,2]\n"], None, (2, "not a JSON object")),
+        ([*VALID, VALID[0]], None, (4, "follows the segment's checkpoint")),
+    ],
+)
+def test_the_chain_check_names_the_first_bad_line(lines, key, expected):
+    """The pure checker: checkpoints must name their file, count and MAC; lines stay canonical."""
+    found = first_problem(lines, key)
+    if expected is None:
+        assert found is None
+    else:
+        assert found is not None and found[0] == expected[0] and expected[1] in found[1]
+
+
+@pytest.mark.parametrize(
+    ("seals", "runs"),
+    [
+        ([False, False, False], [3]),
+        ([False, True, False], [2, 1]),
+        ([True, False, True], [1, 2]),
+        ([False], [1]),
+    ],
+)
+def test_a_batch_is_split_where_a_checkpoint_seals_a_segment(seals, runs):
+    """One write per segment touched by a batch; a checkpoint ends its run."""
+    items = [(b"x\n", None, seal) for seal in seals]
+    assert [len(run) for run, _ in audit._runs_by_segment(items)] == runs
+
+
+# ---- the log on disk --------------------------------------------------------------------------
+
+
+async def test_concurrent_appends_are_all_written_in_order_and_verify(tmp_path):
+    """2,000 concurrent appends: 2,000 lines, seq 1..N, group-committed, the chain verifies."""
+    count = 2000
+    log = new_log(tmp_path)
+    await log.open()
+    hashes = await asyncio.gather(*(log.append(decision(i)) for i in range(count)))
+    await log.close()
+
+    written = records(tmp_path)
+    assert len((tmp_path / "audit-000001.jsonl").read_bytes().splitlines()) == count
+    assert [entry["seq"] for entry in written] == list(range(1, count + 1))
+    assert [entry["hash"] for entry in written] == list(hashes)
+    assert (log.written, log.write_errors, log.refused) == (count, 0, 0)
+    assert 1 <= log.batches < count
+    result = verify(tmp_path, CHECKPOINT_KEY)
+    assert result.ok and result.records == count and result.last_hash == log.last_hash
+
+
+async def test_rotation_seals_each_segment_with_a_checkpoint_and_verifies_across_files(tmp_path):
+    """A tiny rotate_bytes gives several numbered files, each sealed; seq runs on across them."""
+    await write_log(tmp_path, 60, rotate_bytes=2000)
+
+    segments = segment_files(tmp_path)
+    assert len(segments) >= 4
+    assert [path.name for _, path in segments[:2]] == ["audit-000001.jsonl", "audit-000002.jsonl"]
+    for _, path in segments[:-1]:
+        seal = orjson.loads(path.read_bytes().splitlines()[-1])
+        assert seal["type"] == "checkpoint" and seal["file"] == path.name
+        assert seal["mac"] == checkpoint_mac(seal, CHECKPOINT_KEY)
+    assert [entry["seq"] for entry in records(tmp_path)] == list(range(1, 61))
+    result = verify(tmp_path, CHECKPOINT_KEY)
+    assert result.ok and result.records == 60, result
+
+
+def read_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def segment(directory: Path, index: int) -> Path:
+    return segment_files(directory)[index][1]
+
+
+def edit_lines(path: Path, edit: Callable[[list[bytes]], object]) -> None:
+    lines = read_lines(path)
+    edit(lines)
+    path.write_bytes(b"".join(lines))
+
+
+def flip_a_character(directory: Path) -> tuple[str, int]:
+    path = segment(directory, 1)
+    edit_lines(path, lambda ls: ls.__setitem__(3, ls[3].replace(b"churn", b"chum")))
+    return segment(directory, 1).name, 4
+
+
+def break_the_json(directory: Path) -> tuple[str, int]:
+    edit_lines(segment(directory, 0), lambda ls: ls.__setitem__(2, b"]" + ls[2][1:]))
+    return segment(directory, 0).name, 3
+
+
+def delete_a_line(directory: Path) -> tuple[str, int]:
+    edit_lines(segment(directory, 1), lambda ls: ls.pop(2))
+    return segment(directory, 1).name, 3
+
+
+def swap_two_lines(directory: Path) -> tuple[str, int]:
+    def swap(lines: list[bytes]) -> None:
+        lines[1], lines[2] = lines[2], lines[1]
+
+    edit_lines(segment(directory, 0), swap)
+    return segment(directory, 0).name, 2
+
+
+def insert_a_copied_line(directory: Path) -> tuple[str, int]:
+    edit_lines(segment(directory, 1), lambda ls: ls.insert(4, ls[1]))
+    return segment(directory, 1).name, 5
+
+
+def truncate_the_last_line_midway(directory: Path) -> tuple[str, int]:
+    path = segment(directory, -1)
+    lines = read_lines(path)
+    path.write_bytes(b"".join(lines)[: -(len(lines[-1]) // 2)])
+    return path.name, len(lines)
+
+
+def remove_a_final_checkpoint(directory: Path) -> tuple[str, int]:
+    path = segment(directory, 0)
+    edit_lines(path, lambda ls: ls.pop())
+    return path.name, len(read_lines(path)) + 1
+
+
+def change_a_checkpoint_mac(directory: Path) -> tuple[str, int]:
+    path = segment(directory, 0)
+    edit_lines(path, lambda ls: ls.__setitem__(-1, ls[-1].replace(b'"mac":"', b'"mac":"0', 1)))
+    return path.name, len(read_lines(path))
+
+
+def forge_a_checkpoint_mac(directory: Path) -> tuple[str, int]:
+    path = segment(directory, 1)
+    edit_lines(path, lambda ls: ls.__setitem__(-1, forged(ls[-1], mac="0" * 64)))
+    return path.name, len(read_lines(path))
+
+
+def delete_a_middle_file(directory: Path) -> tuple[str, int]:
+    segment(directory, 1).unlink()
+    return segment(directory, 1).name, 1
+
+
+def rewrite_the_chain_after_an_edit(directory: Path) -> tuple[str, int]:
+    """Edit a record, then recompute every later hash and prev (MACs need the key: kept)."""
+    prev, edited = GENESIS, False
+    for _, path in segment_files(directory):
+        lines = []
+        for line in read_lines(path):
+            entry = orjson.loads(line)
+            if entry.get("prediction_id") == "p-00002":
+                entry["served_by"], edited = "rules", True
+            if edited:
+                entry["prev"] = prev
+                entry["hash"] = record_hash(entry)
+            prev = entry["hash"]
+            lines.append(canonical_json(entry) + b"\n")
+        path.write_bytes(b"".join(lines))
+    first = segment(directory, 0)
+    return first.name, len(read_lines(first))
+
+
+TAMPERING = [
+    (flip_a_character, "hash mismatch"),
+    (break_the_json, "not a JSON object"),
+    (delete_a_line, "missing or out of order"),
+    (swap_two_lines, "missing or out of order"),
+    (insert_a_copied_line, "repeated or reordered"),
+    (truncate_the_last_line_midway, "torn line"),
+    (remove_a_final_checkpoint, "without its checkpoint"),
+    (change_a_checkpoint_mac, "hash mismatch"),
+    (forge_a_checkpoint_mac, "MAC does not match"),
+    (delete_a_middle_file, "audit-000002.jsonl is missing"),
+    (rewrite_the_chain_after_an_edit, "MAC does not match"),
+]
+
+
+@pytest.fixture
+async def rotated_log(tmp_path: Path) -> Path:
+    """A verified log of four or more segments of at least six lines each, the newest unsealed."""
+    await write_log(tmp_path, 60, rotate_bytes=3000)
+    assert len(segment_files(tmp_path)) >= 4 and verify(tmp_path, CHECKPOINT_KEY).ok
+    assert (
+        read_lines(segment(tmp_path, -1))
+        and min(len(read_lines(path)) for _, path in segment_files(tmp_path)) >= 6
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(("tamper", "what"), TAMPERING, ids=[t.__name__ for t, _ in TAMPERING])
+async def test_verify_names_the_file_and_line_of_each_kind_of_tampering(rotated_log, tamper, what):
+    """Every tampering makes verify fail at the right `file:line`, saying what is wrong."""
+    file, line = tamper(rotated_log)
+    result = verify(rotated_log, CHECKPOINT_KEY)
+    assert not result.ok
+    assert (result.file, result.line) == (file, line), str(result)
+    assert what in result.problem, str(result)
+
+
+async def test_without_the_checkpoint_key_a_recomputed_chain_goes_unseen(rotated_log):
+    """The documented limit: hashes are unkeyed, so only the checkpoint MAC catches a rewrite."""
+    rewrite_the_chain_after_an_edit(rotated_log)
+    assert verify(rotated_log).ok
+    assert not verify(rotated_log, CHECKPOINT_KEY).ok
+
+
+def test_an_empty_directory_verifies_as_an_empty_log(tmp_path):
+    """No segments yet is a valid, empty log."""
+    assert verify(tmp_path) == audit.VerifyResult(ok=True, records=0)
+
+
+async def test_reopening_continues_seq_and_prev_across_restarts(tmp_path):
+    """After close and open, the next record takes the next seq and points at the last hash."""
+    first = await write_log(tmp_path, 5)
+    second = await write_log(tmp_path, 5, start=5)
+
+    written = records(tmp_path)
+    assert [entry["seq"] for entry in written] == list(range(1, 11))
+    assert written[5]["prev"] == first[-1]
+    assert [entry["hash"] for entry in written] == first + second
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_reopening_across_rotations_keeps_one_chain(tmp_path):
+    """Restarts in the middle of rotated segments still give one verifiable chain."""
+    for start in range(0, 60, 15):
+        await write_log(tmp_path, 15, start=start, rotate_bytes=2000)
+    assert [entry["seq"] for entry in records(tmp_path)] == list(range(1, 61))
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_a_crash_between_sealing_and_the_next_file_continues_in_a_new_file(tmp_path):
+    """When the newest segment ends with its checkpoint, the chain continues in the next one."""
+    log = new_log(tmp_path, rotate_bytes=1)  # every record seals its segment
+    await log.open()
+    await log.append(decision(0))
+    await log.close()
+    segment(tmp_path, -1).unlink()  # the fresh empty segment was never created
+
+    await write_log(tmp_path, 2, start=1, rotate_bytes=1)
+    assert [path.name for _, path in segment_files(tmp_path)][:3] == [
+        "audit-000001.jsonl",
+        "audit-000002.jsonl",
+        "audit-000003.jsonl",
+    ]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+@pytest.mark.parametrize(
+    "garbage", [b'{"seq":4,"prev":"00', b"\x00" * 100, b"x"], ids=["half", "zeros", "byte"]
+)
+async def test_a_torn_tail_is_cut_on_open_and_counted(tmp_path, garbage):
+    """A partial last line from a crash is truncated away on open, and the counter says so."""
+    await write_log(tmp_path, 3)
+    path = segment(tmp_path, -1)
+    with path.open("ab") as file:
+        file.write(garbage)
+    assert not verify(tmp_path).ok
+
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(decision(3))
+    await log.close()
+    assert (log.torn_tail_repaired, log.torn_tail_bytes) == (1, len(garbage))
+    assert [entry["seq"] for entry in records(tmp_path)] == [1, 2, 3, 4]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_a_complete_but_invalid_last_line_is_refused_on_open(tmp_path):
+    """A whole but altered last line is tampering, not a crash: open will not chain on it."""
+    await write_log(tmp_path, 3)
+    edit_lines(segment(tmp_path, 0), lambda ls: ls.__setitem__(-1, ls[-1].replace(b"C2", b"C9")))
+    with pytest.raises(AuditCorrupt, match=r"audit-000001\.jsonl"):
+        await new_log(tmp_path).open()
+
+
+async def test_personal_values_never_reach_the_file(tmp_path):
+    """With pii_fields, the clear values appear nowhere in the log's bytes."""
+    log = new_log(tmp_path)
+    await log.open()
+    record = {
+        "prediction_id": "p-1",
+        "features": {"customer_id": "CUST-SECRET-98765", "email": "jane@example.org", "n": 3},
+    }
+    await log.append(record, pii_fields={"customer_id", "email"})
+    await log.close()
+
+    raw = b"".join(path.read_bytes() for _, path in segment_files(tmp_path))
+    assert b"CUST-SECRET-98765" not in raw and b"jane@example.org" not in raw
+    assert pseudonymise(record["features"], {"email"}, KEY)["email"].encode() in raw
+    assert records(tmp_path)[0]["features"]["n"] == 3
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{"seq": 9}, {"prev": GENESIS}, {"hash": "x"}, {"type": "checkpoint"}, {"p": float("nan")}],
+)
+async def test_a_malformed_record_is_refused_and_the_chain_is_untouched(tmp_path, record):
+    """Chain fields, a posing checkpoint or NaN raise ValueError; the next record gets seq 1."""
+    log = new_log(tmp_path)
+    await log.open()
+    with pytest.raises(ValueError):
+        await log.append(record)
+    await log.append(decision(0))
+    await log.close()
+    assert [entry["seq"] for entry in records(tmp_path)] == [1]
+    assert verify(tmp_path).ok
+
+
+class FailingFile:
+    """A segment file whose writes fail with ENOSPC once `failing` is set."""
+
+    failing = False
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        if FailingFile.failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+@pytest.fixture
+def failing_disk(monkeypatch: pytest.MonkeyPatch) -> type[FailingFile]:
+    real_open = audit.open_segment
+    monkeypatch.setattr(audit, "open_segment", lambda path: FailingFile(real_open(path)))
+    monkeypatch.setattr(FailingFile, "failing", False)
+    return FailingFile
+
+
+async def test_a_failed_write_raises_audit_unavailable_until_reopened(tmp_path, failing_disk):
+    """A write error fails the append and every later one (counted); reopening resumes cleanly."""
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(decision(0))
+    failing_disk.failing = True
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(1))
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(2))
+    assert (log.written, log.write_errors, log.refused) == (1, 1, 2)
+    await log.close()
+
+    failing_disk.failing = False
+    await write_log(tmp_path, 1, start=3)
+    assert [entry["prediction_id"] for entry in records(tmp_path)] == ["p-00000", "p-00003"]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_appending_to_a_closed_log_raises_audit_unavailable(tmp_path):
+    """Before open and after close, append refuses instead of dropping the record."""
+    log = new_log(tmp_path)
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(0))
+    await log.open()
+    await log.close()
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(0))
+
+
+async def test_find_record_looks_up_a_decision_across_segments(tmp_path):
+    """A decision is found by prediction_id in any segment; an unknown id gives None."""
+    await write_log(tmp_path, 60, rotate_bytes=2000)
+    found = find_record(tmp_path, "p-00007")
+    assert found is not None and found["seq"] == 8 and found["features"]["customer_id"] == "C7"
+    assert find_record(tmp_path, "p-99999") is None
+
+
+# ---- durability: a SIGKILL loses nothing that append acknowledged -----------------------------
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from gateway.audit import AuditLog
+
+WRITERS = 16
+
+async def main():
+    log = AuditLog(Path(sys.argv[1]), b"pseudonym-key", b"checkpoint-key", rotate_bytes=16384)
+    await log.open()
+
+    async def writer(i):
+        while True:  # each writer appends again at once, so writes are always in flight
+            digest = await log.append({"prediction_id": f"k-{i}", "payload": "x" * 100})
+            sys.stdout.write(f"{i} {digest}\\n")
+            sys.stdout.flush()
+            i += WRITERS
+
+    await asyncio.gather(*(writer(i) for i in range(WRITERS)))
+
+asyncio.run(main())
+"""
+
+
+def read_some_lines(stream: Any, count: int, within_s: float) -> tuple[list[bytes], bytes]:
+    """At least `count` complete lines from a pipe, or fail after `within_s`."""
+    lines: list[bytes] = []
+    buffer = b""
+    deadline = time.monotonic() + within_s
+    while len(lines) < count:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(stream.fileno(), 65536) if ready else b""
+        if not chunk:
+            break
+        *complete, buffer = (buffer + chunk).split(b"\n")
+        lines += complete
+    return lines, buffer
+
+
+async def test_every_acknowledged_record_survives_a_sigkill(tmp_path):
+    """Kill -9 the writer mid-stream: every hash it printed is on disk, and the log verifies."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        lines, buffer = read_some_lines(child.stdout, 400, within_s=30)
+        assert len(lines) >= 400, child.stderr.read1(4096) if child.poll() is not None else ""
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    rest = buffer + child.stdout.read()
+    lines += rest.split(b"\n")[:-1]  # a last line without its newline was cut by the kill
+    child.stdout.close()
+    child.stderr.close()
+
+    log = new_log(tmp_path)
+    await log.open()  # cuts a torn tail if the kill landed mid-write
+    await log.close()
+    on_disk = {entry["hash"]: entry["prediction_id"] for entry in records(tmp_path)}
+    acknowledged = [line.split() for line in lines]
+    missing = [i for i, digest in acknowledged if on_disk.get(digest.decode()) != f"k-{i.decode()}"]
+    assert missing == []
+    assert len(segment_files(tmp_path)) > 1
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
