@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,7 @@ def test_customers_keep_their_arm_on_repeat_and_after_a_restart(contracts, featu
 RAMP = [(99, 1), (95, 5), (75, 25), (50, 50)]
 
 
-@pytest.mark.parametrize(
-    ("before", "after"), list(zip(RAMP, RAMP[1:], strict=False)), ids=lambda w: f"{w[0]}/{w[1]}"
-)
+@pytest.mark.parametrize(("before", "after"), list(pairwise(RAMP)), ids=lambda w: f"{w[0]}/{w[1]}")
 def test_canary_ramp_moves_only_control_customers_to_challenger(
     policy, feature_types, before, after
 ):
@@ -312,8 +310,6 @@ def test_compile_routes_refuses_a_broken_condition_naming_the_route(
 
 
 # --- policy faults in arms, routes and shadows ------------------------------------------------
-
-Mutation = Callable[[dict[str, Any]], None]
 
 
 def shipped_policy() -> dict[str, Any]:
