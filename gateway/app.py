@@ -14,11 +14,17 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api import feedback, health, predictions
+from gateway.api import audit, feedback, health, predictions
 from gateway.api.responses import problem_response
 from gateway.breaker_sync import BreakerSync
 from gateway.problems import Problem
-from gateway.runtime import Configuration, Runtime, load_configuration, start_runtime
+from gateway.runtime import (
+    Configuration,
+    Runtime,
+    audit_log,
+    load_configuration,
+    start_runtime,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.app")
@@ -92,6 +98,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = start_runtime(settings, config)
+        runtime.audit = audit_log(settings)
+        await runtime.audit.open()
         app.state.runtime = runtime
         sync = _breaker_sync(settings, runtime)
         if sync is not None:
@@ -114,6 +122,7 @@ def create_app(
         redoc_url=None,
     )
     app.include_router(predictions.router)
+    app.include_router(audit.router)
     app.include_router(feedback.router)
     app.include_router(health.router)
     app.add_exception_handler(Problem, _problem_handler)

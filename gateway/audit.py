@@ -306,7 +306,9 @@ class ChainCheck:
             self.records += 1
             self._file_records += 1
 
-    def result(self, problem: str | None = None, file: str | None = None, line: int = 0):
+    def result(
+        self, problem: str | None = None, file: str | None = None, line: int = 0
+    ) -> VerifyResult:
         return VerifyResult(
             ok=problem is None,
             records=self.records,
@@ -510,16 +512,23 @@ class SegmentWriter:
             if stopping:
                 items.pop()
             if items:
-                self._write_batch(items)
+                self._write_batch_or_refuse(items)
             if stopping:
                 self._finish()
                 return
+
+    def _write_batch_or_refuse(self, items: list[Item]) -> None:
+        try:
+            self._write_batch(items)
+        except Exception as error:  # e.g. a closed file's ValueError: never leave appends waiting
+            self._fail(error)
+            self._report([], [future for _, future, _ in items if future is not None], 1, 0)
 
     def _write_batch(self, items: list[Item]) -> None:
         acknowledged: list[asyncio.Future[None]] = []
         refused: list[asyncio.Future[None]] = []
         errors = writes = 0
-        for run, seals in _runs_by_segment(items):
+        for run, seals in runs_by_segment(items):
             futures = [future for _, future, _ in run if future is not None]
             written = False
             if self.failure is None:  # once failed, later lines would chain onto lost ones
@@ -582,7 +591,7 @@ class SegmentWriter:
         self._sync()
         self._file.close()
 
-    def _fail(self, error: OSError) -> None:
+    def _fail(self, error: Exception) -> None:
         if self.failure is None:
             self.failure = error
         log.error("audit log write failed", extra={"error": repr(error)})
@@ -600,7 +609,7 @@ def _take_all(inbox: queue.SimpleQueue) -> list:
     return items
 
 
-def _runs_by_segment(items: list[Item]) -> Iterator[tuple[list[Item], bool]]:
+def runs_by_segment(items: list[Item]) -> Iterator[tuple[list[Item], bool]]:
     """Split a batch where a checkpoint seals a segment; the flag says a run ends sealed."""
     start = 0
     for end, (_, _, seals) in enumerate(items, 1):
@@ -653,6 +662,7 @@ class AuditLog:
 
     @property
     def last_hash(self) -> str:
+        """The hash of the last line appended, a record or a checkpoint."""
         return self._tail.prev
 
     async def open(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway.audit import verify
 from gateway.contracts import ContractError, check_contracts, load_contracts
 from gateway.logs import configure_logging
 from gateway.policy import PolicyError, load_policies
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("directory", nargs="?", type=Path, help="policies directory")
     validate.set_defaults(handler=_policy_validate)
 
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    verify_audit = audit.add_parser("verify", help="check the hash chain of an audit directory")
+    verify_audit.add_argument("directory", type=Path, help="audit directory (AIGW_AUDIT_DIR)")
+    verify_audit.set_defaults(handler=_audit_verify)
+
     contracts = commands.add_parser("contracts", help="contract documents").add_subparsers(
         required=True, metavar="ACTION"
     )
@@ -73,6 +81,24 @@ def _contracts_check(args: argparse.Namespace) -> int:
     if not faults:
         print(f"{directory}: every contract is valid OpenAPI 3.1")
     return 1 if faults else 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the chain is intact; else print `file:line: what` for the first problem.
+
+    With AIGW_AUDIT_CHECKPOINT_KEY set, rotation checkpoints' MACs are checked too.
+    """
+    key = Settings().audit_checkpoint_key
+    if not args.directory.is_dir():
+        print(f"{args.directory}: not a directory", file=sys.stderr)
+        return 2
+    result = verify(args.directory, key.get_secret_value().encode() if key else None)
+    if not result.ok:
+        print(str(result), file=sys.stderr)
+        return 1
+    checked = "hash chain and checkpoint MACs" if key else "hash chain (no checkpoint key given)"
+    print(f"{args.directory}: {result.records} records, {checked} intact")
+    return 0
 
 
 def _policy_validate(args: argparse.Namespace) -> int:

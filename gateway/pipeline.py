@@ -8,10 +8,12 @@ the experiment statistics learn. It returns a plain `Answer`; it does no HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.cache import STALE_PREFIX, CachedPrediction, cache_key
@@ -34,6 +36,7 @@ class PredictionInput:
     caller_timeout_ms: int | None
     use_cache: bool
     started: float
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,43 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
     else:
         result, coalesced = await _walk(runtime, model, policy, assignment, request, None), False
     answer = _answer(runtime, prediction_id, assignment, request, result, cached, coalesced)
+    if runtime.audit is not None:
+        # The answer leaves only once its record is handed to the log (AuditUnavailable else).
+        pii = runtime.contracts.models[request.model_id].pii_features
+        await runtime.audit.append(audit_record(runtime, request, answer), pii_fields=pii)
     _learn(runtime, model, policy, assignment, request, answer)
     return answer
+
+
+def audit_record(runtime: Runtime, request: PredictionInput, answer: Answer) -> dict[str, Any]:
+    """Everything needed later to explain this decision (PII is hashed by the log)."""
+    return {
+        "type": "prediction",
+        "prediction_id": answer.prediction_id,
+        "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "request_id": request.request_id,
+        "tenant": request.tenant,
+        "model_id": request.model_id,
+        "contract_version": runtime.contracts.version,
+        "policy_version": answer.policy_version,
+        "features": dict(request.features),
+        "route": answer.route,
+        "arm": answer.arm,
+        "cached": answer.cached,
+        "coalesced": answer.coalesced,
+        "steps": [
+            {k: v for k, v in dataclasses.asdict(step).items() if v not in (None, 0, 0.0)}
+            for step in answer.steps
+        ],
+        "rule": answer.rule,
+        "served_by": answer.served_by,
+        "model_version": answer.model_version,
+        "prediction": answer.prediction,
+        "probability": answer.probability,
+        "degraded": answer.degraded,
+        "fallback_reason": answer.fallback_reason,
+        "latency_ms": answer.latency_ms,
+    }
 
 
 async def _walk(

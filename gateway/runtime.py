@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pybreaker
+from pydantic import SecretStr
 
+from gateway.audit import AuditLog
 from gateway.backends.triton import TritonBackend
 from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
@@ -82,6 +85,7 @@ class Runtime:
     single_flight: SingleFlight = field(default_factory=SingleFlight)
     experiments: Experiments = field(default_factory=Experiments)
     readiness: dict[str, str] = field(default_factory=dict)
+    audit: AuditLog | None = None
     _shadow_backends: list[TritonBackend] = field(default_factory=list)
 
     @property
@@ -129,6 +133,8 @@ class Runtime:
         backends = self.backends + self._shadow_backends
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
         await self.cache.close()
+        if self.audit is not None:
+            await self.audit.close()  # flushes and fsyncs every record
 
 
 def start_runtime(settings: Settings, config: Configuration) -> Runtime:
@@ -152,6 +158,23 @@ def start_runtime(settings: Settings, config: Configuration) -> Runtime:
     runtime = Runtime(settings, config, models, cache=_cache(settings, config))
     runtime._shadow_backends = shadow_backends
     return runtime
+
+
+def audit_log(settings: Settings) -> AuditLog:
+    """The embedded audit sink; keys from settings, else random for this process only."""
+    key, checkpoint_key = settings.audit_key, settings.audit_checkpoint_key
+    if key is None or checkpoint_key is None:
+        log.warning("audit keys not set: using random keys valid for this process only")
+    return AuditLog(
+        settings.audit_dir,
+        key=_key_bytes(key),
+        checkpoint_key=_key_bytes(checkpoint_key),
+        rotate_bytes=settings.audit_rotate_bytes,
+    )
+
+
+def _key_bytes(secret: SecretStr | None) -> bytes:
+    return secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32)
 
 
 def _shadow_names(policy: Policy) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,5 +38,14 @@ class Settings(BaseSettings):
     cache_backend: Literal["memory", "redis"] = "memory"
     # Share breaker openings across replicas through `redis_url`.
     share_breaker_state: bool = False
+
+    # The audit trail: rotated JSONL files with a hash chain, one record per answer.
+    audit_dir: Path = Path("audit")
+    audit_rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Key of the keyed hash that pseudonymises `x-pii` features, and key of the rotation
+    # checkpoints' MAC. Unset: a random key per process (pseudonyms then differ across
+    # restarts and checkpoints can only be checked by this process): set both in production.
+    audit_key: SecretStr | None = None
+    audit_checkpoint_key: SecretStr | None = None
 
     log_level: str = "info"

@@ -6,6 +6,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -30,6 +31,8 @@ def data_dirs(tmp_path: Path) -> Path:
 
 
 def settings_for(root: Path, **overrides: object) -> Settings:
+    """Settings on `root`'s data folders, auditing into a fresh temporary directory."""
+    overrides.setdefault("audit_dir", Path(tempfile.mkdtemp(prefix="aigw-audit-")))
     return Settings(
         contracts_dir=root / "contracts",
         policies_dir=root / "policies",

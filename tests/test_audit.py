@@ -205,7 +205,7 @@ def test_the_chain_check_names_the_first_bad_line(lines, key, expected):
 def test_a_batch_is_split_where_a_checkpoint_seals_a_segment(seals, runs):
     """One write per segment touched by a batch; a checkpoint ends its run."""
     items = [(b"x\n", None, seal) for seal in seals]
-    assert [len(run) for run, _ in audit._runs_by_segment(items)] == runs
+    assert [len(run) for run, _ in audit.runs_by_segment(items)] == runs
 
 
 # ---- the log on disk --------------------------------------------------------------------------
@@ -485,16 +485,16 @@ async def test_a_malformed_record_is_refused_and_the_chain_is_untouched(tmp_path
 
 
 class FailingFile:
-    """A segment file whose writes fail with ENOSPC once `failing` is set."""
+    """A segment file whose writes raise `failing` once it is set."""
 
-    failing = False
+    failing: Exception | None = None
 
     def __init__(self, file: Any) -> None:
         self._file = file
 
     def write(self, data: bytes) -> int:
-        if FailingFile.failing:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if FailingFile.failing is not None:
+            raise FailingFile.failing
         return self._file.write(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -505,16 +505,23 @@ class FailingFile:
 def failing_disk(monkeypatch: pytest.MonkeyPatch) -> type[FailingFile]:
     real_open = audit.open_segment
     monkeypatch.setattr(audit, "open_segment", lambda path: FailingFile(real_open(path)))
-    monkeypatch.setattr(FailingFile, "failing", False)
+    monkeypatch.setattr(FailingFile, "failing", None)
     return FailingFile
 
 
-async def test_a_failed_write_raises_audit_unavailable_until_reopened(tmp_path, failing_disk):
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), ValueError("I/O operation on closed file")],
+    ids=["disk-full", "file-closed"],
+)
+async def test_a_failed_write_raises_audit_unavailable_until_reopened(
+    tmp_path, failing_disk, error
+):
     """A write error fails the append and every later one (counted); reopening resumes cleanly."""
     log = new_log(tmp_path)
     await log.open()
     await log.append(decision(0))
-    failing_disk.failing = True
+    failing_disk.failing = error
     with pytest.raises(AuditUnavailable):
         await log.append(decision(1))
     with pytest.raises(AuditUnavailable):
@@ -522,7 +529,7 @@ async def test_a_failed_write_raises_audit_unavailable_until_reopened(tmp_path, 
     assert (log.written, log.write_errors, log.refused) == (1, 1, 2)
     await log.close()
 
-    failing_disk.failing = False
+    failing_disk.failing = None
     await write_log(tmp_path, 1, start=3)
     assert [entry["prediction_id"] for entry in records(tmp_path)] == ["p-00000", "p-00003"]
     assert verify(tmp_path, CHECKPOINT_KEY).ok
@@ -537,6 +544,44 @@ async def test_appending_to_a_closed_log_raises_audit_unavailable(tmp_path):
     await log.close()
     with pytest.raises(AuditUnavailable):
         await log.append(decision(0))
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every data fsync the log makes, recorded (and still done)."""
+    calls: list[int] = []
+    real = audit._fdatasync
+
+    def recording(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(audit, "_fdatasync", recording)
+    return calls
+
+
+async def test_appends_do_not_fsync_but_close_does(tmp_path, fsyncs):
+    """No fsync per request: with a long interval none happens until close, which makes one."""
+    log = new_log(tmp_path, fsync_interval_s=3600)
+    await log.open()
+    await asyncio.gather(*(log.append(decision(i)) for i in range(50)))
+    assert fsyncs == []
+    await log.close()
+    assert len(fsyncs) == 1
+
+
+async def test_written_records_are_fsynced_in_the_background(tmp_path, fsyncs):
+    """A segment with fresh writes is fsynced by the background thread within the interval."""
+    log = new_log(tmp_path, fsync_interval_s=0.01)
+    await log.open()
+    try:
+        await log.append(decision(0))
+        deadline = time.monotonic() + 5
+        while not fsyncs and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the one wait here: the syncer runs on its own clock
+        assert fsyncs
+    finally:
+        await log.close()
 
 
 async def test_find_record_looks_up_a_decision_across_segments(tmp_path):

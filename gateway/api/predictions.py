@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.responses import json_response
+from gateway.audit import AuditUnavailable
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.pipeline import PredictionInput, predict
 from gateway.problems import FieldError, Problem
@@ -54,8 +55,18 @@ async def create_prediction(request: Request) -> Response:
         caller_timeout_ms=caller_timeout_ms,
         use_cache=not bypasses_cache(request.headers.get("cache-control")),
         started=started,
+        request_id=request.scope.get("state", {}).get("request_id", ""),
     )
-    answer = await predict(runtime, request_input)
+    try:
+        answer = await predict(runtime, request_input)
+    except AuditUnavailable:
+        raise Problem(
+            503,
+            "audit-unavailable",
+            "Audit trail unavailable",
+            "no answer is given that could not be recorded; retry later",
+            headers={"Retry-After": "1"},
+        ) from None
     return json_response(answer.envelope())
 
 

@@ -1,0 +1,351 @@
+"""Experiment statistics per arm, the feedback ledger, and the feedback and report endpoints."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.demo.triton_process import free_port
+from gateway.experiments import Decision, Experiments, wilson_interval
+from tests.conftest import CHURN_REQUEST
+
+MODEL = "customer-churn"
+CONTROL_CHAIN = ["churn-gbm", "churn-logreg", "rules", "stale-cache", "default"]
+CHALLENGER_CHAIN = ["churn-gbm-v2", "churn-logreg", "rules", "stale-cache", "default"]
+PROBLEM = "application/problem+json"
+PREMIUM = {"x-customer-tier": "premium"}
+
+# --- Wilson score intervals -------------------------------------------------------------------
+
+# Reference values from scipy.stats.binomtest(k, n).proportion_ci(0.95, method="wilson"),
+# an implementation independent of gateway.experiments.
+WILSON_95 = [
+    (0, 10, 0.0, 0.27753279986288926),
+    (5, 10, 0.236593090512564, 0.7634069094874361),
+    (10, 10, 0.7224672001371109, 1.0),
+    (50, 100, 0.4038315303659956, 0.5961684696340044),
+    (1, 3, 0.06149194472039626, 0.7923403991979523),
+    (0, 1, 0.0, 0.7934506856227626),
+    (95, 100, 0.8882495307680809, 0.978456320845632),
+    (1, 1000, 0.00017654637062607809, 0.0056425585979579355),
+]
+
+
+@pytest.mark.parametrize(("successes", "trials", "low", "high"), WILSON_95)
+def test_wilson_interval_matches_reference_values(successes, trials, low, high):
+    """The 95% Wilson interval agrees with an independent implementation to 1e-6."""
+    interval = wilson_interval(successes, trials)
+    assert interval is not None
+    assert interval == pytest.approx((low, high), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials"),
+    [(k, n) for n in (1, 4, 10, 100, 1000) for k in (0, n // 2, n)],
+)
+def test_wilson_interval_contains_the_observed_proportion(successes, trials):
+    """0 ≤ low ≤ successes/trials ≤ high ≤ 1, exactly, also at 0 and at every trial a success."""
+    low, high = wilson_interval(successes, trials)
+    assert 0.0 <= low <= successes / trials <= high <= 1.0
+
+
+@pytest.mark.parametrize("trials", [0, -1])
+def test_wilson_interval_without_trials_is_none(trials):
+    """No trials, no interval."""
+    assert wilson_interval(0, trials) is None
+
+
+def test_wilson_interval_narrows_with_more_trials():
+    """The same proportion over more trials gives a narrower interval."""
+    widths = [hi - lo for lo, hi in (wilson_interval(n // 2, n) for n in (10, 100, 1000))]
+    assert widths == sorted(widths, reverse=True)
+
+
+# --- Experiments ------------------------------------------------------------------------------
+
+
+def decision(arm: str = "control", prediction: str = "stay") -> Decision:
+    return Decision(model_id=MODEL, arm=arm, prediction=prediction, tenant="default")
+
+
+def answer(
+    experiments: Experiments,
+    prediction_id: str,
+    arm: str = "control",
+    prediction: str = "stay",
+    latency_ms: float = 10.0,
+    degraded: bool = False,
+    cached: bool = False,
+) -> None:
+    experiments.record_answer(
+        prediction_id, decision(arm, prediction), latency_ms, degraded, cached
+    )
+
+
+def test_report_counts_requests_latency_fallbacks_and_cache_hits_per_arm():
+    """Each arm reports its own requests, cached answers, mean and max latency, fallback rate."""
+    experiments = Experiments()
+    answer(experiments, "p1", latency_ms=10.0)
+    answer(experiments, "p2", latency_ms=30.0, degraded=True)
+    answer(experiments, "p3", latency_ms=2.0, cached=True)
+    answer(experiments, "p4", latency_ms=20.0)
+    answer(experiments, "p5", arm="challenger", latency_ms=50.0, degraded=True)
+    report = experiments.report(MODEL)
+    assert sorted(report) == ["challenger", "control"]
+    control, challenger = report["control"], report["challenger"]
+    assert (control["requests"], control["cached"]) == (4, 1)
+    assert control["latency_ms_mean"] == 15.5
+    assert control["latency_ms_max"] == 30.0
+    assert control["fallback_rate"] == 0.25
+    assert control["fallback_rate_ci95"] == pytest.approx(wilson_interval(1, 4))
+    assert (challenger["requests"], challenger["fallback_rate"]) == (1, 1.0)
+
+
+def test_report_without_feedback_has_no_rates():
+    """Before any outcome arrives, outcome rate and accuracy are None, not 0."""
+    experiments = Experiments()
+    answer(experiments, "p1")
+    control = experiments.report(MODEL)["control"]
+    assert control["feedback"] == 0
+    assert (control["outcome_rate"], control["outcome_rate_ci95"]) == (None, None)
+    assert (control["accuracy"], control["accuracy_ci95"]) == (None, None)
+    assert control["shadows"] == {}
+
+
+def test_report_of_a_model_without_traffic_is_empty():
+    """A model nobody asked about reports no arms."""
+    assert Experiments().report("no-such-model") == {}
+
+
+def test_outcomes_give_outcome_rate_and_accuracy_per_arm():
+    """Outcomes count toward the arm that answered: positive share and share predicted right."""
+    experiments = Experiments()
+    answers = [("p1", "churn"), ("p2", "stay"), ("p3", "stay"), ("p4", "churn")]
+    outcomes = ["churn", "stay", "churn", "stay"]
+    for (prediction_id, prediction), outcome in zip(answers, outcomes, strict=True):
+        answer(experiments, prediction_id, prediction=prediction)
+        assert experiments.record_outcome(prediction_id, outcome, "churn") == "recorded"
+    answer(experiments, "q1", arm="challenger", prediction="churn")
+    assert experiments.record_outcome("q1", "churn", "churn") == "recorded"
+
+    report = experiments.report(MODEL)
+    control, challenger = report["control"], report["challenger"]
+    assert (control["feedback"], control["outcome_rate"], control["accuracy"]) == (4, 0.5, 0.5)
+    assert control["accuracy_ci95"] == pytest.approx(wilson_interval(2, 4))
+    assert (challenger["feedback"], challenger["outcome_rate"], challenger["accuracy"]) == (
+        1, 1.0, 1.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("prediction_id", "expected"),
+    [("p1", "duplicate"), ("never-seen", "unknown")],
+)
+def test_record_outcome_statuses(prediction_id, expected):
+    """A second outcome for one prediction is `duplicate`, an id not in the ledger `unknown`;
+    neither is counted."""
+    experiments = Experiments()
+    answer(experiments, "p1")
+    assert experiments.record_outcome("p1", "churn", "churn") == "recorded"
+    assert experiments.record_outcome(prediction_id, "stay", "churn") == expected
+    control = experiments.report(MODEL)["control"]
+    assert (control["feedback"], control["outcome_rate"]) == (1, 1.0)
+
+
+def test_ledger_is_bounded_and_forgets_the_oldest():
+    """With ledger_size=3, a fourth answer pushes out the first: its outcome is `unknown`."""
+    experiments = Experiments(ledger_size=3)
+    for prediction_id in ("p1", "p2", "p3", "p4"):
+        answer(experiments, prediction_id)
+    assert experiments.decision("p1") is None
+    assert experiments.record_outcome("p1", "churn", "churn") == "unknown"
+    assert [experiments.record_outcome(p, "churn", "churn") for p in ("p2", "p3", "p4")] == [
+        "recorded"
+    ] * 3
+    assert experiments.report(MODEL)["control"]["requests"] == 4  # statistics keep counting
+
+
+def test_forgotten_judged_id_is_no_longer_a_duplicate():
+    """Once a judged id leaves the ledger it is `unknown`, and the judged set does not grow."""
+    experiments = Experiments(ledger_size=2)
+    answer(experiments, "p1")
+    assert experiments.record_outcome("p1", "churn", "churn") == "recorded"
+    answer(experiments, "p2")
+    answer(experiments, "p3")
+    assert experiments.record_outcome("p1", "churn", "churn") == "unknown"
+    assert experiments._judged == set()
+
+
+def test_shadow_agreement_and_failures_per_target():
+    """Shadow comparisons give agreement among answered copies; failures are counted apart."""
+    experiments = Experiments()
+    for agreed in (True, True, False, None, True):
+        experiments.record_shadow(MODEL, "control", "churn-logreg", agreed)
+    experiments.record_shadow(MODEL, "challenger", "churn-logreg", None)
+    report = experiments.report(MODEL)
+    shadow = report["control"]["shadows"]["churn-logreg"]
+    assert (shadow["compared"], shadow["failed"], shadow["agreement"]) == (4, 1, 0.75)
+    assert shadow["agreement_ci95"] == pytest.approx(wilson_interval(3, 4))
+    only_failed = report["challenger"]["shadows"]["churn-logreg"]
+    assert (only_failed["compared"], only_failed["failed"], only_failed["agreement"]) == (
+        0,
+        1,
+        None,
+    )
+    assert report["challenger"]["requests"] == 0
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+def closed_triton() -> dict[str, str]:
+    """A Triton address nothing listens on: every prediction is a (degraded) fallback."""
+    return {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+
+
+async def predict(client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> dict:
+    response = await client.post("/v1/predictions", json=CHURN_REQUEST, headers=headers or {})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def feedback(client: httpx.AsyncClient, prediction_id: Any, outcome: Any) -> httpx.Response:
+    return await client.post(
+        "/v1/feedback", json={"prediction_id": prediction_id, "outcome": outcome}
+    )
+
+
+def assert_problem(response: httpx.Response, status: int, pointer: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body = response.json()
+    assert body["status"] == status
+    if pointer is not None:
+        assert pointer in [e.get("pointer") for e in body.get("errors", [])], body
+    return body
+
+
+async def test_feedback_is_recorded_under_the_arm_that_answered(gateway_client):
+    """Feedback on a prediction just made is 202 and counts in that prediction's arm."""
+    async with gateway_client(env=closed_triton()) as client:
+        premium = await predict(client, PREMIUM)
+        assert premium["arm"] == "challenger"
+        response = await feedback(client, premium["prediction_id"], "churn")
+        assert response.status_code == 202, response.text
+        assert response.json() == {"prediction_id": premium["prediction_id"], "status": "recorded"}
+
+        report = (await client.get(f"/v1/experiments/{MODEL}")).json()
+    challenger = report["arms"]["challenger"]
+    assert (challenger["requests"], challenger["feedback"]) == (1, 1)
+    assert challenger["outcome_rate"] == 1.0
+    assert challenger["accuracy"] == (1.0 if premium["prediction"] == "churn" else 0.0)
+    assert report["arms"]["control"].get("feedback", 0) == 0
+
+
+async def test_feedback_counts_in_each_arm_separately(gateway_client):
+    """One prediction per arm, each judged: each arm reports exactly its own outcome."""
+    async with gateway_client(env=closed_triton()) as client:
+        split = await predict(client)  # customer 12345 is in control's buckets
+        premium = await predict(client, PREMIUM)
+        assert (split["arm"], premium["arm"]) == ("control", "challenger")
+        assert (await feedback(client, split["prediction_id"], "stay")).status_code == 202
+        assert (await feedback(client, premium["prediction_id"], "churn")).status_code == 202
+        arms = (await client.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+    assert (arms["control"]["feedback"], arms["control"]["outcome_rate"]) == (1, 0.0)
+    assert (arms["challenger"]["feedback"], arms["challenger"]["outcome_rate"]) == (1, 1.0)
+    assert arms["control"]["fallback_rate"] == 1.0  # Triton is closed: every answer degraded
+
+
+async def test_feedback_for_an_unknown_prediction_is_404(gateway_client):
+    """A well-formed id the gateway never issued is a 404 problem."""
+    async with gateway_client(env=closed_triton()) as client:
+        response = await feedback(client, str(uuid.uuid4()), "churn")
+    body = assert_problem(response, 404)
+    assert body["type"].endswith(":unknown-prediction")
+
+
+async def test_duplicate_feedback_is_409(gateway_client):
+    """A second outcome for the same prediction is refused with 409 and is not counted."""
+    async with gateway_client(env=closed_triton()) as client:
+        prediction_id = (await predict(client))["prediction_id"]
+        assert (await feedback(client, prediction_id, "churn")).status_code == 202
+        response = await feedback(client, prediction_id, "stay")
+        arms = (await client.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+    body = assert_problem(response, 409)
+    assert body["type"].endswith(":duplicate-feedback")
+    assert (arms["control"]["feedback"], arms["control"]["outcome_rate"]) == (1, 1.0)
+
+
+@pytest.mark.parametrize("outcome", ["cancelled", "Churn", "STAY"])
+async def test_feedback_outcome_must_be_a_label(gateway_client, outcome):
+    """An outcome that is not one of the model's labels is 422 pointing at /outcome."""
+    async with gateway_client(env=closed_triton()) as client:
+        prediction_id = (await predict(client))["prediction_id"]
+        response = await feedback(client, prediction_id, outcome)
+        again = await feedback(client, prediction_id, "churn")
+    assert_problem(response, 422, "/outcome")
+    assert again.status_code == 202  # the refused outcome did not use up the prediction
+
+
+@pytest.mark.parametrize(
+    ("prediction_id", "pointer"),
+    [
+        ("not-a-uuid", "/prediction_id"),
+        ("", "/prediction_id"),
+        (12345, "/prediction_id"),
+        (str(uuid.uuid4()) + "0", "/prediction_id"),
+    ],
+    ids=["words", "empty", "number", "too-long"],
+)
+async def test_malformed_prediction_id_is_422(gateway_client, prediction_id, pointer):
+    """A prediction_id that is not a UUID string is 422 pointing at /prediction_id."""
+    async with gateway_client(env=closed_triton()) as client:
+        response = await feedback(client, prediction_id, "churn")
+    assert_problem(response, 422, pointer)
+
+
+@pytest.mark.parametrize(
+    ("payload", "pointer"),
+    [
+        ({"outcome": "churn"}, "/prediction_id"),
+        ({"prediction_id": "00000000-0000-4000-8000-000000000000"}, "/outcome"),
+        (
+            {"prediction_id": "00000000-0000-4000-8000-000000000000", "outcome": "churn", "x": 1},
+            "/x",
+        ),
+    ],
+    ids=["no-prediction-id", "no-outcome", "extra-field"],
+)
+async def test_feedback_body_must_match_the_contract(gateway_client, payload, pointer):
+    """Missing or extra fields in the feedback body are 422 naming each field."""
+    async with gateway_client(env=closed_triton()) as client:
+        response = await client.post("/v1/feedback", json=payload)
+    assert_problem(response, 422, pointer)
+
+
+async def test_experiment_report_of_an_unknown_model_is_404(gateway_client):
+    """A model without a policy has no experiment: 404 problem."""
+    async with gateway_client(env=closed_triton()) as client:
+        response = await client.get("/v1/experiments/unknown-model")
+    body = assert_problem(response, 404)
+    assert body["type"].endswith(":unknown-model")
+
+
+async def test_experiment_report_lists_both_arms_with_weights_and_chains(gateway_client):
+    """Before and after traffic, the report names both arms with their weight and chain."""
+    async with gateway_client(env=closed_triton()) as client:
+        before = (await client.get(f"/v1/experiments/{MODEL}")).json()
+        await predict(client)
+        after = (await client.get(f"/v1/experiments/{MODEL}")).json()
+    for report in (before, after):
+        assert report["model_id"] == MODEL
+        assert len(report["policy_version"]) == 16
+        assert sorted(report["arms"]) == ["challenger", "control"]
+        control, challenger = report["arms"]["control"], report["arms"]["challenger"]
+        assert (control["weight"], control["chain"]) == (90, CONTROL_CHAIN)
+        assert (challenger["weight"], challenger["chain"]) == (10, CHALLENGER_CHAIN)
+    assert after["arms"]["control"]["requests"] == 1
+    assert "requests" not in before["arms"]["control"]
