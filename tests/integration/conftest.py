@@ -78,7 +78,15 @@ class GatewayProcess:
                 time.sleep(0.1)
         raise RuntimeError("gateway did not come up")
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when the OOM killer or a node failure strikes."""
+        self._proc.kill()
+        self._proc.wait()
+
     def stop(self) -> int:
+        if self._proc.poll() is not None:
+            self._log.close()
+            return self._proc.returncode
         self._proc.send_signal(signal.SIGTERM)
         try:
             code = self._proc.wait(timeout=20)
