@@ -68,7 +68,12 @@ def cache_key(
         [model_id, target, model_version, contract_version, tenant, features],
         option=orjson.OPT_SORT_KEYS,
     )
-    return hashlib.sha256(material).hexdigest()
+    return KEY_PREFIX + hashlib.sha256(material).hexdigest()
+
+
+def stale_key(key: str) -> str:
+    """Where the longer-lived stale copy of `key`'s answer is kept."""
+    return STALE_PREFIX + key.removeprefix(KEY_PREFIX)
 
 
 class PredictionCache(Protocol):
@@ -180,14 +185,22 @@ class SingleFlight:
 
     async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """The result for `key`, and whether it was shared from another caller's run."""
-        existing = self._in_flight.get(key)
-        if existing is not None:
+        while (existing := self._in_flight.get(key)) is not None:
             self.coalesced += 1
-            return await asyncio.shield(existing), True
+            try:
+                return await asyncio.shield(existing), True
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not existing.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller itself was cancelled
+                # The leader was cancelled, not this caller: lead (or join) a new run.
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
             result = await compute()
+        except asyncio.CancelledError:
+            future.cancel()  # followers take over; they are not cancelled themselves
+            raise
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # mark retrieved: followers re-raise it, nobody else must

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.cache import STALE_PREFIX, CachedPrediction, cache_key
+from gateway.cache import CachedPrediction, cache_key, stale_key
 from gateway.experiments import Decision
 from gateway.fallback import ChainContext, ChainResult, StaleAnswer, StepRecord, run_chain
 from gateway.policy import Policy
@@ -155,7 +155,7 @@ async def _walk(
         )
         await runtime.cache.set(key, kept, policy.cache.ttl_s)
         if policy.cache.stale_ttl_s > 0:
-            await runtime.cache.set(STALE_PREFIX + key, kept, policy.cache.stale_ttl_s)
+            await runtime.cache.set(stale_key(key), kept, policy.cache.stale_ttl_s)
     return result
 
 
@@ -164,7 +164,7 @@ def _stale_lookup(runtime: Runtime, key: str | None):  # type: ignore[no-untyped
         return None
 
     async def lookup() -> StaleAnswer | None:
-        kept = await runtime.cache.get(STALE_PREFIX + key)
+        kept = await runtime.cache.get(stale_key(key))
         if kept is None:
             return None
         return StaleAnswer(kept.prediction, kept.probability, kept.model_version)
