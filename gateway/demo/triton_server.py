@@ -2,7 +2,8 @@
 
 Models (version 1 each): ``churn_gbm``, ``churn_gbm_v2`` (its challenger) and
 ``churn_logreg``. Input ``features`` FP32 ``[-1, 2]`` (tenure_months, monthly_charges),
-output ``probability`` FP32 ``[-1, 1]``; batching on with max_batch_size 64 and dynamic batching with a 200 µs queue delay.
+output ``probability`` FP32 ``[-1, 1]``; batching on with max_batch_size 64 and dynamic
+batching with a 200 µs queue delay.
 
 Every port is bound to 127.0.0.1 only. PyTriton 0.7 protects the admin APIs (model repository,
 statistics, trace, logging, shared memory) with a random per-run token; health, metadata and
