@@ -26,6 +26,7 @@ from gateway.runtime import (
     start_runtime,
 )
 from gateway.settings import Settings
+from gateway.telemetry import Metrics
 
 log = logging.getLogger("gateway.app")
 
@@ -94,10 +95,11 @@ def create_app(
     """The gateway app; files are loaded and checked now, so a bad file fails here, loudly."""
     settings = settings or Settings()
     config = config or load_configuration(settings, os.environ if env is None else env)
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = start_runtime(settings, config)
+        runtime = start_runtime(settings, config, metrics)
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
         app.state.runtime = runtime
@@ -121,6 +123,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    app.state.metrics = metrics
+    metrics.watch(lambda: getattr(app.state, "runtime", None))
     app.include_router(predictions.router)
     app.include_router(audit.router)
     app.include_router(feedback.router)
@@ -145,6 +149,7 @@ async def _probe_forever(runtime, interval_s: float) -> None:  # type: ignore[no
 
 
 async def _problem_handler(request: Request, problem: Problem) -> Response:  # type: ignore[override]
+    request.app.state.metrics.rejected.labels(str(problem.status)).inc()
     return problem_response(problem, request.url.path)
 
 

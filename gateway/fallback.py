@@ -89,6 +89,8 @@ class ChainContext:
     clock: Callable[[], float] = time.monotonic
     margin_s: float = 0.005
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Told of every backend call: (target, outcome, seconds); metrics hook in here.
+    observe_call: Callable[[str, str, float], None] | None = None
 
 
 async def run_chain(
@@ -190,6 +192,8 @@ async def call_target(
             probability = await guard.backend.predict(features, budget, ctx.headers)
         except BackendError as error:
             outcome = Outcome.IGNORED if isinstance(error, BackendRejected) else Outcome.FAILURE
+            if ctx.observe_call is not None:
+                ctx.observe_call(name, error.reason, ctx.clock() - call_started)
             log.debug(
                 "backend call failed",
                 extra={"target": name, "reason": error.reason, "error": str(error)},
@@ -204,6 +208,8 @@ async def call_target(
             guard.bulkhead.leave()
         now = ctx.clock()
         guard.breaker.record(permit, Outcome.SUCCESS, now - call_started, now)
+        if ctx.observe_call is not None:
+            ctx.observe_call(name, "success", now - call_started)
         record = StepRecord(
             step=name, outcome="answered", duration_ms=_ms(now - started), attempts=attempts
         )

@@ -84,6 +84,8 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
     )
     key = _key(runtime, policy, assignment, request)
     cached = await runtime.cache.get(key) if key and request.use_cache else None
+    if key:
+        runtime.metrics.observe_cache(_cache_event(cached, request.use_cache))
     if cached is not None:
         result, coalesced = _from_cache(cached), False
     elif key:
@@ -99,6 +101,12 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
         await runtime.audit.append(audit_record(runtime, request, answer), pii_fields=pii)
     _learn(runtime, model, policy, assignment, request, answer)
     return answer
+
+
+def _cache_event(cached: CachedPrediction | None, looked_up: bool) -> str:
+    if not looked_up:
+        return "bypass"
+    return "hit" if cached is not None else "miss"
 
 
 def audit_record(runtime: Runtime, request: PredictionInput, answer: Answer) -> dict[str, Any]:
@@ -146,6 +154,7 @@ async def _walk(
         fallbacks=runtime.fallbacks[request.model_id],
         stale_lookup=_stale_lookup(runtime, key),
         margin_s=runtime.settings.response_margin_ms / 1000,
+        observe_call=runtime.metrics.observe_backend_call,
     )
     deadline = Deadline.after(budget_ms / 1000, request.started)
     result = await run_chain(policy, request.features, deadline, ctx, chain=assignment.arm.chain)
@@ -235,6 +244,7 @@ def _learn(
     answer: Answer,
 ) -> None:
     """Statistics for the experiment, and shadow copies, after the answer is settled."""
+    runtime.metrics.observe_answer(request.model_id, answer)
     decision = Decision(request.model_id, answer.arm, answer.prediction, request.tenant)
     runtime.experiments.record_answer(
         answer.prediction_id, decision, answer.latency_ms, answer.degraded, answer.cached
@@ -244,6 +254,7 @@ def _learn(
 
     def report(target: str, agreed: bool | None) -> None:
         runtime.experiments.record_shadow(request.model_id, answer.arm, target, agreed)
+        runtime.metrics.observe_shadow(request.model_id, target, agreed)
 
     for target in model.routes.shadows_for(assignment, answer.served_by):
         model.shadows.fire(target, request.features, answer.prediction, policy.labels.label, report)

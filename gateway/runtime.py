@@ -27,6 +27,7 @@ from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
+from gateway.telemetry import Metrics
 
 log = logging.getLogger("gateway.runtime")
 
@@ -86,6 +87,7 @@ class Runtime:
     experiments: Experiments = field(default_factory=Experiments)
     readiness: dict[str, str] = field(default_factory=dict)
     audit: AuditLog | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     _shadow_backends: list[TritonBackend] = field(default_factory=list)
 
     @property
@@ -137,15 +139,20 @@ class Runtime:
             await self.audit.close()  # flushes and fsyncs every record
 
 
-def start_runtime(settings: Settings, config: Configuration) -> Runtime:
+def start_runtime(
+    settings: Settings, config: Configuration, metrics: Metrics | None = None
+) -> Runtime:
     """Build the live parts; call inside the event loop (clients bind to it)."""
-    listener = _BreakerLog()
+    metrics = metrics or Metrics()
+    listeners = (_BreakerLog(), metrics.breaker_listener())
     models: dict[str, ModelRuntime] = {}
     shadow_backends: list[TritonBackend] = []
     for model_id, policy in config.policies.policies.items():
-        guards = _guards(model_id, policy, listener)
+        guards = _guards(model_id, policy, listeners)
+        for guard in guards.values():
+            metrics.breaker_state.labels(guard.breaker.name).set(0)
         # Shadows get clients and breakers of their own: they must not touch serving's.
-        shadow_guards = _guards(f"{model_id}/shadow", policy, listener, only=_shadow_names(policy))
+        shadow_guards = _guards(f"{model_id}/shadow", policy, listeners, only=_shadow_names(policy))
         shadow_backends.extend(g.backend for g in shadow_guards.values())  # type: ignore[misc]
         feature_types = config.contracts.models[model_id].feature_types
         models[model_id] = ModelRuntime(
@@ -155,7 +162,7 @@ def start_runtime(settings: Settings, config: Configuration) -> Runtime:
                 shadow_guards, policy.shadow_max_concurrency, policy.timeout_ms / 1000
             ),
         )
-    runtime = Runtime(settings, config, models, cache=_cache(settings, config))
+    runtime = Runtime(settings, config, models, cache=_cache(settings, config), metrics=metrics)
     runtime._shadow_backends = shadow_backends
     return runtime
 
@@ -182,7 +189,10 @@ def _shadow_names(policy: Policy) -> set[str]:
 
 
 def _guards(
-    prefix: str, policy: Policy, listener: pybreaker.CircuitBreakerListener, only: set | None = None
+    prefix: str,
+    policy: Policy,
+    listeners: tuple[pybreaker.CircuitBreakerListener, ...],
+    only: set | None = None,
 ) -> dict[str, TargetGuard]:
     retry_ratio = policy.retry.budget_ratio if policy.retry.max_retries else 0.0
     guards = {}
@@ -190,7 +200,8 @@ def _guards(
         if only is not None and name not in only:
             continue
         breaker = Breaker(f"{prefix}/{name}", target.breaker)
-        breaker.add_listener(listener)
+        for listener in listeners:
+            breaker.add_listener(listener)
         guards[name] = TargetGuard(
             backend=TritonBackend(name, target),
             breaker=breaker,

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from gateway.api.responses import json_response
 from gateway.runtime import Runtime
+from gateway.telemetry import CONTENT_TYPE
 
 router = APIRouter()
 
@@ -33,3 +34,9 @@ async def openapi_document(request: Request) -> Response:
     """The contract from `contracts/`: what callers read is what the gateway enforces."""
     runtime: Runtime = request.app.state.runtime
     return json_response(runtime.contracts.document)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this replica's metrics."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)
