@@ -14,9 +14,11 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api import admin as admin_api
 from gateway.api import audit, feedback, health, predictions
 from gateway.api.responses import problem_response
 from gateway.breaker_sync import BreakerSync
+from gateway.policy_manager import PolicyManager
 from gateway.problems import Problem
 from gateway.runtime import (
     Configuration,
@@ -103,15 +105,21 @@ def create_app(
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
         app.state.runtime = runtime
+        manager = PolicyManager(runtime, os.environ if env is None else env)
+        manager.start_from_disk()
+        app.state.policy_manager = manager
         sync = _breaker_sync(settings, runtime)
         if sync is not None:
             await sync.start()
         await runtime.refresh_readiness()
-        prober = asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))
+        tasks = [asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))]
+        if settings.watch_policies:
+            tasks.append(asyncio.create_task(manager.watch_files(settings.watch_interval_s)))
         try:
             yield
         finally:
-            prober.cancel()
+            for task in tasks:
+                task.cancel()
             if sync is not None:
                 await sync.stop()
             await runtime.close()
@@ -140,6 +148,19 @@ def _breaker_sync(settings: Settings, runtime: Runtime) -> BreakerSync | None:
     if not (settings.share_breaker_state and settings.redis_url):
         return None
     return BreakerSync(settings.redis_url, runtime.breakers)
+
+
+def create_admin_app(gateway: FastAPI) -> FastAPI:
+    """The admin API, as its own app for its own address; it acts on `gateway`'s runtime."""
+    admin = FastAPI(title="Resilient AI Gateway admin", openapi_url=None, docs_url=None,
+                    redoc_url=None)  # fmt: skip
+    admin.state.gateway = gateway
+    admin.state.metrics = gateway.state.metrics
+    admin.include_router(admin_api.router)
+    admin.add_exception_handler(Problem, _problem_handler)
+    admin.add_exception_handler(HTTPException, _http_error_handler)
+    admin.add_middleware(RequestIdMiddleware)
+    return admin
 
 
 async def _probe_forever(runtime, interval_s: float) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -124,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
     """Load and check every file first: a bad one stops start-up with its faults listed."""
-    from gateway.app import create_app
+    from gateway.app import create_admin_app, create_app
 
     configure_logging(settings.log_level)
     try:
@@ -133,18 +134,42 @@ def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1
-    config = uvicorn.Config(
+    asyncio.run(_serve_both(app, create_admin_app(app), settings))
+    return 0
+
+
+class _AdminServer(uvicorn.Server):
+    """The admin listener; the public server owns signal handling and stops it."""
+
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        return contextlib.nullcontext()
+
+
+async def _serve_both(app, admin_app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """The public API and, on its own address, the admin API, in one event loop."""
+    public = uvicorn.Server(_server_config(app, settings.host, settings.port))
+    admin = _AdminServer(_server_config(admin_app, settings.admin_host, settings.admin_port))
+    admin.config.lifespan = "off"  # the public app's lifespan builds the shared runtime
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        await public.serve()
+    finally:
+        admin.should_exit = True
+        await admin_task
+
+
+def _server_config(app, host: str, port: int) -> uvicorn.Config:  # type: ignore[no-untyped-def]
+    return uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=host,
+        port=port,
         loop="uvloop",
         http="httptools",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        lifespan="on",
     )
-    asyncio.run(uvicorn.Server(config).serve())
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

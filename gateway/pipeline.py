@@ -22,7 +22,7 @@ from gateway.fallback import ChainContext, ChainResult, StaleAnswer, StepRecord,
 from gateway.policy import Policy
 from gateway.resilience import Deadline, request_budget_ms
 from gateway.routing import Assignment
-from gateway.runtime import ModelRuntime, Runtime
+from gateway.runtime import ModelRuntime, Runtime, Snapshot
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,14 @@ class Answer:
 
 async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
     """Answer one validated request; always answers (the chain ends in a default)."""
-    policy = runtime.policies.policies[request.model_id]
-    model = runtime.models[request.model_id]
+    snapshot = runtime.snapshot  # this request runs on this configuration to the end
+    policy = snapshot.policies.policies[request.model_id]
+    model = snapshot.models[request.model_id]
     prediction_id = str(uuid.uuid4())
     assignment = model.routes.assign(
         request.features, request.headers, request.tenant, prediction_id
     )
-    key = _key(runtime, policy, assignment, request)
+    key = _key(snapshot, policy, assignment, request)
     cached = await runtime.cache.get(key) if key and request.use_cache else None
     if key:
         runtime.metrics.observe_cache(_cache_event(cached, request.use_cache))
@@ -90,15 +91,17 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
         result, coalesced = _from_cache(cached), False
     elif key:
         result, coalesced = await runtime.single_flight.run(
-            key, lambda: _walk(runtime, model, policy, assignment, request, key)
+            key, lambda: _walk(runtime, snapshot, model, policy, assignment, request, key)
         )
     else:
-        result, coalesced = await _walk(runtime, model, policy, assignment, request, None), False
-    answer = _answer(runtime, prediction_id, assignment, request, result, cached, coalesced)
+        result = await _walk(runtime, snapshot, model, policy, assignment, request, None)
+        coalesced = False
+    answer = _answer(snapshot, prediction_id, assignment, request, result, cached, coalesced)
     if runtime.audit is not None:
         # The answer leaves only once its record is handed to the log (AuditUnavailable else).
-        pii = runtime.contracts.models[request.model_id].pii_features
-        await runtime.audit.append(audit_record(runtime, request, answer), pii_fields=pii)
+        pii = snapshot.contracts.models[request.model_id].pii_features
+        record = audit_record(snapshot.contracts.version, request, answer)
+        await runtime.audit.append(record, pii_fields=pii)
     _learn(runtime, model, policy, assignment, request, answer)
     return answer
 
@@ -109,7 +112,7 @@ def _cache_event(cached: CachedPrediction | None, looked_up: bool) -> str:
     return "hit" if cached is not None else "miss"
 
 
-def audit_record(runtime: Runtime, request: PredictionInput, answer: Answer) -> dict[str, Any]:
+def audit_record(contract_version: str, request: PredictionInput, answer: Answer) -> dict[str, Any]:
     """Everything needed later to explain this decision (PII is hashed by the log)."""
     return {
         "type": "prediction",
@@ -118,7 +121,7 @@ def audit_record(runtime: Runtime, request: PredictionInput, answer: Answer) -> 
         "request_id": request.request_id,
         "tenant": request.tenant,
         "model_id": request.model_id,
-        "contract_version": runtime.contracts.version,
+        "contract_version": contract_version,
         "policy_version": answer.policy_version,
         "features": dict(request.features),
         "route": answer.route,
@@ -142,6 +145,7 @@ def audit_record(runtime: Runtime, request: PredictionInput, answer: Answer) -> 
 
 async def _walk(
     runtime: Runtime,
+    snapshot: Snapshot,
     model: ModelRuntime,
     policy: Policy,
     assignment: Assignment,
@@ -151,7 +155,7 @@ async def _walk(
     budget_ms = request_budget_ms(policy.timeout_ms, request.caller_timeout_ms)
     ctx = ChainContext(
         guards=model.guards,
-        fallbacks=runtime.fallbacks[request.model_id],
+        fallbacks=snapshot.fallbacks[request.model_id],
         stale_lookup=_stale_lookup(runtime, key),
         margin_s=runtime.settings.response_margin_ms / 1000,
         observe_call=runtime.metrics.observe_backend_call,
@@ -182,7 +186,7 @@ def _stale_lookup(runtime: Runtime, key: str | None):  # type: ignore[no-untyped
 
 
 def _key(
-    runtime: Runtime, policy: Policy, assignment: Assignment, request: PredictionInput
+    snapshot: Snapshot, policy: Policy, assignment: Assignment, request: PredictionInput
 ) -> str | None:
     """The cache key of this request's arm, or None when the policy does not cache."""
     target = policy.targets.get(assignment.arm.primary)
@@ -190,7 +194,7 @@ def _key(
         return None
     tenant = request.tenant if policy.cache.per_tenant else None
     return cache_key(
-        policy.model_id, assignment.arm.primary, target.version, runtime.contracts.version,
+        policy.model_id, assignment.arm.primary, target.version, snapshot.contracts.version,
         request.features, tenant,
     )  # fmt: skip
 
@@ -208,7 +212,7 @@ def _from_cache(cached: CachedPrediction) -> ChainResult:
 
 
 def _answer(
-    runtime: Runtime,
+    snapshot: Snapshot,
     prediction_id: str,
     assignment: Assignment,
     request: PredictionInput,
@@ -231,7 +235,7 @@ def _answer(
         latency_ms=round((time.monotonic() - request.started) * 1000, 3),
         steps=result.steps,
         rule=result.rule,
-        policy_version=runtime.policies.version_hash,
+        policy_version=snapshot.policies.version_hash,
     )
 
 

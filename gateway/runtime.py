@@ -21,13 +21,13 @@ from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
 from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
-from gateway.policy import Policy, PolicySet, load_policies
+from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
 from gateway.resilience import Breaker, Bulkhead, RetryBudget
 from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
-from gateway.telemetry import Metrics
+from gateway.telemetry import BREAKER_STATES, Metrics
 
 log = logging.getLogger("gateway.runtime")
 
@@ -75,20 +75,16 @@ class ModelRuntime:
     shadows: ShadowRunner
 
 
-@dataclass
-class Runtime:
-    """Everything a request needs: the configuration and the live parts built from it."""
+@dataclass(frozen=True)
+class Snapshot:
+    """A configuration and the live parts built from it: what one request runs on.
 
-    settings: Settings
+    A reload builds a new snapshot and swaps it in with one assignment; a request keeps the
+    snapshot it started with, so it finishes on the configuration it began under.
+    """
+
     config: Configuration
-    models: dict[str, ModelRuntime]
-    cache: PredictionCache
-    single_flight: SingleFlight = field(default_factory=SingleFlight)
-    experiments: Experiments = field(default_factory=Experiments)
-    readiness: dict[str, str] = field(default_factory=dict)
-    audit: AuditLog | None = None
-    metrics: Metrics = field(default_factory=Metrics)
-    _shadow_backends: list[TritonBackend] = field(default_factory=list)
+    models: Mapping[str, ModelRuntime]
 
     @property
     def contracts(self) -> ContractSet:
@@ -101,6 +97,41 @@ class Runtime:
     @property
     def fallbacks(self) -> Mapping[str, Fallbacks]:
         return self.config.fallbacks
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs: the current snapshot, and what outlives snapshots."""
+
+    settings: Settings
+    snapshot: Snapshot
+    cache: PredictionCache
+    single_flight: SingleFlight = field(default_factory=SingleFlight)
+    experiments: Experiments = field(default_factory=Experiments)
+    readiness: dict[str, str] = field(default_factory=dict)
+    audit: AuditLog | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    _retired: list[ModelRuntime] = field(default_factory=list)
+
+    @property
+    def config(self) -> Configuration:
+        return self.snapshot.config
+
+    @property
+    def models(self) -> Mapping[str, ModelRuntime]:
+        return self.snapshot.models
+
+    @property
+    def contracts(self) -> ContractSet:
+        return self.snapshot.contracts
+
+    @property
+    def policies(self) -> PolicySet:
+        return self.snapshot.policies
+
+    @property
+    def fallbacks(self) -> Mapping[str, Fallbacks]:
+        return self.snapshot.fallbacks
 
     @property
     def guards(self) -> dict[str, dict[str, TargetGuard]]:
@@ -118,6 +149,26 @@ class Runtime:
             for g in model.guards.values()
         }
 
+    def swap(self, config: Configuration) -> None:
+        """Serve `config` from now on; targets whose spec is unchanged keep their breakers."""
+        previous = self.snapshot
+        self.snapshot = build_snapshot(config, self.metrics, previous)
+        kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
+        retired = [m for m in previous.models.values() if not _all_kept(m, kept)]
+        self._retired.extend(retired)
+        # Requests that started on the old snapshot may still use retired clients: close
+        # them only after the longest request budget has passed.
+        grace_s = max((p.timeout_ms for p in previous.policies.policies.values()), default=0)
+        asyncio.get_running_loop().call_later(
+            grace_s / 1000 + 1.0, lambda: asyncio.ensure_future(self._close_retired(kept))
+        )
+
+    async def _close_retired(self, kept: set[int]) -> None:
+        retired, self._retired = self._retired, []
+        backends = [g.backend for m in retired for g in _all_guards(m) if id(g) not in kept]
+        await asyncio.gather(*(m.shadows.close() for m in retired), return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
+
     async def refresh_readiness(self) -> None:
         """Ask every backend whether its pinned model is ready; record it for /readyz."""
         names = [f"{m}/{t}" for m, model in self.models.items() for t in model.guards]
@@ -131,9 +182,10 @@ class Runtime:
         return bool(self.readiness) and all(v == "ok" for v in self.readiness.values())
 
     async def close(self) -> None:
-        await asyncio.gather(*(m.shadows.close() for m in self.models.values()))
-        backends = self.backends + self._shadow_backends
-        await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
+        models = [*self.models.values(), *self._retired]
+        await asyncio.gather(*(m.shadows.close() for m in models))
+        backends = {id(g.backend): g.backend for m in models for g in _all_guards(m)}
+        await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
         await self.cache.close()
         if self.audit is not None:
             await self.audit.close()  # flushes and fsyncs every record
@@ -144,16 +196,27 @@ def start_runtime(
 ) -> Runtime:
     """Build the live parts; call inside the event loop (clients bind to it)."""
     metrics = metrics or Metrics()
+    snapshot = build_snapshot(config, metrics)
+    return Runtime(settings, snapshot, cache=_cache(settings, config), metrics=metrics)
+
+
+def build_snapshot(
+    config: Configuration, metrics: Metrics, previous: Snapshot | None = None
+) -> Snapshot:
+    """Live parts for `config`, reusing the previous snapshot's guards for unchanged targets."""
     listeners = (_BreakerLog(), metrics.breaker_listener())
+    reusable = _reusable_guards(previous)
     models: dict[str, ModelRuntime] = {}
-    shadow_backends: list[TritonBackend] = []
     for model_id, policy in config.policies.policies.items():
-        guards = _guards(model_id, policy, listeners)
+        guards = _guards(model_id, policy, listeners, reusable)
         for guard in guards.values():
-            metrics.breaker_state.labels(guard.breaker.name).set(0)
+            metrics.breaker_state.labels(guard.breaker.name).set(
+                BREAKER_STATES[guard.breaker.state]
+            )
         # Shadows get clients and breakers of their own: they must not touch serving's.
-        shadow_guards = _guards(f"{model_id}/shadow", policy, listeners, only=_shadow_names(policy))
-        shadow_backends.extend(g.backend for g in shadow_guards.values())  # type: ignore[misc]
+        shadow_guards = _guards(
+            f"{model_id}/shadow", policy, listeners, reusable, only=_shadow_names(policy)
+        )
         feature_types = config.contracts.models[model_id].feature_types
         models[model_id] = ModelRuntime(
             guards=guards,
@@ -162,9 +225,31 @@ def start_runtime(
                 shadow_guards, policy.shadow_max_concurrency, policy.timeout_ms / 1000
             ),
         )
-    runtime = Runtime(settings, config, models, cache=_cache(settings, config), metrics=metrics)
-    runtime._shadow_backends = shadow_backends
-    return runtime
+    return Snapshot(config=config, models=models)
+
+
+def _reusable_guards(previous: Snapshot | None) -> dict[tuple, TargetGuard]:
+    """Guards by (breaker name, target spec, retry budget ratio) from the previous snapshot."""
+    if previous is None:
+        return {}
+    reusable = {}
+    for model in previous.models.values():
+        for guard in _all_guards(model):
+            target = guard.backend.target  # type: ignore[attr-defined]
+            reusable[_guard_key(guard.breaker.name, target, guard.retry_budget.ratio)] = guard
+    return reusable
+
+
+def _guard_key(breaker_name: str, target: TritonTarget, retry_ratio: float) -> tuple:
+    return (breaker_name, target.model_dump_json(), retry_ratio)
+
+
+def _all_guards(model: ModelRuntime) -> list[TargetGuard]:
+    return [*model.guards.values(), *model.shadows.guards.values()]
+
+
+def _all_kept(model: ModelRuntime, kept: set[int]) -> bool:
+    return all(id(g) in kept for g in _all_guards(model))
 
 
 def audit_log(settings: Settings) -> AuditLog:
@@ -192,6 +277,7 @@ def _guards(
     prefix: str,
     policy: Policy,
     listeners: tuple[pybreaker.CircuitBreakerListener, ...],
+    reusable: Mapping[tuple, TargetGuard],
     only: set | None = None,
 ) -> dict[str, TargetGuard]:
     retry_ratio = policy.retry.budget_ratio if policy.retry.max_retries else 0.0
@@ -199,17 +285,29 @@ def _guards(
     for name, target in policy.targets.items():
         if only is not None and name not in only:
             continue
-        breaker = Breaker(f"{prefix}/{name}", target.breaker)
-        for listener in listeners:
-            breaker.add_listener(listener)
-        guards[name] = TargetGuard(
-            backend=TritonBackend(name, target),
-            breaker=breaker,
-            bulkhead=Bulkhead(target.max_concurrency),
-            retry_budget=RetryBudget(retry_ratio),
-            model_version=target.version,
-        )
+        breaker_name = f"{prefix}/{name}"
+        kept = reusable.get(_guard_key(breaker_name, target, retry_ratio))
+        guards[name] = kept or _new_guard(breaker_name, name, target, retry_ratio, listeners)
     return guards
+
+
+def _new_guard(
+    breaker_name: str,
+    name: str,
+    target: TritonTarget,
+    retry_ratio: float,
+    listeners: tuple[pybreaker.CircuitBreakerListener, ...],
+) -> TargetGuard:
+    breaker = Breaker(breaker_name, target.breaker)
+    for listener in listeners:
+        breaker.add_listener(listener)
+    return TargetGuard(
+        backend=TritonBackend(name, target),
+        breaker=breaker,
+        bulkhead=Bulkhead(target.max_concurrency),
+        retry_budget=RetryBudget(retry_ratio),
+        model_version=target.version,
+    )
 
 
 def _cache(settings: Settings, config: Configuration) -> PredictionCache:

@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
+    # The admin API listens apart from the public API, on loopback unless told otherwise.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=8081, ge=0, le=65535)
+    # Policy and fallback files are watched and re-applied when they change.
+    watch_policies: bool = True
+    watch_interval_s: float = Field(default=1.0, gt=0)
+
     # Hostile-input limits: checked before any parsing work is spent on a body.
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
     max_json_depth: int = Field(default=32, ge=2)

@@ -29,7 +29,7 @@ class ShadowRunner:
     def __init__(
         self, guards: Mapping[str, TargetGuard], max_concurrency: int, timeout_s: float
     ) -> None:
-        self._guards = guards
+        self.guards = guards
         self._max = max_concurrency
         self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task] = set()
@@ -44,7 +44,7 @@ class ShadowRunner:
         label_of: Callable[[float], str], report: ShadowReport,
     ) -> bool:  # fmt: skip
         """Start one copy unless the bound is reached; never waits."""
-        guard = self._guards.get(target)
+        guard = self.guards.get(target)
         if guard is None or len(self._tasks) >= self._max:
             self.dropped += 1
             return False

@@ -68,6 +68,10 @@ class Metrics:
             "aigw_shadow_comparisons", "Shadow answers compared with served ones.",
             ["model", "target", "result"], registry=r,
         )  # fmt: skip
+        self.policy_reloads = Counter(
+            "aigw_policy_reloads", "Policy changes, applied or refused as invalid.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "aigw_rejected_requests", "Requests refused with a problem, by status.",
             ["status"], registry=r,
