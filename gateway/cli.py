@@ -16,14 +16,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
+import orjson
 import uvicorn
 
 from gateway.audit import verify
 from gateway.contracts import ContractError, check_contracts, load_contracts
 from gateway.logs import configure_logging
 from gateway.policy import PolicyError, load_policies
+from gateway.policy_store import read_bundle
+from gateway.routing import compile_routes
 from gateway.rules import FallbackError, load_fallbacks
 from gateway.settings import Settings
+from gateway.simulation import simulate
 
 DEMO_CURL = (
     "curl -s localhost:{port}/v1/predictions -H 'Content-Type: application/json' "
@@ -57,6 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     validate = policy.add_parser("validate", help="check policies/, contracts/ and fallbacks/")
     validate.add_argument("directory", nargs="?", type=Path, help="policies directory")
     validate.set_defaults(handler=_policy_validate)
+
+    for name, handler, help_text in (
+        ("diff", _policy_diff, "diff local files against the running gateway's policies"),
+        ("apply", _policy_apply, "apply local files to the running gateway as a new version"),
+        ("history", _policy_history, "list the versions the running gateway has applied"),
+        ("rollback", _policy_rollback, "apply an earlier version again"),
+    ):
+        action = policy.add_parser(name, help=help_text)
+        action.add_argument("--admin-url", default=None, help="default http://ADMIN_HOST:PORT")
+        if name in ("diff", "apply"):
+            action.add_argument("--policies", type=Path, help="policies directory")
+            action.add_argument("--fallbacks", type=Path, help="fallbacks directory")
+        if name in ("apply", "rollback"):
+            action.add_argument("--author", required=True, help="who makes this change")
+        if name == "rollback":
+            action.add_argument("version", type=int, help="version number from history")
+        action.set_defaults(handler=handler)
+
+    simulate = policy.add_parser(
+        "simulate", help="replay recorded inputs through a proposed policies directory"
+    )
+    simulate.add_argument("proposed", type=Path, help="the proposed policies directory")
+    simulate.add_argument("--inputs", type=Path, required=True, help="JSONL requests or audit")
+    simulate.set_defaults(handler=_policy_simulate)
 
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
         required=True, metavar="ACTION"
@@ -114,6 +143,98 @@ def _policy_validate(args: argparse.Namespace) -> int:
             print(fault, file=sys.stderr)
         return 1
     print(f"{directory}: {len(policies.policies)} policies valid (version {policies.version_hash})")
+    return 0
+
+
+def _admin_url(args: argparse.Namespace) -> str:
+    settings = Settings()
+    return args.admin_url or f"http://{settings.admin_host}:{settings.admin_port}"
+
+
+def _local_bundle(args: argparse.Namespace) -> dict:
+    settings = Settings()
+    return read_bundle(
+        args.policies or settings.policies_dir, args.fallbacks or settings.fallbacks_dir
+    ).to_dict()
+
+
+def _call_admin(args: argparse.Namespace, method: str, path: str, body: dict | None = None):  # type: ignore[no-untyped-def]
+    """One admin API call; prints the problem and returns None when it fails."""
+    try:
+        response = httpx.request(method, _admin_url(args) + path, json=body, timeout=30)
+    except httpx.HTTPError as error:
+        print(f"{_admin_url(args)}: cannot reach the admin API: {error}", file=sys.stderr)
+        return None
+    if response.status_code >= 400:
+        problem = response.json() if "json" in response.headers.get("content-type", "") else {}
+        print(problem.get("detail") or problem.get("title") or response.text, file=sys.stderr)
+        for error in problem.get("errors", []):
+            print(error.get("detail", error), file=sys.stderr)
+        return None
+    return response.json()
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    result = _call_admin(args, "POST", "/admin/policies/diff", {"bundle": _local_bundle(args)})
+    if result is None:
+        return 1
+    print(result["diff"] or "no differences", end="" if result["diff"] else "\n")
+    return 0
+
+
+def _policy_apply(args: argparse.Namespace) -> int:
+    body = {"author": args.author, "bundle": _local_bundle(args)}
+    result = _call_admin(args, "POST", "/admin/policies", body)
+    if result is None:
+        return 1
+    print(f"applied version {result['version']} ({result['content_hash'][:12]})")
+    return 0
+
+
+def _policy_history(args: argparse.Namespace) -> int:
+    result = _call_admin(args, "GET", "/admin/policies/history")
+    if result is None:
+        return 1
+    for v in result:
+        print(f"{v['version']:>4}  {v['applied_at']}  {v['content_hash'][:12]}  "
+              f"{v['source']:<12} {v['author']}")  # fmt: skip
+    return 0
+
+
+def _policy_rollback(args: argparse.Namespace) -> int:
+    body = {"author": args.author, "version": args.version}
+    result = _call_admin(args, "POST", "/admin/policies/rollback", body)
+    if result is None:
+        return 1
+    print(f"version {args.version} applied again as version {result['version']}")
+    return 0
+
+
+def _policy_simulate(args: argparse.Namespace) -> int:
+    """Route recorded inputs by the running files and by the proposed ones; print changes."""
+    settings = Settings()
+    try:
+        contracts = load_contracts(settings.contracts_dir)
+        running = load_policies(settings.policies_dir, contracts, os.environ)
+        proposed = load_policies(args.proposed, contracts, os.environ)
+    except (ContractError, PolicyError) as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return 1
+    try:
+        inputs = [orjson.loads(line) for line in args.inputs.read_bytes().splitlines() if line]
+    except (OSError, orjson.JSONDecodeError) as error:
+        print(f"{args.inputs}: cannot be read as JSON lines: {error}", file=sys.stderr)
+        return 1
+
+    def tables(policies):  # type: ignore[no-untyped-def]
+        return {
+            m: compile_routes(p, contracts.models[m].feature_types)
+            for m, p in policies.policies.items()
+        }
+
+    report = simulate(tables(running), tables(proposed), inputs)
+    print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
