@@ -19,6 +19,7 @@ from gateway.api import audit, feedback, health, predictions
 from gateway.api.responses import problem_response
 from gateway.breaker_sync import BreakerSync
 from gateway.policy_manager import PolicyManager
+from gateway.policy_sync import PolicySync
 from gateway.problems import Problem
 from gateway.runtime import (
     Configuration,
@@ -111,6 +112,9 @@ def create_app(
         sync = _breaker_sync(settings, runtime)
         if sync is not None:
             await sync.start()
+        policy_sync = _policy_sync(settings, manager)
+        if policy_sync is not None:
+            await policy_sync.start()
         await runtime.refresh_readiness()
         tasks = [asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))]
         if settings.watch_policies:
@@ -122,6 +126,8 @@ def create_app(
                 task.cancel()
             if sync is not None:
                 await sync.stop()
+            if policy_sync is not None:
+                await policy_sync.stop()
             await runtime.close()
 
     app = FastAPI(
@@ -148,6 +154,12 @@ def _breaker_sync(settings: Settings, runtime: Runtime) -> BreakerSync | None:
     if not (settings.share_breaker_state and settings.redis_url):
         return None
     return BreakerSync(settings.redis_url, runtime.breakers)
+
+
+def _policy_sync(settings: Settings, manager: PolicyManager) -> PolicySync | None:
+    if not (settings.share_policies and settings.redis_url):
+        return None
+    return PolicySync(settings.redis_url, manager)
 
 
 def create_admin_app(gateway: FastAPI) -> FastAPI:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.policy_store import (
     Bundle,
@@ -35,6 +35,11 @@ class PolicyManager:
         self._env = env
         self._lock = asyncio.Lock()  # one change at a time; requests never wait on it
         self._disk_hash: str | None = None
+        self._on_applied: list[Callable[[PolicyVersion], Awaitable[None]]] = []
+
+    def on_applied(self, hook: Callable[[PolicyVersion], Awaitable[None]]) -> None:
+        """Await `hook(version)` after each version is applied (replica sync hooks in)."""
+        self._on_applied.append(hook)
 
     def start_from_disk(self) -> PolicyVersion:
         """Record the bundle the gateway started with as version 1."""
@@ -56,7 +61,7 @@ class PolicyManager:
         async with self._lock:
             current = self.history.current
             if current is not None and current.content_hash == bundle.content_hash:
-                return current
+                return current  # already running: nothing to apply or announce
             try:
                 config = await asyncio.to_thread(
                     load_bundle, bundle, self.runtime.settings, self._env
@@ -69,7 +74,9 @@ class PolicyManager:
             self.runtime.metrics.policy_reloads.labels("applied").inc()
             log.warning("policy applied", extra={**version.summary()})
             await self._audit("apply", version.summary())
-            return version
+        for hook in self._on_applied:
+            await hook(version)
+        return version
 
     async def rollback(self, number: int, author: str) -> PolicyVersion:
         """Apply an earlier version's bundle again, as a new version; KeyError if unknown."""

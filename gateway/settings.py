@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     cache_backend: Literal["memory", "redis"] = "memory"
     # Share breaker openings across replicas through `redis_url`.
     share_breaker_state: bool = False
+    # Share policy versions across replicas through `redis_url`: an apply on one reaches all.
+    share_policies: bool = False
 
     # The audit trail: rotated JSONL files with a hash chain, one record per answer.
     audit_dir: Path = Path("audit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,44 @@ def test_simulate_counts_who_would_change_arm(data_dirs, tmp_path, capsys, monke
     assert set(changes["moves"]) == {"control -> challenger"}
     assert 0.47 * 2000 <= changes["arm_changed"] <= 0.53 * 2000
     assert changes["target_changed"] == changes["arm_changed"]
+
+
+def test_apply_on_one_gateway_process_reaches_another_through_redis(
+    data_dirs, tmp_path, redis_server, monkeypatch
+):
+    """Two `aigw serve` processes share a redis-server: B serves A's apply within 1 s."""
+    import httpx
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_server.url).flushall()
+    common = {
+        "AIGW_TRITON_URL": f"127.0.0.1:{free_port()}",
+        "AIGW_CONTRACTS_DIR": str(data_dirs / "contracts"),
+        "AIGW_POLICIES_DIR": str(data_dirs / "policies"),
+        "AIGW_FALLBACKS_DIR": str(data_dirs / "fallbacks"),
+        "AIGW_REDIS_URL": redis_server.url,
+        "AIGW_SHARE_POLICIES": "true",
+        "AIGW_WATCH_POLICIES": "false",
+    }
+    admin_a = free_port()
+    a = GatewayProcess({**common, "AIGW_ADMIN_PORT": str(admin_a),
+                        "AIGW_AUDIT_DIR": str(tmp_path / "a")}, tmp_path / "a.log")  # fmt: skip
+    b = GatewayProcess({**common, "AIGW_ADMIN_PORT": str(free_port()),
+                        "AIGW_AUDIT_DIR": str(tmp_path / "b")}, tmp_path / "b.log")  # fmt: skip
+    try:
+        a.wait_until_live()
+        b.wait_until_live()
+        time.sleep(0.5)  # both subscribed to the policy channel
+        before = httpx.get(b.base_url + "/readyz").json()["checks"]["policies"]
+        proposed = proposed_copy(data_dirs, tmp_path)
+        args = ["--admin-url", f"http://127.0.0.1:{admin_a}", "--policies", str(proposed)]
+        assert main(["policy", "apply", *args, "--author", "ci"]) == 0
+        applied_at = time.monotonic()
+        seen = before
+        while seen == before and time.monotonic() - applied_at < 1.0:
+            seen = httpx.get(b.base_url + "/readyz").json()["checks"]["policies"]
+        after_a = httpx.get(a.base_url + "/readyz").json()["checks"]["policies"]
+    finally:
+        a.stop()
+        b.stop()
+    assert seen == after_a != before

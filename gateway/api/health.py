@@ -23,6 +23,9 @@ async def readiness(request: Request) -> Response:
     """Policies are loaded and every backend's pinned model is ready (probed off-path)."""
     runtime: Runtime = request.app.state.runtime
     checks = {"policies": runtime.policies.version_hash, **runtime.readiness}
+    manager = getattr(request.app.state, "policy_manager", None)
+    if manager is not None and manager.history.current is not None:
+        checks["policy_version"] = str(manager.history.current.number)
     status = 200 if runtime.ready else 503
     return json_response(
         {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status
