@@ -183,8 +183,8 @@ def read_complete_lines(
         read = 0
         while len(lines) < limit and read < max_bytes:
             line = file.readline()
-            if not line:
-                return lines, offset + read, True
+            if not line.endswith(b"\n"):
+                return lines, offset + read, not line
             lines.append(line)
             read += len(line)
         return lines, offset + read, False

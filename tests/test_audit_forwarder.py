@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import audit_forwarder as forwarder_module
 from gateway.audit import AuditLog, canonical_json, chained, segment_files, verify
 from gateway.audit_forwarder import (
     CURSOR_NAME,
@@ -165,6 +166,31 @@ async def test_a_line_without_its_newline_is_not_read(tmp_path):
     batch = read_batch(tmp_path, START, limit=100)
     assert len(batch.lines) == 3
     assert batch.end == Cursor(segment=1, offset=complete, seq=3)
+
+
+async def test_a_segment_sealed_during_a_read_is_not_left_before_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    """The writer sealing a segment and opening the next mid-read costs no line of the old one."""
+    await write_log(tmp_path, 3)
+    _, path = segment_files(tmp_path)[-1]
+    seal = b'{"sealed-while-reading":true}\n'
+    real_read = forwarder_module.read_complete_lines
+
+    def read_then_rotate(*args: Any) -> tuple[list[bytes], int, bool]:
+        read = real_read(*args)
+        if not (tmp_path / "audit-000002.jsonl").exists():
+            with path.open("ab") as file:
+                file.write(seal)
+            (tmp_path / "audit-000002.jsonl").touch()
+        return read
+
+    monkeypatch.setattr(forwarder_module, "read_complete_lines", read_then_rotate)
+    first = read_batch(tmp_path, START, limit=100)
+    second = read_batch(tmp_path, first.end, limit=100)
+    assert second.lines == [seal]
+    assert b"".join(first.lines + second.lines) == log_bytes(tmp_path)
+    assert second.end == Cursor(segment=2, offset=0, seq=3)
 
 
 def test_seq_gaps_allow_a_checkpoint_to_repeat_its_seq():
