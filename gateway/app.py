@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.api import admin as admin_api
 from gateway.api import audit, feedback, health, predictions
 from gateway.api.responses import problem_response
+from gateway.audit_forwarder import AuditForwarder
 from gateway.breaker_sync import BreakerSync
 from gateway.policy_manager import PolicyManager
 from gateway.policy_sync import PolicySync
@@ -105,6 +106,11 @@ def create_app(
         runtime = start_runtime(settings, config, metrics)
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
+        forwarder = None
+        if settings.audit_stream_url:
+            forwarder = AuditForwarder(settings.audit_dir, settings.audit_stream_url)
+            await forwarder.start()
+        runtime.audit_forwarder = forwarder
         app.state.runtime = runtime
         manager = PolicyManager(runtime, os.environ if env is None else env)
         manager.start_from_disk()
@@ -128,7 +134,9 @@ def create_app(
                 await sync.stop()
             if policy_sync is not None:
                 await policy_sync.stop()
-            await runtime.close()
+            await runtime.close()  # flushes the audit log to disk
+            if forwarder is not None:
+                await forwarder.stop()  # then ships what is on disk, if the sink is up
 
     app = FastAPI(
         title="Resilient AI Gateway",

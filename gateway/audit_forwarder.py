@@ -27,11 +27,13 @@ crash (or a failed pipeline that Redis had partly applied) between the two re-se
 batch on the next attempt. Consumers dedupe on (`replica`, `seq`, `type`); a replica's lines
 arrive in chain order, a re-sent run repeating lines already seen.
 
-Limits. One forwarder per log directory (two would ship everything twice). A line the forwarder
-shipped and the log later lost (a machine crash before the log's fsync, or a write the writer
-cut back after a failure) is logged as a seq gap when its number is reused; the stream then
-holds two different lines under one (replica, seq), which the chain hashes tell apart. A sealed
-segment that ends in a torn line (only tampering makes one) stalls shipping there rather than
+Limits. One forwarder per log directory (two would ship everything twice). Lines are read from
+the page cache, so a line can ship and then be lost by the log (a machine crash before its
+fsync, or a batch the writer cut back after a failed write); the log then reuses its seq. That
+is logged (the segment is shorter than the cursor, or seq steps back), the stream holds two
+different lines under one (replica, seq) that the chain hashes tell apart, and if the log had
+already grown past the old cursor a fragment of a line ships as type `unparseable`. A sealed
+segment ending in a torn line (only tampering makes one) stalls shipping there rather than
 skipping bytes; `pending_bytes()` shows it and `verify` names it.
 """
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import orjson
 import uvicorn
 
 from gateway.audit import verify
+from gateway.auth import PERMISSIONS, KeysFileError, add_key, list_keys, revoke_key
 from gateway.contracts import ContractError, check_contracts, load_contracts
 from gateway.logs import configure_logging
 from gateway.policy import PolicyError, load_policies
@@ -30,8 +32,10 @@ from gateway.rules import FallbackError, load_fallbacks
 from gateway.settings import Settings
 from gateway.simulation import simulate
 
+DEMO_KEY = "demo-key"
 DEMO_CURL = (
-    "curl -s localhost:{port}/v1/predictions -H 'Content-Type: application/json' "
+    "curl -s localhost:{port}/v1/predictions -H 'Authorization: Bearer demo-key' "
+    "-H 'Content-Type: application/json' "
     """-d '{{"model_id":"customer-churn","features":{{"customer_id":"12345","""
     """"tenure_months":24,"monthly_charges":89.99}}}}'"""
 )
@@ -87,6 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--inputs", type=Path, required=True, help="JSONL requests or audit")
     simulate.set_defaults(handler=_policy_simulate)
 
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="make a key for a tenant; shown once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--permissions", default="predict",
+        help=f"comma-separated, of: {', '.join(PERMISSIONS)} (default: predict)",
+    )  # fmt: skip
+    listing = keys.add_parser("list", help="list keys (ids, tenants, permissions)")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    for action, handler in ((create, _keys_create), (listing, _keys_list), (revoke, _keys_revoke)):
+        action.add_argument("--file", type=Path, help="keys file (default: AIGW_KEYS_FILE)")
+        action.set_defaults(handler=handler)
+
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
         required=True, metavar="ACTION"
     )
@@ -111,6 +131,57 @@ def _contracts_check(args: argparse.Namespace) -> int:
     if not faults:
         print(f"{directory}: every contract is valid OpenAPI 3.1")
     return 1 if faults else 0
+
+
+def _keys_file(args: argparse.Namespace) -> Path | None:
+    path = args.file or Settings().keys_file
+    if path is None:
+        print("no keys file: pass --file or set AIGW_KEYS_FILE", file=sys.stderr)
+    return path
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    path = _keys_file(args)
+    permissions = [p.strip() for p in args.permissions.split(",") if p.strip()]
+    unknown = [p for p in permissions if p not in PERMISSIONS]
+    if path is None or unknown or not permissions:
+        if unknown:
+            print(f"--permissions: unknown: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        key_id, key = add_key(path, args.tenant, permissions)
+    except (KeysFileError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"created {key_id} for tenant {args.tenant} ({', '.join(permissions)})")
+    print(f"key (shown once, store it now): {key}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    path = _keys_file(args)
+    if path is None:
+        return 2
+    try:
+        entries = list_keys(path)
+    except KeysFileError as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return 1
+    for entry in entries:
+        print(f"{entry.id}  {entry.tenant}  {','.join(entry.permissions)}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    path = _keys_file(args)
+    if path is None:
+        return 2
+    if not revoke_key(path, args.key_id):
+        print(f"{args.key_id}: no such key", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -302,8 +373,11 @@ def _demo(args: argparse.Namespace) -> int:
     triton.start()
     try:
         env = {**os.environ, "AIGW_TRITON_URL": triton.http_url}
-        settings = Settings(port=args.port)
+        keys_file = Path(tempfile.mkdtemp(prefix="aigw-demo-")) / "keys.yaml"
+        add_key(keys_file, "demo", list(PERMISSIONS), key=DEMO_KEY)
+        settings = Settings(port=args.port, keys_file=keys_file)
         print(f"Triton ready at {triton.http_url}; gateway on http://127.0.0.1:{args.port}")
+        print(f"API key of the demo tenant (all permissions): {DEMO_KEY}")
         print("try:\n  " + DEMO_CURL.format(port=args.port), flush=True)
         return _run_gateway(settings, env)
     except KeyboardInterrupt:

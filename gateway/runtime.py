@@ -11,17 +11,20 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pybreaker
 from pydantic import SecretStr
 
 from gateway.audit import AuditLog
+from gateway.auth import KeyStore
 from gateway.backends.triton import TritonBackend
 from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
 from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
+from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter
 from gateway.resilience import Breaker, Bulkhead, RetryBudget
 from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
@@ -111,6 +114,9 @@ class Runtime:
     readiness: dict[str, str] = field(default_factory=dict)
     audit: AuditLog | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    key_store: KeyStore | None = None
+    audit_forwarder: Any = None  # AuditForwarder when the audit log is shipped to a stream
+    rate_limiter: MemoryRateLimiter | RedisRateLimiter = field(default_factory=MemoryRateLimiter)
     _retired: list[ModelRuntime] = field(default_factory=list)
 
     @property
@@ -187,6 +193,7 @@ class Runtime:
         backends = {id(g.backend): g.backend for m in models for g in _all_guards(m)}
         await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
         await self.cache.close()
+        await self.rate_limiter.close()
         if self.audit is not None:
             await self.audit.close()  # flushes and fsyncs every record
 
@@ -197,7 +204,16 @@ def start_runtime(
     """Build the live parts; call inside the event loop (clients bind to it)."""
     metrics = metrics or Metrics()
     snapshot = build_snapshot(config, metrics)
-    return Runtime(settings, snapshot, cache=_cache(settings, config), metrics=metrics)
+    runtime = Runtime(settings, snapshot, cache=_cache(settings, config), metrics=metrics)
+    if settings.keys_file is not None:
+        runtime.key_store = KeyStore(settings.keys_file)
+    else:
+        log.warning("authentication is off: set AIGW_KEYS_FILE to require API keys")
+    if settings.rate_limit_backend == "redis":
+        if not settings.redis_url:
+            raise ValueError("AIGW_RATE_LIMIT_BACKEND=redis needs AIGW_REDIS_URL")
+        runtime.rate_limiter = RedisRateLimiter(settings.redis_url)
+    return runtime
 
 
 def build_snapshot(

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     watch_policies: bool = True
     watch_interval_s: float = Field(default=1.0, gt=0)
 
+    # API keys (hashes only) and tenants' rate limits. Unset: authentication is off.
+    keys_file: Path | None = None
+    # Where tenants' token buckets live: `memory` (per replica) or `redis` (shared).
+    rate_limit_backend: Literal["memory", "redis"] = "memory"
+
     # Hostile-input limits: checked before any parsing work is spent on a body.
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
     max_json_depth: int = Field(default=32, ge=2)
@@ -54,6 +59,9 @@ class Settings(BaseSettings):
     # Key of the keyed hash that pseudonymises `x-pii` features, and key of the rotation
     # checkpoints' MAC. Unset: a random key per process (pseudonyms then differ across
     # restarts and checkpoints can only be checked by this process): set both in production.
+    # Redis URL of a stream (`aigw:audit`) to which the local log is shipped; the local log is
+    # the spill while that Redis is down. Unset: records stay in local files only.
+    audit_stream_url: str | None = None
     audit_key: SecretStr | None = None
     audit_checkpoint_key: SecretStr | None = None
 

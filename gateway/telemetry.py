@@ -72,6 +72,10 @@ class Metrics:
             "aigw_policy_reloads", "Policy changes, applied or refused as invalid.",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.rate_limited = Counter(
+            "aigw_rate_limited_requests", "Requests refused for a tenant's rate limit.",
+            ["tenant"], registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "aigw_rejected_requests", "Requests refused with a problem, by status.",
             ["status"], registry=r,
@@ -143,6 +147,14 @@ class _RuntimeCollector(Collector):
             yield _counter("aigw_audit_write_errors", "Audit write failures.", audit.write_errors)
             yield _counter("aigw_audit_refused", "Answers refused: no audit record possible.",
                            getattr(audit, "refused", 0))  # fmt: skip
+        forwarder = getattr(runtime, "audit_forwarder", None)
+        if forwarder is not None:
+            yield _counter("aigw_audit_forwarded", "Audit lines shipped to the stream.",
+                           forwarder.forwarded)  # fmt: skip
+            yield _counter("aigw_audit_forward_errors", "Failed attempts to ship audit lines.",
+                           forwarder.errors)  # fmt: skip
+            yield _gauge("aigw_audit_spill_bytes", "Audit bytes on local disk not yet shipped.",
+                         {}, forwarder.pending_bytes())  # fmt: skip
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

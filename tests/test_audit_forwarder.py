@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import audit_forwarder as forwarder_module
-from gateway.audit import AuditLog, canonical_json, chained, segment_files, verify
+from gateway.audit import AuditLog, canonical_json, chained, checkpoint, segment_files, verify
 from gateway.audit_forwarder import (
     CURSOR_NAME,
     START,
@@ -174,7 +174,8 @@ async def test_a_segment_sealed_during_a_read_is_not_left_before_its_checkpoint(
     """The writer sealing a segment and opening the next mid-read costs no line of the old one."""
     await write_log(tmp_path, 3)
     _, path = segment_files(tmp_path)[-1]
-    seal = b'{"sealed-while-reading":true}\n'
+    last = orjson.loads(path.read_bytes().splitlines()[-1])
+    seal = canonical_json(checkpoint(path.name, 3, last["hash"], 3, KEY)) + b"\n"
     real_read = forwarder_module.read_complete_lines
 
     def read_then_rotate(*args: Any) -> tuple[list[bytes], int, bool]:
@@ -186,7 +187,8 @@ async def test_a_segment_sealed_during_a_read_is_not_left_before_its_checkpoint(
         return read
 
     monkeypatch.setattr(forwarder_module, "read_complete_lines", read_then_rotate)
-    first = read_batch(tmp_path, START, limit=100)
+    first = read_batch(tmp_path, Cursor(segment=1, offset=0, seq=0), limit=100)
+    assert len(first.lines) == 3
     second = read_batch(tmp_path, first.end, limit=100)
     assert second.lines == [seal]
     assert b"".join(first.lines + second.lines) == log_bytes(tmp_path)

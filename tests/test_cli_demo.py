@@ -49,10 +49,12 @@ def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_for_ready(base_url, demo)
+        auth = {"Authorization": "Bearer demo-key"}
         answers = [
-            httpx.post(base_url + "/v1/predictions", json=README_REQUEST, timeout=5)
+            httpx.post(base_url + "/v1/predictions", json=README_REQUEST, headers=auth, timeout=5)
             for _ in range(3)
         ]
+        anonymous = httpx.post(base_url + "/v1/predictions", json=README_REQUEST, timeout=5)
         demo.send_signal(signal.SIGINT)
         code = demo.wait(timeout=60)
     finally:
@@ -70,7 +72,8 @@ def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path
         "prediction_id", "served_by", "degraded", "arm",
     }  # fmt: skip
     assert len({(a.json()["prediction"], a.json()["probability"]) for a in answers}) == 1
-    assert "curl -s localhost:" in output
+    assert "curl -s localhost:" in output and "Bearer demo-key" in output
+    assert anonymous.status_code == 401  # the demo runs with authentication on
     assert code == 0
     assert not port_is_open(port) and not port_is_open(triton_port)
     assert not process_group_members(demo.pid), "Triton outlived the demo"

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from gateway.api.access import authorize
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.policy_manager import PolicyManager
 from gateway.policy_store import Bundle, BundleError, bundle_diff
 from gateway.problems import FieldError, Problem
 
-router = APIRouter(prefix="/admin")
+
+async def require_admin(request: Request) -> None:
+    await authorize(request, "admin")
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 MAX_ADMIN_BODY_BYTES = 4 * 1024 * 1024
 MAX_AUTHOR_LENGTH = 128

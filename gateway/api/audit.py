@@ -8,6 +8,7 @@ import re
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.api.access import authorize
 from gateway.api.responses import json_response
 from gateway.audit import find_record
 from gateway.problems import Problem
@@ -21,11 +22,16 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 @router.get("/v1/predictions/{prediction_id}")
 async def explain_prediction(request: Request, prediction_id: str) -> Response:
     """Which arm, which steps were tried and why, which rule matched, what was answered."""
+    principal = await authorize(request, "audit:read")
     runtime: Runtime = request.app.state.runtime
     if not _UUID.match(prediction_id):
         raise Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")
     # A scan of the log files: off the event loop, as it reads disk.
     record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
-    if record is None or record.get("type") != "prediction":
+    if (
+        record is None
+        or record.get("type") != "prediction"
+        or record.get("tenant") != principal.tenant  # another tenant's record: not found
+    ):
         raise Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")
     return json_response(record)

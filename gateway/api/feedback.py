@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.api.access import authorize
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.problems import FieldError, Problem
@@ -16,6 +17,7 @@ router = APIRouter()
 @router.post("/v1/feedback")
 async def record_feedback(request: Request) -> Response:
     """Tie a real outcome to a recent prediction, for the experiment's outcome statistics."""
+    principal = await authorize(request, "feedback")
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     check_media_type(request.headers.get("content-type"))
@@ -31,7 +33,7 @@ async def record_feedback(request: Request) -> Response:
         )  # fmt: skip
     prediction_id, outcome = payload["prediction_id"], payload["outcome"]
     decision = runtime.experiments.decision(prediction_id)
-    if decision is None:
+    if decision is None or decision.tenant != principal.tenant:  # another tenant's: not found
         raise Problem(
             404, "unknown-prediction", "Unknown prediction", "no recent prediction has this id"
         )
@@ -53,6 +55,7 @@ async def record_feedback(request: Request) -> Response:
 @router.get("/v1/experiments/{model_id}")
 async def experiment_report(request: Request, model_id: str) -> Response:
     """Per arm: requests, latency, fallback rate, outcomes and shadow agreement, with 95% CIs."""
+    await authorize(request, "audit:read")
     runtime: Runtime = request.app.state.runtime
     policy = runtime.policies.get(model_id)
     if policy is None:

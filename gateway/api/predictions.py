@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.api.access import authorize
 from gateway.api.responses import json_response
 from gateway.audit import AuditUnavailable
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
@@ -18,8 +19,7 @@ from gateway.runtime import Runtime
 router = APIRouter()
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
-DEFAULT_TENANT = "default"  # until API keys name a tenant
-_PRIVATE_HEADERS = frozenset({"x-api-key"})
+_PRIVATE_HEADERS = frozenset({"x-api-key"})  # never offered to route conditions
 MAX_CALLER_TIMEOUT_MS = 600_000
 _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 
@@ -27,6 +27,7 @@ _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 @router.post("/v1/predictions")
 async def create_prediction(request: Request) -> Response:
     started = time.monotonic()
+    principal = await authorize(request, "predict")
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     caller_timeout_ms = caller_timeout(request.headers.get(TIMEOUT_HEADER))
@@ -51,7 +52,7 @@ async def create_prediction(request: Request) -> Response:
         model_id=model_id,
         features=runtime.contracts.models[model_id].canonical_features(payload["features"]),
         headers=routing_headers(request.headers),
-        tenant=DEFAULT_TENANT,
+        tenant=principal.tenant,
         caller_timeout_ms=caller_timeout_ms,
         use_cache=not bypasses_cache(request.headers.get("cache-control")),
         started=started,

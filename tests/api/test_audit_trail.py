@@ -121,3 +121,30 @@ async def test_aigw_audit_verify_names_the_place_of_tampering(
     capsys.readouterr()
     assert main(["audit", "verify", str(tmp_path)]) == 1
     assert f"{segment.name}:3:" in capsys.readouterr().err
+
+
+async def test_records_are_shipped_to_the_redis_stream(gateway_client, tmp_path, redis_server):
+    """With AIGW_AUDIT_STREAM_URL, every record reaches the shared stream, in order."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    stream = aioredis.from_url(redis_server.url)
+    await stream.delete("aigw:audit")
+    try:
+        async with gateway_client(
+            env=nowhere(), audit_dir=tmp_path, audit_stream_url=redis_server.url
+        ) as client:
+            answers = [
+                (await client.post("/v1/predictions", json=churn_request(f"s-{i}", i))).json()
+                for i in range(5)
+            ]
+            for _ in range(100):
+                if await stream.xlen("aigw:audit") >= 5:
+                    break
+                await asyncio.sleep(0.05)
+        entries = await stream.xrange("aigw:audit")
+    finally:
+        await stream.aclose()
+    shipped = [json.loads(fields[b"line"])["prediction_id"] for _, fields in entries]
+    assert shipped == [a["prediction_id"] for a in answers]
