@@ -31,6 +31,7 @@ from gateway.runtime import (
 )
 from gateway.settings import Settings
 from gateway.telemetry import Metrics
+from gateway.tracing import tracing_from
 
 log = logging.getLogger("gateway.app")
 
@@ -120,10 +121,11 @@ def create_app(
     settings = settings or Settings()
     config = config or load_configuration(settings, os.environ if env is None else env)
     metrics = Metrics()
+    tracing = tracing_from(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = start_runtime(settings, config, metrics)
+        runtime = start_runtime(settings, config, metrics, tracing)
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
         forwarder = None
@@ -157,6 +159,7 @@ def create_app(
             await runtime.close()  # flushes the audit log to disk
             if forwarder is not None:
                 await forwarder.stop()  # then ships what is on disk, if the sink is up
+            tracing.shutdown()  # exports the spans still batched
 
     app = FastAPI(
         title="Resilient AI Gateway",
@@ -166,6 +169,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.metrics = metrics
+    app.state.tracing = tracing
     metrics.watch(lambda: getattr(app.state, "runtime", None))
     app.include_router(predictions.router)
     app.include_router(audit.router)

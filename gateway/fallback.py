@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +92,10 @@ class ChainContext:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Told of every backend call: (target, outcome, seconds); metrics hook in here.
     observe_call: Callable[[str, str, float], None] | None = None
+    # Opens a span named for a step (tracing hooks in here); no-op by default.
+    span: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext()
+    # Headers for an outgoing backend call from the current span (W3C trace context).
+    outgoing_headers: Callable[[], Mapping[str, str]] = dict
 
 
 async def run_chain(
@@ -106,7 +111,8 @@ async def run_chain(
     for step in chain:
         if step == DEFAULT_STEP:
             break
-        result = await _run_step(step, chain[0], policy, features, deadline, ctx, steps)
+        with ctx.span(f"chain.{step}"):
+            result = await _run_step(step, chain[0], policy, features, deadline, ctx, steps)
         if result is not None:
             return result
     default = ctx.fallbacks.default
@@ -189,7 +195,8 @@ async def call_target(
         attempts += 1
         call_started = ctx.clock()
         try:
-            probability = await guard.backend.predict(features, budget, ctx.headers)
+            headers = {**ctx.headers, **ctx.outgoing_headers()}
+            probability = await guard.backend.predict(features, budget, headers)
         except BackendError as error:
             outcome = Outcome.IGNORED if isinstance(error, BackendRejected) else Outcome.FAILURE
             if ctx.observe_call is not None:

@@ -8,6 +8,8 @@ import time
 
 import orjson
 
+from gateway.tracing import current_trace_id
+
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -20,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            event["trace_id"] = trace_id
         event.update((k, v) for k, v in vars(record).items() if k not in _STANDARD_ATTRIBUTES)
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)

@@ -23,6 +23,7 @@ from gateway.policy import Policy
 from gateway.resilience import Deadline, request_budget_ms
 from gateway.routing import Assignment
 from gateway.runtime import ModelRuntime, Runtime, Snapshot
+from gateway.tracing import trace_headers
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PredictionInput:
     use_cache: bool
     started: float
     request_id: str = ""
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
         request.features, request.headers, request.tenant, prediction_id
     )
     key = _key(snapshot, policy, assignment, request)
-    cached = await runtime.cache.get(key) if key and request.use_cache else None
+    with runtime.tracing.span("cache.lookup"):
+        cached = await runtime.cache.get(key) if key and request.use_cache else None
     if key:
         runtime.metrics.observe_cache(_cache_event(cached, request.use_cache))
     if cached is not None:
@@ -119,6 +122,7 @@ def audit_record(contract_version: str, request: PredictionInput, answer: Answer
         "prediction_id": answer.prediction_id,
         "time": datetime.now(UTC).isoformat(timespec="microseconds"),
         "request_id": request.request_id,
+        "trace_id": request.trace_id,
         "tenant": request.tenant,
         "model_id": request.model_id,
         "contract_version": contract_version,
@@ -159,6 +163,8 @@ async def _walk(
         stale_lookup=_stale_lookup(runtime, key),
         margin_s=runtime.settings.response_margin_ms / 1000,
         observe_call=runtime.metrics.observe_backend_call,
+        span=runtime.tracing.span,
+        outgoing_headers=trace_headers,
     )
     deadline = Deadline.after(budget_ms / 1000, request.started)
     result = await run_chain(policy, request.features, deadline, ctx, chain=assignment.arm.chain)

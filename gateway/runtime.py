@@ -31,6 +31,7 @@ from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
 from gateway.telemetry import BREAKER_STATES, Metrics
+from gateway.tracing import Tracing, tracing_from
 
 log = logging.getLogger("gateway.runtime")
 
@@ -116,6 +117,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     key_store: KeyStore | None = None
     audit_forwarder: Any = None  # AuditForwarder when the audit log is shipped to a stream
+    tracing: Tracing = field(default_factory=lambda: tracing_from(Settings()))
     rate_limiter: MemoryRateLimiter | RedisRateLimiter = field(default_factory=MemoryRateLimiter)
     _retired: list[ModelRuntime] = field(default_factory=list)
 
@@ -199,12 +201,18 @@ class Runtime:
 
 
 def start_runtime(
-    settings: Settings, config: Configuration, metrics: Metrics | None = None
+    settings: Settings,
+    config: Configuration,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> Runtime:
     """Build the live parts; call inside the event loop (clients bind to it)."""
     metrics = metrics or Metrics()
     snapshot = build_snapshot(config, metrics)
-    runtime = Runtime(settings, snapshot, cache=_cache(settings, config), metrics=metrics)
+    runtime = Runtime(
+        settings, snapshot, cache=_cache(settings, config), metrics=metrics,
+        tracing=tracing or tracing_from(settings),
+    )  # fmt: skip
     if settings.keys_file is not None:
         runtime.key_store = KeyStore(settings.keys_file)
     else:

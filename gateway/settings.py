@@ -66,4 +66,9 @@ class Settings(BaseSettings):
     audit_key: SecretStr | None = None
     audit_checkpoint_key: SecretStr | None = None
 
+    # Tracing: `none` makes and propagates trace ids without exporting them.
+    trace_exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "aigw"
+
     log_level: str = "info"

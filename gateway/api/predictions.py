@@ -15,6 +15,7 @@ from gateway.body import check_declared_length, check_media_type, parse_json, re
 from gateway.pipeline import PredictionInput, predict
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
+from gateway.tracing import current_trace_id
 
 router = APIRouter()
 
@@ -27,6 +28,11 @@ _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 @router.post("/v1/predictions")
 async def create_prediction(request: Request) -> Response:
     started = time.monotonic()
+    with request.app.state.tracing.request_span("POST /v1/predictions", request.headers):
+        return await _create_prediction(request, started)
+
+
+async def _create_prediction(request: Request, started: float) -> Response:
     principal = await authorize(request, "predict")
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
@@ -35,7 +41,8 @@ async def create_prediction(request: Request) -> Response:
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     body = await read_limited(request.stream(), settings.max_body_bytes)
     payload = parse_json(body, settings.max_json_depth)
-    violations = runtime.contracts.violations(payload)
+    with runtime.tracing.span("validate"):
+        violations = runtime.contracts.violations(payload)
     if violations:
         raise Problem(
             422,
@@ -57,6 +64,7 @@ async def create_prediction(request: Request) -> Response:
         use_cache=not bypasses_cache(request.headers.get("cache-control")),
         started=started,
         request_id=request.scope.get("state", {}).get("request_id", ""),
+        trace_id=current_trace_id(),
     )
     try:
         answer = await predict(runtime, request_input)

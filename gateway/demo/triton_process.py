@@ -190,6 +190,7 @@ class TritonProcess:
         metrics_port: int | None = None,
         control_file: Path | None = None,
         log_path: Path | None = None,
+        received_log: Path | None = None,
     ) -> None:
         """Pick free loopback ports for any port left as None; nothing is started yet."""
         taken: set[int] = set()
@@ -205,6 +206,8 @@ class TritonProcess:
         self.grpc_port = _pick(grpc_port)
         self.metrics_port = _pick(metrics_port)
         self.control_file = Path(control_file) if control_file is not None else None
+        # Each request the models receive appends `<model> <traceparent>` here, when set.
+        self.received_log = Path(received_log) if received_log is not None else None
         # Without log_path, a temp log is made at start() and deleted by stop() (kept by kill(),
         # so a crashed run can still be inspected before restart() or stop()).
         self._log_path: Path | None = Path(log_path) if log_path is not None else None
@@ -313,6 +316,8 @@ class TritonProcess:
             ]
             if self.control_file is not None:
                 cmd += ["--control-file", str(self.control_file)]
+            if self.received_log is not None:
+                cmd += ["--received-log", str(self.received_log)]
             self._proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,

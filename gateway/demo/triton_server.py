@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -132,13 +132,19 @@ class ControlFile:
 
 
 def make_infer_fn(
-    model_name: str, model: ProbabilisticClassifier, control: ControlFile
-) -> Callable[..., dict[str, np.ndarray]]:
-    """Build the ``@batch`` infer function PyTriton binds for one model."""
-    from pytriton.decorators import batch
+    model_name: str,
+    model: ProbabilisticClassifier,
+    control: ControlFile,
+    received_log: Path | None = None,
+) -> Callable[..., list[dict[str, np.ndarray]]]:
+    """Build the infer function PyTriton binds for one model.
 
-    @batch
-    def infer(features: np.ndarray) -> dict[str, np.ndarray]:
+    It takes the dynamic batcher's requests itself (not `@batch`) so it can see each one's
+    forwarded `traceparent` header: with `received_log`, one line per request is appended,
+    `<model> <traceparent or ->`, which is how tests see what Triton received.
+    """
+
+    def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         state = control.read()
         if state.mode != "ok" and state.applies_to(model_name):
             if state.delay_ms > 0:
@@ -147,9 +153,28 @@ def make_infer_fn(
                 time.sleep(state.delay_ms / 1000.0)
             if state.mode == "error":
                 raise InjectedFaultError(f"injected failure for {model_name} (control file)")
-        return {"probability": churn_probability(model, features)}
+        if received_log is not None:
+            _record_received(received_log, model_name, requests)
+        sizes = [len(request["features"]) for request in requests]
+        probabilities = churn_probability(
+            model, np.concatenate([request["features"] for request in requests])
+        )
+        answers, start = [], 0
+        for size in sizes:
+            answers.append({"probability": probabilities[start : start + size]})
+            start += size
+        return answers
 
     return infer
+
+
+def _record_received(path: Path, model_name: str, requests: list[Any]) -> None:
+    lines = "".join(
+        f"{model_name} {(getattr(r, 'parameters', None) or {}).get('traceparent', '-')}\n"
+        for r in requests
+    )
+    with path.open("a", encoding="utf-8") as log:
+        log.write(lines)
 
 
 def build_triton(
@@ -159,6 +184,7 @@ def build_triton(
     workspace: Path,
     models: ChurnModels,
     control: ControlFile,
+    received_log: Path | None = None,
 ) -> Triton:
     """Create the (not yet started) PyTriton server with both models bound."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -172,6 +198,8 @@ def build_triton(
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         exit_timeout_secs=2,
+        # Forward the W3C trace context to the model as a request parameter.
+        http_header_forward_pattern="traceparent",
         allow_gpu_metrics=False,  # CPU-only demo; avoids NVML probing noise
         # Readiness must mean "all models loaded", which is what the launcher polls for.
         strict_readiness=True,
@@ -192,7 +220,7 @@ def build_triton(
         triton.bind(
             model_name=name,
             model_version=1,
-            infer_func=make_infer_fn(name, model, control),
+            infer_func=make_infer_fn(name, model, control, received_log),
             inputs=[Tensor(name="features", dtype=np.float32, shape=(2,))],
             outputs=[Tensor(name="probability", dtype=np.float32, shape=(1,))],
             config=model_config,
@@ -208,6 +236,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--control-file", type=Path, default=None)
+    parser.add_argument(
+        "--received-log", type=Path, default=None,
+        help="append `<model> <traceparent>` per request received (for tests)",
+    )  # fmt: skip
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -312,8 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOGGER.info("trained churn models in %.2fs", time.perf_counter() - t0)
         control = ControlFile(args.control_file)
         triton = build_triton(
-            args.http_port, args.grpc_port, args.metrics_port, workspace, models, control
-        )
+            args.http_port, args.grpc_port, args.metrics_port, workspace, models, control,
+            args.received_log,
+        )  # fmt: skip
         threading.Thread(
             target=_watch_startup,
             args=(triton, serving, startup_failed),

@@ -35,7 +35,11 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
 def breakable_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     """A Triton of this module's own, which its tests may kill, freeze or make misbehave."""
     root = tmp_path_factory.mktemp("breakable-triton")
-    process = TritonProcess(control_file=root / "control.json", log_path=root / "triton.log")
+    process = TritonProcess(
+        control_file=root / "control.json",
+        log_path=root / "triton.log",
+        received_log=root / "received.log",
+    )
     process.start()
     yield process
     process.stop()
