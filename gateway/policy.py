@@ -123,6 +123,13 @@ class BreakerConfig(_Strict):
         return self
 
 
+class BatchingConfig(_Strict):
+    """Micro-batching: concurrent rows within `max_delay_ms` go to Triton as one batch."""
+
+    max_delay_ms: float = Field(default=1.0, gt=0, le=10)
+    max_batch: int = Field(default=32, ge=2, le=1024)
+
+
 class TritonTarget(_Strict):
     """One model on one Triton server, pinned to a version."""
 
@@ -136,6 +143,7 @@ class TritonTarget(_Strict):
     output: TensorOutput = TensorOutput()
     max_concurrency: int = Field(default=64, ge=1)
     breaker: BreakerConfig = BreakerConfig()
+    batching: BatchingConfig | None = None
 
 
 class RetryConfig(_Strict):

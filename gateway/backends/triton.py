@@ -24,6 +24,7 @@ from gateway.backends import (
     BackendTimeout,
     BackendUnavailable,
 )
+from gateway.batching import MicroBatcher
 from gateway.policy import TritonTarget
 
 _NUMPY_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
@@ -64,6 +65,12 @@ class TritonBackend:
             url=target.url, conn_limit=target.max_concurrency, conn_timeout=60.0
         )
         self._outputs = [triton_http.InferRequestedOutput(target.output.name, binary_data=True)]
+        batching = target.batching
+        self._batcher = (
+            MicroBatcher(self._infer, batching.max_batch, batching.max_delay_ms / 1000)
+            if batching is not None
+            else None
+        )
 
     async def predict(
         self,
@@ -72,7 +79,17 @@ class TritonBackend:
         headers: Mapping[str, str] | None = None,
     ) -> float:
         """Probability for one input, or a BackendError subclass saying what went wrong."""
-        arrays = build_tensors(self.target, features)
+        rows = build_tensors(self.target, features)
+        if self._batcher is not None:
+            output = await self._batcher.submit(rows, timeout_s, headers)
+        else:
+            output = await self._infer(rows, timeout_s, headers)
+        return read_probability(output, self.target)
+
+    async def _infer(
+        self, arrays: Mapping[str, np.ndarray], timeout_s: float, headers: Mapping[str, str] | None
+    ) -> np.ndarray:
+        """One Triton call for a batch of rows; the output tensor, one row per input row."""
         inputs = []
         for spec in self.target.inputs:
             tensor = triton_http.InferInput(spec.name, list(arrays[spec.name].shape), spec.dtype)
@@ -94,7 +111,10 @@ class TritonBackend:
             raise _translate(error) from None
         except (aiohttp.ClientError, OSError) as error:
             raise BackendUnavailable(type(error).__name__) from None
-        return read_probability(result.as_numpy(self.target.output.name), self.target)
+        output = result.as_numpy(self.target.output.name)
+        if output is None:
+            raise BackendError(f"output {self.target.output.name!r} missing from the answer")
+        return output
 
     async def is_ready(self, timeout_s: float = 1.0) -> bool:
         """Whether Triton reports the pinned model version ready to serve."""
@@ -109,6 +129,8 @@ class TritonBackend:
             return False
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
         await self._client.close()
 
 

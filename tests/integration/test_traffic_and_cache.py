@@ -148,3 +148,18 @@ async def test_healthy_shadow_agreement_is_reported(gateway_client, triton, shad
             await asyncio.sleep(0.05)
     assert shadow["compared"] >= 10  # some may be dropped or fail on a busy machine
     assert 0.0 <= shadow["agreement"] <= 1.0
+
+
+async def test_concurrent_misses_are_micro_batched_into_few_triton_calls(gateway_client, triton):
+    """40 concurrent distinct requests reach Triton in a handful of batched calls."""
+    requests = [request_for(f"batch-{uuid.uuid4()}", tenure=i % 60) for i in range(40)]
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
+        before = sum(triton_successes(triton, m) for m in ("churn_gbm", "churn_gbm_v2"))
+        responses = await asyncio.gather(
+            *(client.post("/v1/predictions", json=r) for r in requests)
+        )
+    bodies = [r.json() for r in responses]
+    calls = sum(triton_successes(triton, m) for m in ("churn_gbm", "churn_gbm_v2")) - before
+    assert all(b["served_by"] in ("churn-gbm", "churn-gbm-v2") for b in bodies)
+    assert len({b["probability"] for b in bodies}) > 10  # each row got its own answer back
+    assert calls < 20, f"{calls} Triton calls for 40 requests"

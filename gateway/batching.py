@@ -1,0 +1,113 @@
+"""Micro-batching: concurrent calls to one target become one call with a batch dimension.
+
+Rows that arrive within `max_delay_s` of the first (or until `max_batch` rows) are sent
+together and the answer is split back, row by row. Each row keeps its own deadline: a
+batch that answers too late for one row is a timeout for that row only. When Triton
+refuses a batch as malformed, every row is sent again on its own, so one bad row never
+fails its batch-mates; any other failure (a timeout, a 5xx) is the target's, and is every
+row's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.backends import BackendRejected, BackendTimeout
+
+Rows = dict[str, np.ndarray]
+Send = Callable[[Rows, float, Mapping[str, str] | None], Awaitable[np.ndarray]]
+
+
+@dataclass
+class _Pending:
+    row: Rows
+    future: asyncio.Future
+    expires_at: float
+    headers: Mapping[str, str] | None
+
+
+def stack_rows(rows: list[Rows]) -> Rows:
+    """One array per input tensor, the rows stacked along the batch dimension."""
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+
+
+class MicroBatcher:
+    """Collects rows for one target and sends them as batches."""
+
+    def __init__(self, send: Send, max_batch: int, max_delay_s: float) -> None:
+        self._send = send
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._pending: list[_Pending] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.batches = 0
+        self.rows = 0
+
+    async def submit(
+        self, row: Rows, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> np.ndarray:
+        """This row's output, once its batch answers; BackendTimeout past `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(row, loop.create_future(), time.monotonic() + timeout_s, headers)
+        self._pending.append(pending)
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay_s, self._flush)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(pending.future)
+        except TimeoutError:
+            raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.ensure_future(self._send_batch(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_batch(self, batch: list[_Pending]) -> None:
+        self.batches += 1
+        self.rows += len(batch)
+        # The batch may take as long as its most patient row; each row stops waiting at its own.
+        timeout_s = max(0.001, max(p.expires_at for p in batch) - time.monotonic())
+        try:
+            output = await self._send(
+                stack_rows([p.row for p in batch]), timeout_s, batch[0].headers
+            )
+        except BackendRejected:
+            if len(batch) == 1:
+                _fail(batch[0], BackendRejected("triton refused the row"))
+                return
+            await asyncio.gather(*(self._send_batch([p]) for p in batch))
+            return
+        except Exception as error:  # the target's failure is every row's
+            for pending in batch:
+                _fail(pending, error)
+            return
+        for index, pending in enumerate(batch):
+            if not pending.future.done():
+                pending.future.set_result(output[index : index + 1])
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _fail(pending: _Pending, error: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)
+        pending.future.exception()  # retrieved: a row that stopped waiting must not warn

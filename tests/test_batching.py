@@ -1,0 +1,98 @@
+"""Micro-batching logic: rows gathered, split back, deadlines per row, bad rows isolated.
+
+`send` here is a scripted function standing in for the Triton call, to pin the batcher's
+own logic; batching against the real Triton is pinned in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from gateway.backends import BackendError, BackendRejected, BackendTimeout
+from gateway.batching import MicroBatcher, stack_rows
+
+
+def row(value: float) -> dict[str, np.ndarray]:
+    return {"features": np.array([[value, 1.0]], dtype=np.float32)}
+
+
+class ScriptedSend:
+    """Answers each row with its first feature / 100; records the batches it was sent."""
+
+    def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None, bad: float = -1):
+        self.batches: list[int] = []
+        self.delay_s, self.fail, self.bad = delay_s, fail, bad
+
+    async def __call__(self, rows, timeout_s, headers):
+        self.batches.append(len(rows["features"]))
+        await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        if self.bad in rows["features"][:, 0]:
+            raise BackendRejected("triton 400")
+        return rows["features"][:, :1] / 100
+
+
+def test_stack_rows_concatenates_along_the_batch_dimension():
+    """Rows of shape [1, k] stack into [n, k] per input tensor."""
+    stacked = stack_rows([row(1), row(2), row(3)])
+    assert stacked["features"].shape == (3, 2)
+    assert stacked["features"][:, 0].tolist() == [1, 2, 3]
+
+
+async def test_concurrent_rows_go_as_one_batch_and_are_split_back():
+    """Twenty concurrent rows make one call; each caller gets its own row's answer."""
+    send = ScriptedSend()
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
+    outputs = await asyncio.gather(*(batcher.submit(row(i), 1.0) for i in range(20)))
+    assert send.batches == [20]
+    assert [float(o[0, 0]) for o in outputs] == pytest.approx([i / 100 for i in range(20)])
+
+
+async def test_a_full_batch_is_sent_without_waiting():
+    """max_batch rows flush at once; the rest wait for the next batch."""
+    send = ScriptedSend()
+    batcher = MicroBatcher(send, max_batch=8, max_delay_s=0.5)
+    outputs = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(row(i), 2.0) for i in range(16))), timeout=0.4
+    )
+    assert send.batches == [8, 8]
+    assert len(outputs) == 16
+
+
+async def test_one_bad_row_never_fails_its_batch_mates():
+    """A batch Triton refuses is retried row by row; only the bad row fails."""
+    send = ScriptedSend(bad=3.0)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
+    results = await asyncio.gather(
+        *(batcher.submit(row(i), 1.0) for i in range(6)), return_exceptions=True
+    )
+    assert isinstance(results[3], BackendRejected)
+    assert all(isinstance(r, np.ndarray) for i, r in enumerate(results) if i != 3)
+    assert send.batches[0] == 6 and sorted(send.batches[1:]) == [1] * 6
+
+
+async def test_a_target_failure_fails_every_row():
+    """A 5xx or a dead target is every row's failure (no row-by-row retry storm)."""
+    send = ScriptedSend(fail=BackendError("triton 500"))
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
+    results = await asyncio.gather(
+        *(batcher.submit(row(i), 1.0) for i in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, BackendError) for r in results)
+    assert send.batches == [4]
+
+
+async def test_each_row_keeps_its_own_deadline():
+    """A slow batch times out the impatient row only; the patient one gets its answer."""
+    send = ScriptedSend(delay_s=0.1)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
+    impatient, patient = await asyncio.gather(
+        batcher.submit(row(1), 0.03), batcher.submit(row(2), 1.0), return_exceptions=True
+    )
+    assert isinstance(impatient, BackendTimeout)
+    assert float(patient[0, 0]) == pytest.approx(0.02)
+    await batcher.close()
