@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.policy import validation_lines
+from gateway.problems import FaultsError
 
 log = logging.getLogger("gateway.auth")
 
@@ -40,10 +41,8 @@ KEY_PREFIX = "aigw_"
 _ID = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 
-class KeysFileError(Exception):
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
+class KeysFileError(FaultsError):
+    """The keys file is unreadable or invalid."""
 
 
 class _Strict(BaseModel):

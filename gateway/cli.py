@@ -23,12 +23,13 @@ import uvicorn
 
 from gateway.audit import verify
 from gateway.auth import PERMISSIONS, KeysFileError, add_key, list_keys, revoke_key
-from gateway.contracts import ContractError, check_contracts, load_contracts
+from gateway.contracts import check_contracts, load_contracts
 from gateway.logs import configure_logging
-from gateway.policy import PolicyError, load_policies
+from gateway.policy import load_policies
 from gateway.policy_store import read_bundle
+from gateway.problems import FaultsError
 from gateway.routing import compile_routes
-from gateway.rules import FallbackError, load_fallbacks
+from gateway.rules import load_fallbacks
 from gateway.settings import Settings
 from gateway.simulation import simulate
 
@@ -209,7 +210,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
         contracts = load_contracts(settings.contracts_dir)
         policies = load_policies(directory, contracts, os.environ)
         load_fallbacks(settings.fallbacks_dir, contracts)
-    except (ContractError, PolicyError, FallbackError) as error:
+    except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1
@@ -288,7 +289,7 @@ def _policy_simulate(args: argparse.Namespace) -> int:
         contracts = load_contracts(settings.contracts_dir)
         running = load_policies(settings.policies_dir, contracts, os.environ)
         proposed = load_policies(args.proposed, contracts, os.environ)
-    except (ContractError, PolicyError) as error:
+    except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1
@@ -322,7 +323,7 @@ def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
     configure_logging(settings.log_level)
     try:
         app = create_app(settings, env)
-    except (ContractError, PolicyError, FallbackError) as error:
+    except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import jsonschema_rs
 import yaml
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from gateway.problems import FieldError, json_pointer
+from gateway.problems import FaultsError, FieldError, json_pointer
 
 PREDICTIONS_PATH = "/v1/predictions"
 FEEDBACK_SCHEMA = "#/components/schemas/FeedbackRequest"
@@ -33,12 +33,8 @@ _CANONICAL_TYPES = {"integer": int, "number": float}
 CONTRACT_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class ContractError(Exception):
+class ContractError(FaultsError):
     """A contract document is missing, unreadable or not valid OpenAPI 3.1."""
-
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
 
 
 @dataclass(frozen=True)

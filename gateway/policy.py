@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from gateway.contracts import ContractSet
+from gateway.problems import FaultsError
 
 RULES_STEP = "rules"
 STALE_CACHE_STEP = "stale-cache"
@@ -43,12 +44,8 @@ _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
 
 
-class PolicyError(Exception):
+class PolicyError(FaultsError):
     """One or more policy files are invalid; `faults` holds `file: field: message` lines."""
-
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
 
 
 class _Strict(BaseModel):

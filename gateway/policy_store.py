@@ -19,9 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.contracts import ContractError
-from gateway.policy import PolicyError
-from gateway.rules import FallbackError
+from gateway.problems import FaultsError
 from gateway.runtime import Configuration, load_configuration
 from gateway.settings import Settings
 
@@ -30,12 +28,8 @@ MAX_FILE_BYTES = 1024 * 1024
 _FILE_NAME = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
-class BundleError(Exception):
+class BundleError(FaultsError):
     """A bundle that cannot be applied; `faults` are `section/file: field: message` lines."""
-
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ def load_bundle(bundle: Bundle, settings: Settings, env: Mapping[str, str]) -> C
         )
         try:
             return load_configuration(scoped, env)
-        except (ContractError, PolicyError, FallbackError) as error:
+        except FaultsError as error:
             prefix = str(root) + "/"
             raise BundleError([f.replace(prefix, "") for f in error.faults]) from None
 

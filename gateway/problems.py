@@ -53,6 +53,15 @@ class Problem(Exception):
         return body
 
 
+class FaultsError(Exception):
+    """Operator-edited input that failed its checks; `faults` lists each as one line,
+    `file: field: message`, so a CLI prints them and an API returns them as they are."""
+
+    def __init__(self, faults: list[str]) -> None:
+        super().__init__("\n".join(faults))
+        self.faults = faults
+
+
 def json_pointer(parts: list[str | int]) -> str:
     """Build an RFC 6901 pointer, escaping `~` and `/` inside keys."""
     escaped = (str(p).replace("~", "~0").replace("/", "~1") for p in parts)

@@ -21,14 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.contracts import ContractSet
 from gateway.expressions import compile_condition, holds, sample_features
 from gateway.policy import validation_lines, yaml_fault
+from gateway.problems import FaultsError
 
 
-class FallbackError(Exception):
+class FallbackError(FaultsError):
     """One or more fallback files are invalid; `faults` holds `file: where: message` lines."""
-
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
 
 
 class _Strict(BaseModel):
