@@ -92,9 +92,12 @@ class Log:
 class Stack:
     """Triton, nginx and the gateway; stop() stops whatever was started, in reverse."""
 
-    def __init__(self, with_nginx: bool = True, nginx_workers: int = 1) -> None:
+    def __init__(
+        self, with_nginx: bool = True, nginx_workers: int = 1, gateway_uvloop: bool = False
+    ) -> None:
         self.with_nginx = with_nginx
         self.nginx_workers = nginx_workers
+        self.gateway_uvloop = gateway_uvloop
         self.triton: Triton | None = None
         self.nginx: Nginx | None = None
         self.gateway: Gateway | None = None
@@ -108,7 +111,7 @@ class Stack:
             self.nginx = Nginx(self.triton.http_port, workers=self.nginx_workers)
             self.nginx.start()
             log(f"nginx ready at {self.nginx.base_url}")
-        self.gateway = Gateway(self.triton.http_url)
+        self.gateway = Gateway(self.triton.http_url, uvloop=self.gateway_uvloop)
         self.gateway.start()
         log(f"gateway ready at {self.gateway.base_url}")
 
@@ -325,6 +328,12 @@ def measure(
         row["shadow_comparisons"] = int(
             sum(v for _, v in promtext.diff(metrics_before, after, "aigw_shadow_comparisons_total"))
         )
+    # CPU time per answered request: comparable across rows even when the machine is busy.
+    own_cpu = triton_cpu if case.rss_of == "triton" else server_cpu
+    row["cpu_ms_per_request"] = {
+        "server": round(10 * own_cpu / result.rps, 3) if result.rps else None,
+        "triton": round(10 * triton_cpu / result.rps, 3) if result.rps else None,
+    }
     row["check"] = check_text(case, row)
     lat = result.latency_ms
     log(
@@ -376,7 +385,8 @@ def profile_gateway(
             str(out),
             "--nonblocking",
             "--threads",
-            *(["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else []),
+            "--gil",  # only the thread holding the GIL: where the interpreter's time goes
+            "--full-filenames",
         ],
         capture_output=True,
         text=True,
@@ -449,8 +459,8 @@ def markdown(report: dict[str, object]) -> str:
         f"{env['wrk']}; nginx {env['nginx']}; Python {env['python']}.",
         "",
         "| case | clients | req/s | p50 ms | p99 ms | peak RSS MB | RSS of | req/s ÷ (a) "
-        "| CPU % server / Triton / wrk / other | check |",
-        "|---|--:|--:|--:|--:|--:|---|--:|---|---|",
+        "| server CPU ms/req | CPU % server / Triton / wrk / other | check |",
+        "|---|--:|--:|--:|--:|--:|---|--:|--:|---|---|",
     ]
     for r in report["rows"]:  # type: ignore[union-attr]
         cpu = r["cpu_pct"]
@@ -464,6 +474,7 @@ def markdown(report: dict[str, object]) -> str:
             f"| ({r['case']}) {r['title']} | {r['clients']} | {r['rps']:,.0f} "
             f"| {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} "
             f"| {r['peak_rss_mb']:,.1f} | {rss_of} | {fmt(r.get('rps_ratio_to_a'), 2)} "
+            f"| {fmt(r['cpu_ms_per_request']['server'], 2)} "
             f"| {server} / {cpu['triton']:.0f} / {cpu['wrk']:.0f} / {cpu['other']:.0f} "
             f"| {r['check']} |"
         )
@@ -476,6 +487,8 @@ def markdown(report: dict[str, object]) -> str:
         "PyTriton's Python process, one backend stub and two helpers per model), which "
         "counts shared pages more than once. The gateway rows do not include Triton's RSS "
         "(it is in the JSON as triton_peak_rss_mb).",
+        "- server CPU ms/req: CPU time of the server under test (Triton's whole group for "
+        "(a), nginx for (b), the gateway process alone for (c)-(e)) per completed request.",
         "- CPU %: 100 = one core, measured from /proc over the row; 'other' is everything "
         "else on the machine in the same interval (other users' processes included).",
         "- check: the gateway's own counters (aigw_requests_total) over the row: what "
@@ -511,7 +524,7 @@ def write_report(report: dict[str, object], stem: str, latest: str) -> Path:
 
 def compare(args: argparse.Namespace, log: Log) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stack = Stack(nginx_workers=args.nginx_workers)
+    stack = Stack(nginx_workers=args.nginx_workers, gateway_uvloop=args.gateway_uvloop)
     rows: list[dict[str, object]] = []
     profiles: list[dict[str, object]] = []
     env = environment({})
@@ -523,7 +536,11 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
             try:
                 for clients in args.clients:
                     rows.append(measure(case, stack, clients, args.duration, args.warmup, log))
-                    if args.profile and case.key in ("c", "d", "e") and clients == max(args.clients):
+                    if (
+                        args.profile
+                        and case.key in ("c", "d", "e")
+                        and clients == max(args.clients)
+                    ):
                         try:
                             profiles.append(
                                 profile_gateway(case, stack, clients, args.duration, stamp, log)
@@ -546,6 +563,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
             "cases": args.cases,
             "wrk_threads": 1,
             "nginx_workers": args.nginx_workers,
+            "gateway_uvloop": args.gateway_uvloop,
             "triton_body": json.loads(TRITON_BODY),
             "gateway_body_hit": json.loads(GATEWAY_BODY),
             "degraded": "control file: every model raises; breakers open; CEL rules answer",
@@ -576,7 +594,7 @@ def slope_per_min(points: list[tuple[float, float]]) -> float | None:
 def soak(args: argparse.Namespace, log: Log) -> Path:
     """The gateway under cache-miss load for args.soak seconds; RSS and fds sampled."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stack = Stack(with_nginx=False)
+    stack = Stack(with_nginx=False, gateway_uvloop=args.gateway_uvloop)
     clients = max(args.clients)
     interval = args.soak_interval or (5.0 if args.soak >= 60 else 2.0)
     samples: list[dict[str, float]] = []
@@ -636,6 +654,12 @@ def soak(args: argparse.Namespace, log: Log) -> Path:
     report = soak_report(args, stamp, clients, interval, samples, result.to_dict(), env, log)
     report["_markdown"] = soak_markdown(report)
     path = write_report(report, f"soak-{stamp}", "latest-soak")
+    verdict = report["verdict"]
+    log(f"soak: memory {verdict['memory']}: {verdict['memory_text']}")  # type: ignore[index]
+    log(
+        f"soak: fds {'no leak' if verdict['no_fd_leak'] else 'POSSIBLE LEAK'}: "  # type: ignore[index]
+        f"{verdict['fds_text']}"
+    )  # type: ignore[index]
     log(f"wrote {path} and {RESULTS / 'latest-soak.md'}")
     return path
 
@@ -650,11 +674,14 @@ def soak_report(
     env: dict[str, object],
     log: Log,
 ) -> dict[str, object]:
-    loaded = [s for s in samples if s["phase"] in ("load", "faults", "end")]
+    loaded = [s for s in samples if s["phase"] in ("load", "faults")]
+    idle = next(s for s in samples if s["phase"] == "idle")
+    after = samples[-1]
     # Bounded structures fill first: the cache (100k entries, two per answer) and the ledger
     # of recent decisions (100k). Growth until then is by design; after it, it would be a leak.
     full = [s for s in loaded if s["answered"] >= LEDGER_SIZE]
-    steady = full if len(full) >= 3 else loaded[len(loaded) // 2 :]
+    steady_is_full = len(full) >= 3
+    steady = full if steady_is_full else loaded[len(loaded) // 2 :]
 
     def stats(key: str, points: list[dict[str, float]]) -> dict[str, object]:
         values = [p[key] for p in points]
@@ -670,9 +697,23 @@ def soak_report(
     rss_all, rss_steady = stats("rss_mb", loaded), stats("rss_mb", steady)
     fds_all, fds_steady = stats("fds", loaded), stats("fds", steady)
     rss_slope = rss_steady["slope_per_min"]
-    flat = rss_slope is not None and abs(rss_slope) < 1.0  # type: ignore[arg-type]
-    fd_growth = fds_steady["last"] - fds_steady["min"]  # type: ignore[operator]
-    no_fd_leak = fd_growth <= 4 and fds_all["max"] - fds_all["first"] <= clients + 8  # type: ignore[operator]
+    if not steady_is_full:
+        memory = "inconclusive"
+        memory_text = (
+            f"only {loaded[-1]['answered']:,} answers: the bounded cache and decision ledger "
+            f"were still filling (run longer, until well past {LEDGER_SIZE:,} answers); "
+            f"second-half slope {rss_slope} MB/min"
+        )
+    else:
+        memory = "flat" if abs(rss_slope) < 1.0 else "growing"  # type: ignore[arg-type]
+        memory_text = (
+            f"RSS slope {rss_slope} MB/min once {LEDGER_SIZE:,} answers had filled the "
+            f"cache and ledger (flat means |slope| < 1 MB/min); whole run "
+            f"{rss_all['first']} -> {rss_all['last']} MB"
+        )
+    half = len(loaded) // 2
+    fd_growth = max(s["fds"] for s in loaded[half:]) - max(s["fds"] for s in loaded[:half])
+    no_fd_leak = fd_growth <= 4
     return {
         "started": stamp,
         "total_s": round(log.elapsed, 1),
@@ -691,23 +732,26 @@ def soak_report(
             "samples": len(steady),
             "why": (
                 f"after {LEDGER_SIZE:,} answers (cache and decision ledger full)"
-                if steady is full
-                else "second half of the run (bounded structures "
-                f"not yet full: {loaded[-1]['answered']:,} answers < {LEDGER_SIZE:,})"
+                if steady_is_full
+                else "second half of the run (bounded structures not yet full)"
             ),
         },
         "rss_mb": {"whole_run": rss_all, "steady": rss_steady},
-        "fds": {"whole_run": fds_all, "steady": fds_steady},
+        "fds": {
+            "whole_run": fds_all,
+            "steady": fds_steady,
+            "idle_before": idle["fds"],
+            "after_load": after["fds"],
+        },
         "verdict": {
-            "memory_flat": flat,
-            "memory": (
-                f"steady-window RSS slope {rss_slope} MB/min "
-                f"({'flat' if flat else 'NOT flat'}: threshold |slope| < 1 MB/min)"
-            ),
+            "memory": memory,
+            "memory_text": memory_text,
             "no_fd_leak": no_fd_leak,
-            "fds": (
-                f"fds first {fds_all['first']}, last {fds_all['last']}, max "
-                f"{fds_all['max']}; steady window grew by {fd_growth}"
+            "fds_text": (
+                f"max of the second half minus max of the first half: {fd_growth:+d}; "
+                f"{idle['fds']} idle before the load, {fds_all['first']}-{fds_all['max']} "
+                f"under load, {after['fds']} two seconds after it (kept-alive connections "
+                "to Triton stay open)"
             ),
         },
         "samples": samples,
@@ -743,8 +787,9 @@ def soak_markdown(r: dict[str, object]) -> str:
         f"Steady window: t = {win['from_t_s']}–{win['to_t_s']} s ({win['samples']} samples), "
         f"{win['why']}.",
         "",
-        f"- memory: {'flat' if v['memory_flat'] else 'NOT flat'} — {v['memory']}",
-        f"- file descriptors: {'no leak' if v['no_fd_leak'] else 'POSSIBLE LEAK'} — {v['fds']}",
+        f"- memory: **{v['memory']}** — {v['memory_text']}",
+        f"- file descriptors: **{'no leak' if v['no_fd_leak'] else 'POSSIBLE LEAK'}** — "
+        f"{v['fds_text']}",
         "",
         "| t s | phase | RSS MB | fds | threads | answered | Triton RSS MB |",
         "|--:|---|--:|--:|--:|--:|--:|",
@@ -787,6 +832,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--cases", default="abcde", help="which cases to run (default abcde)")
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes")
+    p.add_argument(
+        "--gateway-uvloop",
+        action="store_true",
+        help="what-if: run the gateway on uvloop (aigw serve uses asyncio's default loop)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

@@ -209,9 +209,17 @@ class Gateway(_Group):
 
     name = "gateway"
 
-    def __init__(self, triton_url: str) -> None:
+    # `aigw serve` calls asyncio.run() itself, so uvicorn's loop="uvloop" never applies; this
+    # what-if launcher (--uvloop) sets uvloop's policy first, without touching gateway code.
+    UVLOOP_LAUNCHER = (
+        "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+        "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+
+    def __init__(self, triton_url: str, uvloop: bool = False) -> None:
         super().__init__()
         self.triton_url = triton_url
+        self.uvloop = uvloop
         self.port = free_port()
         self.admin_port = free_port()
         while self.admin_port == self.port:
@@ -241,7 +249,8 @@ class Gateway(_Group):
         return env
 
     def start(self, timeout: float = 60.0) -> None:
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)]
+        launcher = ["-c", self.UVLOOP_LAUNCHER] if self.uvloop else ["-m", "gateway.cli"]
+        cmd = [sys.executable, *launcher, "serve", "--port", str(self.port)]
         self._spawn(cmd, self.log, env=self.env())
         deadline = time.monotonic() + timeout
         while http_get(self.base_url + "/readyz", timeout=1)[0] != 200:

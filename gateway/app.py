@@ -26,6 +26,7 @@ from gateway.runtime import (
     Configuration,
     Runtime,
     audit_log,
+    baselines_of,
     load_configuration,
     start_runtime,
 )
@@ -122,10 +123,11 @@ def create_app(
     config = config or load_configuration(settings, os.environ if env is None else env)
     metrics = Metrics()
     tracing = tracing_from(settings)
+    baselines = baselines_of(settings)  # a bad baseline fails here, with its faults
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = start_runtime(settings, config, metrics, tracing)
+        runtime = start_runtime(settings, config, metrics, tracing, baselines)
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
         forwarder = None

@@ -79,6 +79,8 @@ class Decision:
     arm: str
     prediction: str
     tenant: str
+    version_key: str = ""  # what answered, as `target:version` (for model monitoring)
+    probability: float = 0.0
 
 
 class Experiments:

@@ -22,13 +22,22 @@ import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.experiments import wilson_interval
 from gateway.policy import validation_lines
+from gateway.problems import FaultsError
 
 # The usual reading of PSI: under 0.1 no real change, 0.1-0.25 worth watching, above 0.25 the
 # population has moved.
@@ -56,12 +65,8 @@ def version_key(target: str, version: str) -> str:
 # --- Baselines ---------------------------------------------------------------------------------
 
 
-class BaselineError(Exception):
+class BaselineError(FaultsError):
     """One or more baseline files are invalid; `faults` holds `file: field: message` lines."""
-
-    def __init__(self, faults: list[str]) -> None:
-        super().__init__("\n".join(faults))
-        self.faults = faults
 
 
 class _Strict(BaseModel):
@@ -77,19 +82,28 @@ class Bins(_Strict):
     edges: list[float]
     proportions: list[float] = Field(min_length=1)
 
+    @field_validator("edges")
+    @classmethod
+    def _edges_split_the_line(cls, edges: list[float]) -> list[float]:
+        if not all(math.isfinite(e) for e in edges):
+            raise ValueError("must be finite (the -inf and +inf ends are implied)")
+        if any(b <= a for a, b in pairwise(edges)):
+            raise ValueError("must be strictly increasing")
+        return edges
+
     @model_validator(mode="after")
-    def _edges_split_the_line(self) -> Bins:
-        if not all(math.isfinite(e) for e in self.edges):
-            raise ValueError("edges must be finite (the -inf and +inf ends are implied)")
-        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
-            raise ValueError("edges must be strictly increasing")
+    def _one_proportion_per_bin(self) -> Bins:
         if len(self.proportions) != len(self.edges) + 1:
             raise ValueError(
                 f"{len(self.edges)} edges make {len(self.edges) + 1} bins, "
                 f"but there are {len(self.proportions)} proportions"
             )
-        _check_proportions(self.proportions)
         return self
+
+    @field_validator("proportions")
+    @classmethod
+    def _shares_of_one_whole(cls, proportions: list[float]) -> list[float]:
+        return _checked_proportions(proportions)
 
 
 class NumericFeature(Bins):
@@ -102,12 +116,13 @@ class CategoricalFeature(_Strict):
     kind: Literal["categorical"]
     proportions: dict[str, float]
 
-    @model_validator(mode="after")
-    def _other_is_a_category(self) -> CategoricalFeature:
-        if OTHER_CATEGORY not in self.proportions:
-            raise ValueError(f"proportions must include {OTHER_CATEGORY!r} (unseen values)")
-        _check_proportions(list(self.proportions.values()))
-        return self
+    @field_validator("proportions")
+    @classmethod
+    def _other_is_a_category(cls, proportions: dict[str, float]) -> dict[str, float]:
+        if OTHER_CATEGORY not in proportions:
+            raise ValueError(f"must include {OTHER_CATEGORY!r}, the share of unseen values")
+        _checked_proportions(list(proportions.values()))
+        return proportions
 
 
 FeatureBaseline = Annotated[NumericFeature | CategoricalFeature, Field(discriminator="kind")]
@@ -136,12 +151,13 @@ class Baseline(_Strict):
         return None
 
 
-def _check_proportions(proportions: Sequence[float]) -> None:
+def _checked_proportions(proportions: list[float]) -> list[float]:
     if any(p < 0 or not math.isfinite(p) for p in proportions):
-        raise ValueError("proportions must be finite and non-negative")
+        raise ValueError("must be finite and non-negative")
     # Files round to a few decimals, so the sum is only close to 1.
     if abs(sum(proportions) - 1.0) > 1e-3:
-        raise ValueError(f"proportions must sum to 1, not {sum(proportions):.6f}")
+        raise ValueError(f"must sum to 1, not {sum(proportions):.6f}")
+    return proportions
 
 
 def load_baselines(directory: Path) -> dict[str, Baseline]:
@@ -218,7 +234,6 @@ class _Ring:
     def __init__(self, cells: int, window_s: float, buckets: int) -> None:
         if window_s <= 0 or buckets < 1:
             raise ValueError("a window needs a positive length and at least one sub-window")
-        self.cells = cells
         self.width_s = window_s / buckets
         self._zeros = [0] * cells
         # Epoch -1 marks a sub-window that has never been used.
@@ -307,18 +322,19 @@ class DriftWindow:
         for name, edges, start in self._numeric:
             value = features.get(name)
             # `value == value` drops NaN, which would otherwise land in the top bin.
-            if isinstance(value, int | float) and value == value:
+            if isinstance(value, (int, float)) and value == value:
                 counters[start + bisect_right(edges, value)] += 1
         for name, cells, other in self._categorical:
             value = features.get(name)
             if value is not None:
                 counters[cells.get(str(value), other)] += 1
-        if self._prediction is not None:
+        # NaN means "not this version's own output" (a fallback answered): inputs only.
+        if self._prediction is not None and probability == probability:
             edges, start = self._prediction
             counters[start + bisect_right(edges, probability)] += 1
 
     def report(self, now: float) -> dict:
-        """Per feature and for the prediction: PSI (None under `min_sample_size`) and sample size."""
+        """Per feature and for the prediction: PSI (None under `min_sample_size`), sample size."""
         totals = self._ring.totals(now)
         prediction = self._prediction_histogram
         return {

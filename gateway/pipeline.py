@@ -9,6 +9,7 @@ the experiment statistics learn. It returns a plain `Answer`; it does no HTTP.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 from gateway.cache import CachedPrediction, cache_key, stale_key
 from gateway.experiments import Decision
 from gateway.fallback import ChainContext, ChainResult, StaleAnswer, StepRecord, run_chain
+from gateway.monitoring import version_key
 from gateway.policy import Policy
 from gateway.resilience import Deadline, request_budget_ms
 from gateway.routing import Assignment
@@ -107,6 +109,26 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
         await runtime.audit.append(record, pii_fields=pii)
     _learn(runtime, model, policy, assignment, request, answer)
     return answer
+
+
+def _monitor(
+    runtime: Runtime,
+    policy: Policy,
+    assignment: Assignment,
+    request: PredictionInput,
+    answer: Answer,
+) -> None:
+    """Drift is measured per arm's model version: the inputs it was meant to score always,
+    its probability only when it answered itself (a fallback's answer is not its output)."""
+    primary = assignment.arm.primary
+    target = policy.targets.get(primary)
+    if target is None:
+        return
+    own_answer = answer.served_by == primary
+    runtime.monitor.observe_prediction(
+        request.model_id, version_key(primary, target.version), answer.arm, request.features,
+        answer.probability if own_answer else math.nan, time.time(),
+    )  # fmt: skip
 
 
 def _cache_event(cached: CachedPrediction | None, looked_up: bool) -> str:
@@ -255,7 +277,12 @@ def _learn(
 ) -> None:
     """Statistics for the experiment, and shadow copies, after the answer is settled."""
     runtime.metrics.observe_answer(request.model_id, answer)
-    decision = Decision(request.model_id, answer.arm, answer.prediction, request.tenant)
+    _monitor(runtime, policy, assignment, request, answer)
+    answered_by = version_key(answer.served_by, answer.model_version)
+    decision = Decision(
+        request.model_id, answer.arm, answer.prediction, request.tenant, answered_by,
+        answer.probability,
+    )  # fmt: skip
     runtime.experiments.record_answer(
         answer.prediction_id, decision, answer.latency_ms, answer.degraded, answer.cached
     )

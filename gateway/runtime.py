@@ -23,6 +23,7 @@ from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
 from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
+from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
 from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter
 from gateway.resilience import Breaker, Bulkhead, RetryBudget
@@ -118,6 +119,7 @@ class Runtime:
     key_store: KeyStore | None = None
     audit_forwarder: Any = None  # AuditForwarder when the audit log is shipped to a stream
     tracing: Tracing = field(default_factory=lambda: tracing_from(Settings()))
+    monitor: Monitor = field(default_factory=lambda: Monitor({}))
     rate_limiter: MemoryRateLimiter | RedisRateLimiter = field(default_factory=MemoryRateLimiter)
     _retired: list[ModelRuntime] = field(default_factory=list)
 
@@ -205,6 +207,7 @@ def start_runtime(
     config: Configuration,
     metrics: Metrics | None = None,
     tracing: Tracing | None = None,
+    baselines: dict[str, Baseline] | None = None,
 ) -> Runtime:
     """Build the live parts; call inside the event loop (clients bind to it)."""
     metrics = metrics or Metrics()
@@ -213,6 +216,7 @@ def start_runtime(
         settings, snapshot, cache=_cache(settings, config), metrics=metrics,
         tracing=tracing or tracing_from(settings),
     )  # fmt: skip
+    runtime.monitor = Monitor(baselines if baselines is not None else baselines_of(settings))
     if settings.keys_file is not None:
         runtime.key_store = KeyStore(settings.keys_file)
     else:
@@ -332,6 +336,17 @@ def _new_guard(
         retry_budget=RetryBudget(retry_ratio),
         model_version=target.version,
     )
+
+
+def baselines_of(settings: Settings) -> dict[str, Baseline]:
+    """Drift baselines; without the folder, none (monitoring then reports `no_baseline`)."""
+    if not settings.baselines_dir.is_dir():
+        log.warning(
+            "no baselines directory: drift is not measured",
+            extra={"dir": str(settings.baselines_dir)},
+        )
+        return {}
+    return load_baselines(settings.baselines_dir)
 
 
 def _cache(settings: Settings, config: Configuration) -> PredictionCache:

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     contracts_dir: Path = Path("contracts")
     policies_dir: Path = Path("policies")
     fallbacks_dir: Path = Path("fallbacks")
+    # Per model version, the feature and prediction distributions drift is measured against.
+    baselines_dir: Path = Path("baselines")
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

@@ -14,6 +14,7 @@ wired yet.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,7 @@ class _RuntimeCollector(Collector):
             yield _counter("aigw_audit_write_errors", "Audit write failures.", audit.write_errors)
             yield _counter("aigw_audit_refused", "Answers refused: no audit record possible.",
                            getattr(audit, "refused", 0))  # fmt: skip
+        yield from _model_health(runtime)
         forwarder = getattr(runtime, "audit_forwarder", None)
         if forwarder is not None:
             yield _counter("aigw_audit_forwarded", "Audit lines shipped to the stream.",
@@ -155,6 +157,47 @@ class _RuntimeCollector(Collector):
                            forwarder.errors)  # fmt: skip
             yield _gauge("aigw_audit_spill_bytes", "Audit bytes on local disk not yet shipped.",
                          {}, forwarder.pending_bytes())  # fmt: skip
+
+
+def _model_health(runtime: Runtime) -> Iterator:
+    """Drift and live quality per model version and arm, from the monitor's windows."""
+    feature_psi = GaugeMetricFamily(
+        "aigw_model_feature_psi", "Population stability index of a feature over the window.",
+        labels=["model", "version", "arm", "feature"],
+    )  # fmt: skip
+    prediction_psi = GaugeMetricFamily(
+        "aigw_model_prediction_psi", "Population stability index of the predicted probability.",
+        labels=["model", "version", "arm"],
+    )  # fmt: skip
+    drift_samples = GaugeMetricFamily(
+        "aigw_model_drift_sample_size", "Answers in the drift window.",
+        labels=["model", "version", "arm"],
+    )  # fmt: skip
+    accuracy = GaugeMetricFamily(
+        "aigw_model_accuracy", "Accuracy from feedback over the quality window.",
+        labels=["model", "version", "arm"],
+    )  # fmt: skip
+    feedback_samples = GaugeMetricFamily(
+        "aigw_model_feedback_sample_size", "Outcomes in the quality window.",
+        labels=["model", "version", "arm"],
+    )  # fmt: skip
+    now = time.time()
+    for model_id in runtime.policies.policies:
+        for version, arms in runtime.monitor.health(model_id, now)["versions"].items():
+            for arm, stream in arms.items():
+                labels = [model_id, version, arm]
+                drift, quality = stream["drift"], stream["quality"]
+                if drift is not None:
+                    drift_samples.add_metric(labels, drift["sample_size"])
+                    for feature, entry in drift["features"].items():
+                        if entry["psi"] is not None:
+                            feature_psi.add_metric([*labels, feature], entry["psi"])
+                    if drift.get("prediction") and drift["prediction"]["psi"] is not None:
+                        prediction_psi.add_metric(labels, drift["prediction"]["psi"])
+                feedback_samples.add_metric(labels, quality["sample_size"])
+                if quality["accuracy"] is not None:
+                    accuracy.add_metric(labels, quality["accuracy"])
+    yield from (feature_psi, prediction_psi, drift_samples, accuracy, feedback_samples)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

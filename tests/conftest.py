@@ -33,6 +33,7 @@ def data_dirs(tmp_path: Path) -> Path:
 def settings_for(root: Path, **overrides: object) -> Settings:
     """Settings on `root`'s data folders, auditing into a fresh temporary directory."""
     overrides.setdefault("audit_dir", Path(tempfile.mkdtemp(prefix="aigw-audit-")))
+    overrides.setdefault("baselines_dir", REPO / "baselines")
     return Settings(
         contracts_dir=root / "contracts",
         policies_dir=root / "policies",

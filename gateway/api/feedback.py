@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -45,11 +47,26 @@ async def record_feedback(request: Request) -> Response:
             errors=[FieldError("/outcome", detail)],
         )  # fmt: skip
     status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive)
+    if status == "recorded":
+        runtime.monitor.observe_outcome(
+            decision.model_id, decision.version_key, decision.arm, decision.prediction, outcome,
+            decision.probability, labels.positive, time.time(),
+        )  # fmt: skip
     if status == "duplicate":
         raise Problem(
             409, "duplicate-feedback", "Outcome already recorded", "one outcome per prediction"
         )
     return json_response({"prediction_id": prediction_id, "status": "recorded"}, 202)
+
+
+@router.get("/v1/models/{model_id}/health")
+async def model_health(request: Request, model_id: str) -> Response:
+    """Drift of features and predictions, and quality from feedback, per version and arm."""
+    await authorize(request, "audit:read")
+    runtime: Runtime = request.app.state.runtime
+    if runtime.policies.get(model_id) is None:
+        raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
+    return json_response(runtime.monitor.health(model_id, time.time()))
 
 
 @router.get("/v1/experiments/{model_id}")
