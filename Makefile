@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := redis-server curl
+APT_PACKAGES := redis-server prometheus curl
 
 .PHONY: demo test install install-test system-packages lint
 
@@ -38,5 +38,5 @@ system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  sudo_cmd=""; [ "$$(id -u)" = 0 ] || sudo_cmd=sudo; \
-	  $$sudo_cmd apt-get update -qq && $$sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  $$sudo_cmd apt-get update -qq && $$sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi

@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     ):
         action = policy.add_parser(name, help=help_text)
         action.add_argument("--admin-url", default=None, help="default http://ADMIN_HOST:PORT")
+        action.add_argument(
+            "--api-key-env", default="AIGW_API_KEY",
+            help="environment variable holding an admin API key (default AIGW_API_KEY)",
+        )  # fmt: skip
         if name in ("diff", "apply"):
             action.add_argument("--policies", type=Path, help="policies directory")
             action.add_argument("--fallbacks", type=Path, help="fallbacks directory")
@@ -232,8 +236,12 @@ def _local_bundle(args: argparse.Namespace) -> dict:
 
 def _call_admin(args: argparse.Namespace, method: str, path: str, body: dict | None = None):  # type: ignore[no-untyped-def]
     """One admin API call; prints the problem and returns None when it fails."""
+    key = os.environ.get(args.api_key_env, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.request(method, _admin_url(args) + path, json=body, timeout=30)
+        response = httpx.request(
+            method, _admin_url(args) + path, json=body, headers=headers, timeout=30
+        )
     except httpx.HTTPError as error:
         print(f"{_admin_url(args)}: cannot reach the admin API: {error}", file=sys.stderr)
         return None

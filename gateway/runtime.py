@@ -188,8 +188,13 @@ class Runtime:
         }
 
     @property
-    def ready(self) -> bool:
+    def backends_ready(self) -> bool:
         return bool(self.readiness) and all(v == "ok" for v in self.readiness.values())
+
+    @property
+    def ready(self) -> bool:
+        """Ready to take traffic: policies are loaded, and backends too where settings ask."""
+        return self.backends_ready or not self.settings.readiness_requires_backends
 
     async def close(self) -> None:
         models = [*self.models.values(), *self._retired]
@@ -283,7 +288,9 @@ def _all_kept(model: ModelRuntime, kept: set[int]) -> bool:
 def audit_log(settings: Settings) -> AuditLog:
     """The embedded audit sink; keys from settings, else random for this process only."""
     key, checkpoint_key = settings.audit_key, settings.audit_checkpoint_key
-    if key is None or checkpoint_key is None:
+    if not (
+        key and key.get_secret_value() and checkpoint_key and checkpoint_key.get_secret_value()
+    ):
         log.warning("audit keys not set: using random keys valid for this process only")
     return AuditLog(
         settings.audit_dir,
@@ -294,7 +301,9 @@ def audit_log(settings: Settings) -> AuditLog:
 
 
 def _key_bytes(secret: SecretStr | None) -> bytes:
-    return secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32)
+    """The key's bytes; an unset or empty key gets a random one (an empty HMAC key is no key)."""
+    value = secret.get_secret_value() if secret is not None else ""
+    return value.encode() if value else secrets.token_bytes(32)
 
 
 def _shadow_names(policy: Policy) -> set[str]:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # last backend call (rules, default, serialisation), so the answer still lands in time.
     response_margin_ms: float = Field(default=5.0, ge=0)
 
+    # Whether /readyz fails while a backend is unreachable. Behind a load balancer that drops
+    # unready replicas, set false: the gateway still answers (degraded) without its backends.
+    readiness_requires_backends: bool = True
     # Triton servers are probed this often for /readyz, off the request path.
     readiness_interval_s: float = Field(default=2.0, gt=0)
 
