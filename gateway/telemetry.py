@@ -135,7 +135,9 @@ class _RuntimeCollector(Collector):
             return
         yield _gauge("aigw_policy_version_info", "Policy version this replica runs.",
                      {"version": runtime.policies.version_hash}, 1)  # fmt: skip
-        yield _gauge("aigw_ready", "1 when every backend is ready.", {}, int(runtime.backends_ready))
+        yield _gauge(
+            "aigw_ready", "1 when every backend is ready.", {}, int(runtime.backends_ready)
+        )
         yield _counter("aigw_cache_errors", "Cache store errors (requests served uncached).",
                        getattr(runtime.cache, "errors", 0))  # fmt: skip
         yield _counter("aigw_cache_coalesced", "Misses that shared another's backend call.",
