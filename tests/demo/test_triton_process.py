@@ -82,8 +82,6 @@ def test_control_file_parsing(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     """One demo Triton for this module's server tests; the last test stops it itself."""
-    pytest.importorskip("pytriton")
-    pytest.importorskip("tritonclient.http")
     root = tmp_path_factory.mktemp("demo-triton")
     process = TritonProcess(control_file=root / "control.json", log_path=root / "triton.log")
     process.start()
