@@ -524,7 +524,11 @@ def write_report(report: dict[str, object], stem: str, latest: str) -> Path:
 
 def compare(args: argparse.Namespace, log: Log) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stack = Stack(nginx_workers=args.nginx_workers, gateway_uvloop=args.gateway_uvloop)
+    stack = Stack(
+        with_nginx="b" in args.cases,
+        nginx_workers=args.nginx_workers,
+        gateway_uvloop=args.gateway_uvloop,
+    )
     rows: list[dict[str, object]] = []
     profiles: list[dict[str, object]] = []
     env = environment({})
