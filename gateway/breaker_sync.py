@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.redis_follow import follow_with_backoff
 from gateway.resilience import Breaker
 
 log = logging.getLogger("gateway.breaker_sync")
@@ -118,16 +119,9 @@ class BreakerSync:
                 log.warning("breaker opening not shared", extra={"error": type(error).__name__})
 
     async def _subscribe_forever(self) -> None:
-        backoff = REDIS_TIMEOUT_S
-        while True:
-            try:
-                await self._follow_peers()
-            except (RedisError, OSError, TimeoutError) as error:
-                if self.connected:
-                    log.warning("breaker sync lost redis", extra={"error": type(error).__name__})
-                self.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
+        await follow_with_backoff(
+            self._follow_peers, self, "breaker sync", REDIS_TIMEOUT_S, MAX_BACKOFF_S
+        )
 
     async def _follow_peers(self) -> None:
         async with self._redis.pubsub() as pubsub:

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.policy_manager import PolicyManager
 from gateway.policy_store import Bundle, BundleError, PolicyVersion
+from gateway.redis_follow import follow_with_backoff
 
 log = logging.getLogger("gateway.policy_sync")
 
@@ -68,16 +69,7 @@ class PolicySync:
             log.warning("policy version not shared", extra={"error": type(error).__name__})
 
     async def _follow_forever(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                await self._follow()
-            except (RedisError, OSError, TimeoutError) as error:
-                if self.connected:
-                    log.warning("policy sync lost redis", extra={"error": type(error).__name__})
-                self.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF_S, backoff * 2)
+        await follow_with_backoff(self._follow, self, "policy sync", 0.2, MAX_BACKOFF_S)
 
     async def _follow(self) -> None:
         async with self._redis.pubsub() as pubsub:
