@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procfs import die_with_parent
+
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 MARKER = "BENCH_JSON "
 
@@ -103,6 +105,7 @@ class WrkRun:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=die_with_parent,
         )
         # A wrk that does not finish on its own (it always should) is killed.
         self._timer = threading.Timer(self.duration_s + 30, self.kill)

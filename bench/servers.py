@@ -8,7 +8,6 @@ SIGKILL does not leave them behind (Triton's own ``--exit-with-parent`` does the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.procfs import die_with_parent
 from gateway.demo.triton_process import (
     LOOPBACK,
     TritonProcess,
@@ -30,12 +30,6 @@ from gateway.demo.triton_process import (
 
 REPO = Path(__file__).resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -92,7 +86,7 @@ class _Group:
                 env=env,
                 cwd=REPO,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # servers start before any thread
+                preexec_fn=die_with_parent,  # servers start before any thread
             )
 
     def _check_alive(self, log: Path) -> None:

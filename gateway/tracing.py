@@ -5,9 +5,10 @@ gets a span (validation, cache, each chain step, each backend call), and the con
 on to Triton in the `traceparent` header of each inference call. The trace id is put in the
 audit record and in log events, so a decision can be found from a trace and the other way.
 
-The exporter is chosen in settings (`AIGW_TRACE_EXPORTER`): `none` (the default: spans are
-made, so ids propagate, but never exported), `console`, or `otlp` (OTLP over HTTP to
-`AIGW_OTLP_ENDPOINT`, batched off the request path). Each app has its own tracer provider.
+The exporter is chosen in settings (`AIGW_TRACE_EXPORTER`): `none` (the default: ids are
+made and propagated, and only callers' sampled requests are recorded), `console`, or `otlp`
+(OTLP over HTTP to `AIGW_OTLP_ENDPOINT`, batched off the request path). Each app has its own
+tracer provider.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.settings import Settings
@@ -73,7 +75,14 @@ def trace_headers() -> dict[str, str]:
 
 
 def tracing_from(settings: Settings) -> Tracing:
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+    # With no exporter, a request is recorded only when its caller sampled it (so its
+    # decision travels on); the rest get non-recording spans, which still carry trace ids
+    # to Triton, the audit record and the logs, for a fraction of the cost.
+    root = ALWAYS_OFF if settings.trace_exporter == "none" else ALWAYS_ON
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": settings.service_name}),
+        sampler=ParentBased(root=root),
+    )
     exporter = _exporter(settings)
     if exporter is not None:
         processor = (
