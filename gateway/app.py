@@ -169,6 +169,8 @@ def create_app(
         openapi_url=None,  # /openapi.json is the contract from contracts/, served by health.py
         docs_url=None,
         redoc_url=None,
+        # The gateway makes its own spans and metrics; FastAPI's would cost every request.
+        telemetry={"tracing": False, "metrics": False},
     )
     app.state.metrics = metrics
     app.state.tracing = tracing
@@ -200,7 +202,7 @@ def _policy_sync(settings: Settings, manager: PolicyManager) -> PolicySync | Non
 def create_admin_app(gateway: FastAPI) -> FastAPI:
     """The admin API, as its own app for its own address; it acts on `gateway`'s runtime."""
     admin = FastAPI(title="Resilient AI Gateway admin", openapi_url=None, docs_url=None,
-                    redoc_url=None)  # fmt: skip
+                    redoc_url=None, telemetry={"tracing": False, "metrics": False})  # fmt: skip
     admin.state.gateway = gateway
     admin.state.metrics = gateway.state.metrics
     admin.include_router(admin_api.router)
