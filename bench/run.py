@@ -93,11 +93,16 @@ class Stack:
     """Triton, nginx and the gateway; stop() stops whatever was started, in reverse."""
 
     def __init__(
-        self, with_nginx: bool = True, nginx_workers: int = 1, gateway_uvloop: bool = False
+        self,
+        with_nginx: bool = True,
+        nginx_workers: int = 1,
+        gateway_uvloop: bool = False,
+        heap_census: bool = False,
     ) -> None:
         self.with_nginx = with_nginx
         self.nginx_workers = nginx_workers
         self.gateway_uvloop = gateway_uvloop
+        self.heap_census = heap_census
         self.triton: Triton | None = None
         self.nginx: Nginx | None = None
         self.gateway: Gateway | None = None
@@ -111,7 +116,9 @@ class Stack:
             self.nginx = Nginx(self.triton.http_port, workers=self.nginx_workers)
             self.nginx.start()
             log(f"nginx ready at {self.nginx.base_url}")
-        self.gateway = Gateway(self.triton.http_url, uvloop=self.gateway_uvloop)
+        self.gateway = Gateway(
+            self.triton.http_url, uvloop=self.gateway_uvloop, heap_census=self.heap_census
+        )
         self.gateway.start()
         log(f"gateway ready at {self.gateway.base_url}")
 
@@ -598,10 +605,11 @@ def slope_per_min(points: list[tuple[float, float]]) -> float | None:
 def soak(args: argparse.Namespace, log: Log) -> Path:
     """The gateway under cache-miss load for args.soak seconds; RSS and fds sampled."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stack = Stack(with_nginx=False, gateway_uvloop=args.gateway_uvloop)
+    stack = Stack(with_nginx=False, gateway_uvloop=args.gateway_uvloop, heap_census=True)
     clients = max(args.clients)
     interval = args.soak_interval or (5.0 if args.soak >= 60 else 2.0)
     samples: list[dict[str, float]] = []
+    census: dict[str, dict[str, object] | None] = {}
     env = environment({})
     with running(stack, log):
         assert stack.gateway is not None and stack.triton is not None
@@ -623,6 +631,7 @@ def soak(args: argparse.Namespace, log: Log) -> Path:
             return s  # type: ignore[return-value]
 
         sample(0.0, "idle")
+        census["idle"] = gw.heap_census()
         run = WrkRun(load_for(case, stack, clients, "soak"), clients, args.soak)
         run.start()
         t0 = time.monotonic()
@@ -642,6 +651,9 @@ def soak(args: argparse.Namespace, log: Log) -> Path:
                     faulted = want
                 phase = "faults" if faulted else "load"
             s = sample(t, phase)
+            if "steady_start" not in census and s["answered"] >= LEDGER_SIZE:
+                census["steady_start"] = gw.heap_census()
+                census["steady_start"]["t_s"] = round(t, 1)  # type: ignore[index]
             if time.monotonic() >= next_log:
                 log(
                     f"soak t={t:5.0f}s RSS {s['rss_mb']:.1f} MB, fds {s['fds']}, "
@@ -653,9 +665,12 @@ def soak(args: argparse.Namespace, log: Log) -> Path:
             triton.set_control("ok")
         result = run.wait()
         sample(time.monotonic() - t0, "end")
+        census["end"] = gw.heap_census()
         time.sleep(2)
         sample(time.monotonic() - t0, "after")
     report = soak_report(args, stamp, clients, interval, samples, result.to_dict(), env, log)
+    report["heap_census"] = heap_summary(census)
+    refine_memory_verdict(report, census)
     report["_markdown"] = soak_markdown(report)
     path = write_report(report, f"soak-{stamp}", "latest-soak")
     verdict = report["verdict"]
@@ -664,8 +679,70 @@ def soak(args: argparse.Namespace, log: Log) -> Path:
         f"soak: fds {'no leak' if verdict['no_fd_leak'] else 'POSSIBLE LEAK'}: "  # type: ignore[index]
         f"{verdict['fds_text']}"
     )  # type: ignore[index]
+    heap = report["heap_census"]
+    if heap.get("steady_growth"):  # type: ignore[union-attr]
+        log(f"soak: Python heap after the steady start: {heap['steady_growth']}")  # type: ignore[index]
     log(f"wrote {path} and {RESULTS / 'latest-soak.md'}")
     return path
+
+
+def refine_memory_verdict(
+    report: dict[str, object], census: dict[str, dict[str, object] | None]
+) -> None:
+    """RSS that rose while the Python heap did not is the allocator keeping pages, not a leak."""
+    verdict = report["verdict"]
+    start, end = census.get("steady_start"), census.get("end")
+    if verdict["memory"] != "growing" or not (start and end):  # type: ignore[index]
+        return
+    blocks = end["allocated_blocks"] / start["allocated_blocks"] - 1  # type: ignore[operator]
+    objects = end["gc_objects"] / start["gc_objects"] - 1  # type: ignore[operator]
+    steady = [
+        p
+        for p in report["samples"]  # type: ignore[union-attr]
+        if p["phase"] in ("load", "faults") and p["t_s"] >= start["t_s"]  # type: ignore[index]
+    ]
+    tail = steady[len(steady) * 2 // 3 :]
+    tail_slope = slope_per_min([(p["t_s"], p["rss_mb"]) for p in tail])
+    rss = report["rss_mb"]["steady"]  # type: ignore[index]
+    if blocks <= 0.01 and objects <= 0.01:
+        verdict["memory"] = "no leak: Python heap flat"  # type: ignore[index]
+        verdict["memory_text"] = (  # type: ignore[index]
+            f"the live Python heap did not grow after {LEDGER_SIZE:,} answers (allocated blocks "
+            f"{100 * blocks:+.2f}%, gc-tracked objects {100 * objects:+.2f}%), while RSS went "
+            f"{rss['first']} -> {rss['last']} MB (slope {rss['slope_per_min']} MB/min over the "
+            f"window, {tail_slope if tail_slope is None else round(tail_slope, 3)} MB/min over "
+            "its last third): pages the allocator keeps after freeing, not live objects"
+        )
+    else:
+        verdict["memory_text"] += (  # type: ignore[index]
+            f"; Python heap over the window: allocated blocks {100 * blocks:+.2f}%, "
+            f"gc-tracked objects {100 * objects:+.2f}%"
+        )
+
+
+def heap_summary(census: dict[str, dict[str, object] | None]) -> dict[str, object]:
+    """Object counts at idle, at the steady start and at the end; what grew in between."""
+    out: dict[str, object] = {
+        phase: {k: v for k, v in c.items() if k != "by_type"}
+        for phase, c in census.items()
+        if c is not None
+    }
+    start, end = census.get("steady_start"), census.get("end")
+    if start and end:
+        a, b = start["by_type"], end["by_type"]  # type: ignore[index]
+        growth = {t: b.get(t, 0) - a.get(t, 0) for t in {*a, *b}}  # type: ignore[union-attr]
+        out["top_type_growth"] = dict(
+            sorted(growth.items(), key=lambda kv: -abs(kv[1]))[:10]  # type: ignore[arg-type]
+        )
+        blocks = end["allocated_blocks"] - start["allocated_blocks"]  # type: ignore[operator]
+        objs = end["gc_objects"] - start["gc_objects"]  # type: ignore[operator]
+        out["steady_growth"] = (
+            f"allocated blocks {start['allocated_blocks']:,} -> {end['allocated_blocks']:,} "
+            f"({100 * blocks / start['allocated_blocks']:+.2f}%), gc-tracked objects "
+            f"{start['gc_objects']:,} -> {end['gc_objects']:,} "
+            f"({100 * objs / start['gc_objects']:+.2f}%)"
+        )
+    return out
 
 
 def soak_report(
@@ -762,6 +839,30 @@ def soak_report(
     }
 
 
+def heap_markdown(heap: dict[str, object]) -> list[str]:
+    if not heap:
+        return []
+    lines = [
+        "Python heap (SIGUSR1 census by bench/launch_gateway.py: `sys.getallocatedblocks()` "
+        "and objects tracked by the garbage collector, by type):",
+        "",
+        "| when | t s | allocated blocks | gc-tracked objects | census pause ms |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for phase in ("idle", "steady_start", "end"):
+        c = heap.get(phase)
+        if isinstance(c, dict):
+            lines.append(
+                f"| {phase.replace('_', ' ')} | {c.get('t_s', '')} | {c['allocated_blocks']:,} "
+                f"| {c['gc_objects']:,} | {c['pause_ms']} |"
+            )
+    if heap.get("steady_growth"):
+        growth = ", ".join(f"{k} {v:+,}" for k, v in heap["top_type_growth"].items())  # type: ignore[union-attr]
+        lines += ["", f"From the steady start to the end: {heap['steady_growth']}.",
+                  f"Largest changes by type: {growth}."]  # fmt: skip
+    return [*lines, ""]
+
+
 def soak_markdown(r: dict[str, object]) -> str:
     cfg, wrk, env = r["config"], r["wrk"], r["environment"]
     v, win = r["verdict"], r["steady_window"]
@@ -795,6 +896,7 @@ def soak_markdown(r: dict[str, object]) -> str:
         f"- file descriptors: **{'no leak' if v['no_fd_leak'] else 'POSSIBLE LEAK'}** — "
         f"{v['fds_text']}",
         "",
+        *heap_markdown(r.get("heap_census") or {}),  # type: ignore[arg-type]
         "| t s | phase | RSS MB | fds | threads | answered | Triton RSS MB |",
         "|--:|---|--:|--:|--:|--:|--:|",
     ]

@@ -8,6 +8,7 @@ SIGKILL does not leave them behind (Triton's own ``--exit-with-parent`` does the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -203,17 +204,11 @@ class Gateway(_Group):
 
     name = "gateway"
 
-    # `aigw serve` calls asyncio.run() itself, so uvicorn's loop="uvloop" never applies; this
-    # what-if launcher (--uvloop) sets uvloop's policy first, without touching gateway code.
-    UVLOOP_LAUNCHER = (
-        "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-        "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-
-    def __init__(self, triton_url: str, uvloop: bool = False) -> None:
+    def __init__(self, triton_url: str, uvloop: bool = False, heap_census: bool = False) -> None:
         super().__init__()
         self.triton_url = triton_url
-        self.uvloop = uvloop
+        self.uvloop = uvloop  # what-if: see launch_gateway.py
+        self.heap_census_enabled = heap_census
         self.port = free_port()
         self.admin_port = free_port()
         while self.admin_port == self.port:
@@ -243,7 +238,12 @@ class Gateway(_Group):
         return env
 
     def start(self, timeout: float = 60.0) -> None:
-        launcher = ["-c", self.UVLOOP_LAUNCHER] if self.uvloop else ["-m", "gateway.cli"]
+        if self.uvloop or self.heap_census_enabled:
+            launcher = [str(Path(__file__).resolve().parent / "launch_gateway.py")]
+            launcher += ["--uvloop"] if self.uvloop else []
+            launcher += ["--heap-census", str(self.heap_file)] if self.heap_census_enabled else []
+        else:
+            launcher = ["-m", "gateway.cli"]
         cmd = [sys.executable, *launcher, "serve", "--port", str(self.port)]
         self._spawn(cmd, self.log, env=self.env())
         deadline = time.monotonic() + timeout
@@ -252,6 +252,24 @@ class Gateway(_Group):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready after {timeout:.0f}s; log: {self.log}")
             time.sleep(0.1)
+
+    @property
+    def heap_file(self) -> Path:
+        return self.dir / "heap-census.json"
+
+    def heap_census(self, timeout: float = 20.0) -> dict[str, object] | None:
+        """Ask the gateway (SIGUSR1) for its object counts; None if it was not started for it."""
+        if not self.heap_census_enabled or self.proc is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            self.heap_file.unlink()
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return json.loads(self.heap_file.read_text())
+            time.sleep(0.05)
+        return None
 
     def metrics(self) -> str:
         status, body = http_get(self.base_url + "/metrics", timeout=5)
