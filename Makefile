@@ -1,18 +1,23 @@
 # Two entry points, each doing all of its own set-up from a fresh clone:
 #   make demo   install, then run the gateway in front of a real Triton (CPU)
 #   make test   install (Debian packages and the virtualenv), lint, then the whole suite
+#   make bench  install wrk and nginx, then the quick benchmark (bench/README.md)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := redis-server prometheus curl
 
-.PHONY: demo test install install-test system-packages lint
+.PHONY: demo test bench install install-test system-packages lint
 
 demo: install
 	$(BIN)/aigw demo
 
 test: system-packages install-test lint
 	$(BIN)/pytest
+
+bench: install
+	$(MAKE) system-packages APT_PACKAGES="wrk nginx-light"
+	$(BIN)/python bench/run.py --quick
 
 lint:
 	$(BIN)/ruff check gateway tests
