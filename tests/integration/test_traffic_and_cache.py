@@ -23,6 +23,10 @@ def triton_successes(triton: TritonProcess, model: str) -> int:
     return sum(int(float(m)) for m in re.findall(pattern, text, re.MULTILINE))
 
 
+# Random customer ids land in either arm: count both arms' primary models.
+PRIMARIES = ("churn_gbm", "churn_gbm_v2")
+
+
 def settled_successes(triton: TritonProcess, models: tuple[str, ...], at_least: int) -> int:
     """Triton's success count once it reaches `at_least` (its statistics land just after the
     answer does), or whatever it is after two seconds."""
@@ -43,9 +47,9 @@ async def test_identical_request_is_answered_from_the_cache(gateway_client, trit
     """The second identical request is `cached: true` and calls no model."""
     request = request_for(f"cache-{uuid.uuid4()}")
     async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
-        before = triton_successes(triton, "churn_gbm")
+        before = sum(triton_successes(triton, m) for m in PRIMARIES)
         first = (await client.post("/v1/predictions", json=request)).json()
-        calls = settled_successes(triton, ("churn_gbm",), before + 1)
+        calls = settled_successes(triton, PRIMARIES, before + 1)
         second = (await client.post("/v1/predictions", json=request)).json()
         bypass = await client.post(
             "/v1/predictions", json=request, headers={"Cache-Control": "no-cache"}
@@ -56,7 +60,7 @@ async def test_identical_request_is_answered_from_the_cache(gateway_client, trit
     )  # fmt: skip
     assert second["prediction_id"] != first["prediction_id"]
     # Only the no-cache bypass reached Triton.
-    assert settled_successes(triton, ("churn_gbm",), calls + 1) == calls + 1
+    assert settled_successes(triton, PRIMARIES, calls + 1) == calls + 1
     assert bypass.json()["cached"] is False
 
 
@@ -64,17 +68,18 @@ async def test_fifty_concurrent_identical_misses_make_one_triton_call(gateway_cl
     """Single-flight: 50 concurrent identical misses share one call to the primary."""
     request = request_for(f"flight-{uuid.uuid4()}")
     async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}) as client:
-        before = triton_successes(triton, "churn_gbm")
+        before = sum(triton_successes(triton, m) for m in PRIMARIES)
         responses = await asyncio.gather(
             *(client.post("/v1/predictions", json=request) for _ in range(50))
         )
     bodies = [r.json() for r in responses]
     assert all(r.status_code == 200 for r in responses)
     assert {(b["prediction"], b["probability"], b["served_by"]) for b in bodies} == {
-        (bodies[0]["prediction"], bodies[0]["probability"], "churn-gbm")
+        (bodies[0]["prediction"], bodies[0]["probability"], bodies[0]["served_by"])
     }
+    assert bodies[0]["served_by"] in ("churn-gbm", "churn-gbm-v2")
     assert len({b["prediction_id"] for b in bodies}) == 50
-    assert settled_successes(triton, ("churn_gbm",), before + 1) - before == 1
+    assert settled_successes(triton, PRIMARIES, before + 1) - before == 1
 
 
 async def test_cache_in_redis_serves_other_replicas(gateway_client, triton, redis_server):
