@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 
@@ -17,10 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.api import admin as admin_api
 from gateway.api import audit, feedback, health, predictions
 from gateway.api.responses import problem_response
+from gateway.audit import worker_log_directory
 from gateway.audit_forwarder import AuditForwarder
 from gateway.breaker_sync import BreakerSync
 from gateway.policy_manager import PolicyManager
-from gateway.policy_sync import PolicySync
+from gateway.policy_sync import PolicyFileSync, PolicySync
 from gateway.problems import Problem
 from gateway.runtime import (
     Configuration,
@@ -132,7 +134,11 @@ def create_app(
         await runtime.audit.open()
         forwarder = None
         if settings.audit_stream_url:
-            forwarder = AuditForwarder(settings.audit_dir, settings.audit_stream_url)
+            forwarder = AuditForwarder(
+                worker_log_directory(settings.audit_dir, settings.worker_index),
+                settings.audit_stream_url,
+                replica=_replica_name(settings),
+            )
             await forwarder.start()
         runtime.audit_forwarder = forwarder
         app.state.runtime = runtime
@@ -145,10 +151,15 @@ def create_app(
         policy_sync = _policy_sync(settings, manager)
         if policy_sync is not None:
             await policy_sync.start()
+        sibling_sync = _sibling_sync(settings, manager)
+        if sibling_sync is not None:
+            await sibling_sync.start()
         await runtime.refresh_readiness()
         tasks = [asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))]
         if settings.watch_policies:
             tasks.append(asyncio.create_task(manager.watch_files(settings.watch_interval_s)))
+        if metrics.multiprocess:
+            tasks.append(asyncio.create_task(metrics.publish_forever()))
         try:
             yield
         finally:
@@ -158,6 +169,8 @@ def create_app(
                 await sync.stop()
             if policy_sync is not None:
                 await policy_sync.stop()
+            if sibling_sync is not None:
+                await sibling_sync.stop()
             await runtime.close()  # flushes the audit log to disk
             if forwarder is not None:
                 await forwarder.stop()  # then ships what is on disk, if the sink is up
@@ -197,6 +210,20 @@ def _policy_sync(settings: Settings, manager: PolicyManager) -> PolicySync | Non
     if not (settings.share_policies and settings.redis_url):
         return None
     return PolicySync(settings.redis_url, manager)
+
+
+def _sibling_sync(settings: Settings, manager: PolicyManager) -> PolicyFileSync | None:
+    """With several workers, an apply in one (the admin API's) reaches its siblings."""
+    if settings.worker_index is None or settings.workers_dir is None:
+        return None
+    path = settings.workers_dir / "policy-current.json"
+    return PolicyFileSync(path, manager, replica_id=f"worker-{settings.worker_index}")
+
+
+def _replica_name(settings: Settings) -> str:
+    """How this process signs its audit stream entries: one name per writer of a log."""
+    host = socket.gethostname()
+    return host if settings.worker_index is None else f"{host}-worker-{settings.worker_index}"
 
 
 def create_admin_app(gateway: FastAPI) -> FastAPI:

@@ -178,6 +178,9 @@ def is_checkpoint(line: Mapping[str, Any]) -> bool:
     return line.get("type") == CHECKPOINT
 
 
+WORKER_DIR_PREFIX = "worker-"
+
+
 def segment_name(number: int) -> str:
     return f"audit-{number:06d}.jsonl"
 
@@ -344,18 +347,38 @@ def verify(directory: Path, checkpoint_key: bytes | None = None) -> VerifyResult
     return check.result()
 
 
+def worker_log_directory(root: Path, worker_index: int | None) -> Path:
+    """Where one process writes: `root`, or `root/worker-N` when several workers share it
+    (a log has exactly one writer, so each worker keeps its own chain)."""
+    return root if worker_index is None else Path(root) / f"{WORKER_DIR_PREFIX}{worker_index}"
+
+
+def log_directories(root: Path) -> list[Path]:
+    """Every log under `root`: `root` itself when it holds segments, and each worker's."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    workers = sorted(
+        (path for path in root.glob(f"{WORKER_DIR_PREFIX}*") if path.is_dir()),
+        key=lambda path: path.name,
+    )
+    own = [root] if segment_files(root) or not workers else []
+    return own + [path for path in workers if segment_files(path)]
+
+
 def find_record(directory: Path, prediction_id: str) -> dict[str, Any] | None:
-    """The record of one decision, by `prediction_id`, or None.
+    """The record of one decision, by `prediction_id`, in any log under `directory`, or None.
 
     A linear scan, newest segment first, with a byte pre-filter before parsing: fine for an
     operator's question, not for the request path; an index is for when that changes.
     """
     needle = orjson.dumps(prediction_id)
-    for _, path in reversed(segment_files(directory)):
-        for line in _lines_containing(path, needle):
-            entry = parse_line(line)
-            if entry is not None and entry.get("prediction_id") == prediction_id:
-                return entry
+    for log_directory in log_directories(directory):
+        for _, path in reversed(segment_files(log_directory)):
+            for line in _lines_containing(path, needle):
+                entry = parse_line(line)
+                if entry is not None and entry.get("prediction_id") == prediction_id:
+                    return entry
     return None
 
 

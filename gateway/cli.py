@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 import tempfile
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import orjson
-import uvicorn
+from pydantic import ValidationError
 
-from gateway.audit import verify
+from gateway.audit import log_directories, verify
 from gateway.auth import PERMISSIONS, KeysFileError, add_key, list_keys, revoke_key
 from gateway.contracts import check_contracts, load_contracts
 from gateway.logs import configure_logging
@@ -54,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="bind address (default: AIGW_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: AIGW_PORT or 8080)")
+    serve.add_argument(
+        "--workers", type=int,
+        help="worker processes sharing the port (default: AIGW_WORKERS or 1)",
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo", help="run a real Triton with demo models and the gateway")
@@ -198,12 +201,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if not args.directory.is_dir():
         print(f"{args.directory}: not a directory", file=sys.stderr)
         return 2
-    result = verify(args.directory, key.get_secret_value().encode() if key else None)
-    if not result.ok:
-        print(str(result), file=sys.stderr)
-        return 1
     checked = "hash chain and checkpoint MACs" if key else "hash chain (no checkpoint key given)"
-    print(f"{args.directory}: {result.records} records, {checked} intact")
+    # With several workers each keeps its own chain in `worker-N/`: every chain must hold.
+    for directory in log_directories(args.directory) or [args.directory]:
+        result = verify(directory, key.get_secret_value().encode() if key else None)
+        if not result.ok:
+            print(f"{directory}: {result}", file=sys.stderr)
+            return 1
+        print(f"{directory}: {result.records} records, {checked} intact")
     return 0
 
 
@@ -319,58 +324,36 @@ def _policy_simulate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
+    given = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    overrides = {k: v for k, v in given if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        for fault in error.errors():
+            field = ".".join(str(part) for part in fault["loc"])
+            print(f"setting {field} (--{field} or AIGW_{field.upper()}): {fault['msg']}",
+                  file=sys.stderr)  # fmt: skip
+        return 2
     return _run_gateway(settings, dict(os.environ))
 
 
 def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
     """Load and check every file first: a bad one stops start-up with its faults listed."""
     from gateway.app import create_admin_app, create_app
+    from gateway.server import serve_apps
+    from gateway.supervisor import Supervisor
 
     configure_logging(settings.log_level)
+    if settings.workers > 1:
+        return Supervisor(settings, env).run()
     try:
         app = create_app(settings, env)
     except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1
-    asyncio.run(_serve_both(app, create_admin_app(app), settings))
+    asyncio.run(serve_apps(app, create_admin_app(app), settings))
     return 0
-
-
-class _AdminServer(uvicorn.Server):
-    """The admin listener; the public server owns signal handling and stops it."""
-
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        return contextlib.nullcontext()
-
-
-async def _serve_both(app, admin_app, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    """The public API and, on its own address, the admin API, in one event loop."""
-    public = uvicorn.Server(_server_config(app, settings.host, settings.port))
-    admin = _AdminServer(_server_config(admin_app, settings.admin_host, settings.admin_port))
-    admin.config.lifespan = "off"  # the public app's lifespan builds the shared runtime
-    admin_task = asyncio.create_task(admin.serve())
-    try:
-        await public.serve()
-    finally:
-        admin.should_exit = True
-        await admin_task
-
-
-def _server_config(app, host: str, port: int) -> uvicorn.Config:  # type: ignore[no-untyped-def]
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        lifespan="on",
-    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ class PredictionInput:
     started: float
     request_id: str = ""
     trace_id: str | None = None
+    # Set when the id was promised before the answer (asynchronous jobs); else made here.
+    prediction_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
     snapshot = runtime.snapshot  # this request runs on this configuration to the end
     policy = snapshot.policies.policies[request.model_id]
     model = snapshot.models[request.model_id]
-    prediction_id = str(uuid.uuid4())
+    prediction_id = request.prediction_id or str(uuid.uuid4())
     assignment = model.routes.assign(
         request.features, request.headers, request.tenant, prediction_id
     )

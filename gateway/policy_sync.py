@@ -1,4 +1,4 @@
-"""Policy versions shared by every replica through Redis.
+"""Policy versions shared by every replica through Redis, and by sibling workers through a file.
 
 An apply on one replica is published (and kept under a key, for replicas that start
 later); every other replica validates the same bundle itself and applies it, or refuses it
@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -51,16 +53,9 @@ class PolicySync:
         await self._redis.aclose()
 
     async def _publish(self, version: PolicyVersion) -> None:
-        if version.source.startswith("peer:"):
-            return  # learnt from a peer: it has been published already
-        message = orjson.dumps(
-            {
-                "origin": self.replica_id,
-                "author": version.author,
-                "content_hash": version.content_hash,
-                "bundle": version.bundle.to_dict(),
-            }
-        )
+        message = version_message(self.replica_id, version)
+        if message is None:
+            return
         try:
             async with asyncio.timeout(2.0):
                 await self._redis.set(CURRENT_KEY, message)
@@ -84,16 +79,98 @@ class PolicySync:
                     await self._adopt(message["data"])
 
     async def _adopt(self, data: Any) -> None:
-        try:
-            message = orjson.loads(data)
-            if message.get("origin") == self.replica_id:
-                return
-            bundle = Bundle.from_dict(message.get("bundle"))
-        except (orjson.JSONDecodeError, AttributeError, BundleError):
-            log.warning("malformed policy message ignored")
+        await adopt_message(self._manager, self.replica_id, data)
+
+
+class PolicyFileSync:
+    """Policy versions shared by the worker processes of one `aigw serve --workers N`.
+
+    Siblings share a directory, not necessarily a Redis: an apply in one worker (the admin
+    API is served by worker 0) is written to one file, atomically replaced, and every other
+    worker polls it and applies the same bundle, exactly as replicas do through Redis. A
+    worker that starts later (a restart) adopts the current version first.
+    """
+
+    def __init__(
+        self, path: Path, manager: PolicyManager, replica_id: str, interval_s: float = 0.25
+    ):
+        self.replica_id = replica_id
+        self._path = Path(path)
+        self._manager = manager
+        self._interval_s = interval_s
+        self._seen: tuple[int, int] | None = None
+        self._task: asyncio.Task | None = None
+        manager.on_applied(self._publish)
+
+    async def start(self) -> None:
+        await self._poll()  # before serving: a restarted worker runs what its siblings run
+        self._task = asyncio.create_task(self._follow_forever(), name="policy-file-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _publish(self, version: PolicyVersion) -> None:
+        message = version_message(self.replica_id, version)
+        if message is None:
             return
-        author = str(message.get("author", "unknown"))[:128]
-        with contextlib.suppress(BundleError):  # refused: logged, counted, audited by apply
-            await self._manager.apply(
-                bundle, author=author, source=f"peer:{message['origin'][:12]}"
-            )
+        try:
+            await asyncio.to_thread(_replace_file, self._path, message)
+        except OSError as error:
+            log.warning("policy version not shared", extra={"error": str(error)})
+
+    async def _follow_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._poll()
+
+    async def _poll(self) -> None:
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            return
+        seen = (stat.st_mtime_ns, stat.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        with contextlib.suppress(OSError):
+            await adopt_message(self._manager, self.replica_id, self._path.read_bytes())
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def version_message(origin: str, version: PolicyVersion) -> bytes | None:
+    """What peers are told of an applied version; None for one learnt from a peer."""
+    if version.source.startswith("peer:"):
+        return None  # learnt from a peer: it has been published already
+    return orjson.dumps(
+        {
+            "origin": origin,
+            "author": version.author,
+            "content_hash": version.content_hash,
+            "bundle": version.bundle.to_dict(),
+        }
+    )
+
+
+async def adopt_message(manager: PolicyManager, own_id: str, data: Any) -> None:
+    """Apply a peer's version, validated here as any change is; malformed ones are ignored."""
+    try:
+        message = orjson.loads(data)
+        if message.get("origin") == own_id:
+            return
+        bundle = Bundle.from_dict(message.get("bundle"))
+    except (orjson.JSONDecodeError, AttributeError, BundleError):
+        log.warning("malformed policy message ignored")
+        return
+    author = str(message.get("author", "unknown"))[:128]
+    origin = str(message.get("origin", "unknown"))[:12]
+    with contextlib.suppress(BundleError):  # refused: logged, counted, audited by apply
+        await manager.apply(bundle, author=author, source=f"peer:{origin}")

@@ -16,7 +16,7 @@ from typing import Any
 import pybreaker
 from pydantic import SecretStr
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, worker_log_directory
 from gateway.auth import KeyStore
 from gateway.backends.triton import TritonBackend
 from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
@@ -293,7 +293,7 @@ def audit_log(settings: Settings) -> AuditLog:
     ):
         log.warning("audit keys not set: using random keys valid for this process only")
     return AuditLog(
-        settings.audit_dir,
+        worker_log_directory(settings.audit_dir, settings.worker_index),
         key=_key_bytes(key),
         checkpoint_key=_key_bytes(checkpoint_key),
         rotate_bytes=settings.audit_rotate_bytes,

@@ -22,6 +22,14 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Worker processes of `aigw serve`, sharing one listening socket. With more than one,
+    # metrics use prometheus-client's multiprocess mode and each worker has its own audit
+    # directory under `audit_dir` (see the README's "Several workers").
+    workers: int = Field(default=1, ge=1, le=64)
+    # Set by the supervisor in each worker process, never by operators: which worker this is
+    # and the directory the workers share (metrics files, the current policy version).
+    worker_index: int | None = Field(default=None, ge=0)
+    workers_dir: Path | None = None
 
     # The admin API listens apart from the public API, on loopback unless told otherwise.
     admin_host: str = "127.0.0.1"

@@ -7,20 +7,27 @@ the gateway already keeps (audit records written, cache errors, shadows dropped)
 at scrape time by a collector instead of being counted twice.
 
 Each app has its own registry, so several apps in one process (tests) do not collide.
-Several uvicorn workers each expose their own /metrics; run one worker per container
-(scale with replicas) or scrape each worker. prometheus-client's multiprocess mode is not
-wired yet.
+
+Several workers (`aigw serve --workers N`): prometheus-client's multiprocess mode, switched
+on by `PROMETHEUS_MULTIPROC_DIR` (the supervisor sets it before any worker starts). Counters
+and histograms then live in per-process files that every worker's /metrics sums, so any
+worker answers a scrape with the totals of all, and a worker that dies keeps its counts.
+Scrape-time values (audit totals, readiness, drift) are copied into those files by each
+worker every second (`SharedValues`); each gauge says how workers combine (`GAUGE_MODES`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pybreaker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -30,13 +37,34 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How several workers' values of a gauge combine into one series (live: dead workers drop
+# out). A breaker is as bad as its worst worker; the gateway is ready when every worker is.
+# Drift and accuracy are measured by each worker on its share of the traffic: the worst
+# worker's value is exported, and sample sizes are summed.
+GAUGE_MODES = {
+    "aigw_breaker_state": "livemax",
+    "aigw_ready": "livemin",
+    "aigw_policy_version_info": "livemax",
+    "aigw_audit_spill_bytes": "livesum",
+    "aigw_model_drift_sample_size": "livesum",
+    "aigw_model_feedback_sample_size": "livesum",
+}
+DEFAULT_GAUGE_MODE = "livemax"
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process is one of several workers sharing metrics files."""
+    return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
 class Metrics:
     """Every metric the gateway exports, registered in one registry."""
 
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_mode()
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared_values: SharedValues | None = None
         r = self.registry
         self.requests = Counter(
             "aigw_requests", "Answered predictions.",
@@ -60,7 +88,7 @@ class Metrics:
         )  # fmt: skip
         self.breaker_state = Gauge(
             "aigw_breaker_state", "Breaker state per target: 0 closed, 1 half-open, 2 open.",
-            ["target"], registry=r,
+            ["target"], registry=r, multiprocess_mode=GAUGE_MODES["aigw_breaker_state"],
         )  # fmt: skip
         self.breaker_transitions = Counter(
             "aigw_breaker_transitions", "Breaker state changes.", ["target", "to"], registry=r
@@ -105,11 +133,88 @@ class Metrics:
         return _BreakerMetrics(self)
 
     def watch(self, runtime_of: Callable[[], Runtime | None]) -> None:
-        """Export totals the runtime keeps itself, read at scrape time."""
-        self.registry.register(_RuntimeCollector(runtime_of))
+        """Export totals the runtime keeps itself, read at scrape time (or, with several
+        workers, copied into the shared files by `publish_forever`)."""
+        collector = _RuntimeCollector(runtime_of)
+        if self.multiprocess:
+            self.shared_values = SharedValues(collector)
+        else:
+            self.registry.register(collector)
+
+    async def publish_forever(self, interval_s: float = 1.0) -> None:
+        """With several workers: keep this worker's scrape-time values in the shared files."""
+        while self.shared_values is not None:
+            self.shared_values.publish()
+            await asyncio.sleep(interval_s)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        if self.shared_values is not None:
+            self.shared_values.publish()  # this worker's freshest; siblings' at most 1 s old
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined)
+        return generate_latest(combined)
+
+
+class SharedValues:
+    """One worker's scrape-time values, kept in prometheus-client's multiprocess files.
+
+    Counter families become real counters, incremented by what changed since the last
+    publish (so a restarted worker adds to the total rather than resetting it); gauge
+    families become gauges combined by `GAUGE_MODES`. A label set that disappears (an old
+    policy version) is set to 0 rather than left at its last value.
+    """
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._counted: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._gauge_labels: dict[str, set[tuple[str, ...]]] = {}
+
+    def publish(self) -> None:
+        for family in self._collector.collect():
+            if family.type == "counter":
+                self._publish_counter(family)
+            else:
+                self._publish_gauge(family)
+
+    def _publish_counter(self, family: Metric) -> None:
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue  # `_created` samples: the shared counter keeps its own
+            labels = tuple(sample.labels.values())
+            counter = self._counters.get(family.name)
+            if counter is None:
+                counter = Counter(family.name, family.documentation, list(sample.labels),
+                                  registry=None)  # fmt: skip
+                self._counters[family.name] = counter
+            previous = self._counted.get((family.name, labels), 0.0)
+            if sample.value > previous:
+                (counter.labels(*labels) if labels else counter).inc(sample.value - previous)
+                self._counted[(family.name, labels)] = sample.value
+
+    def _publish_gauge(self, family: Metric) -> None:
+        seen = set()
+        for sample in family.samples:
+            labels = tuple(sample.labels.values())
+            gauge = self._gauge(family, list(sample.labels))
+            (gauge.labels(*labels) if labels else gauge).set(sample.value)
+            seen.add(labels)
+        for gone in self._gauge_labels.get(family.name, set()) - seen:
+            gauge = self._gauges[family.name]
+            (gauge.labels(*gone) if gone else gauge).set(0)
+        self._gauge_labels[family.name] = seen
+
+    def _gauge(self, family: Metric, label_names: list[str]) -> Gauge:
+        gauge = self._gauges.get(family.name)
+        if gauge is None:
+            mode = GAUGE_MODES.get(family.name, DEFAULT_GAUGE_MODE)
+            gauge = Gauge(family.name, family.documentation, label_names, registry=None,
+                          multiprocess_mode=mode)  # type: ignore[arg-type]  # fmt: skip
+            self._gauges[family.name] = gauge
+        return gauge
 
 
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):

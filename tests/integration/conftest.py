@@ -58,12 +58,12 @@ def healthy(breakable_triton: TritonProcess) -> TritonProcess:
 class GatewayProcess:
     """`aigw serve` in a child process, as operators run it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), *args],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=self._log,
@@ -81,6 +81,10 @@ class GatewayProcess:
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError("gateway did not come up")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when the OOM killer or a node failure strikes."""

@@ -1,0 +1,148 @@
+"""Predictions asked for now and answered later: the job, its outcome, and running one.
+
+A job is a prediction request whose id is promised before it is answered. It travels as
+plain data (an HTTP `POST /v1/predictions:async` body, or a Redis stream entry), is run
+through exactly the same pipeline as a synchronous request (routing, cache, chain, audit),
+and its outcome is stored once under its `prediction_id`. `JobBackend` is the one interface
+the HTTP surface uses; `MemoryJobs` (in-process) and `StreamJobs` (Redis streams) implement it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from gateway.contracts import ContractSet
+from gateway.pipeline import Answer, PredictionInput, predict
+from gateway.problems import FieldError
+from gateway.runtime import Runtime
+
+JobStatus = Literal["pending", "done"]
+
+
+class JobRejected(Exception):
+    """A job that can never be run (not JSON, or not the contract): a dead letter, not a retry."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"detail": self.detail, "errors": [e.to_dict() for e in self.errors]}
+
+
+class Backpressure(Exception):
+    """The queue is at its bound: the caller should retry later, nothing was accepted."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prediction request to be answered later, as plain data."""
+
+    prediction_id: str
+    model_id: str
+    features: Mapping[str, Any]
+    tenant: str = "default"
+    request_id: str = ""
+    trace_id: str | None = None
+    callback_url: str | None = None
+    timeout_ms: int | None = None
+    submitted_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "prediction_id": self.prediction_id,
+                "model_id": self.model_id,
+                "features": dict(self.features),
+                "tenant": self.tenant,
+                "request_id": self.request_id,
+                "trace_id": self.trace_id,
+                "callback_url": self.callback_url,
+                "timeout_ms": self.timeout_ms,
+                "submitted_at": self.submitted_at,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What `GET /v1/predictions/{id}` reports: pending, or the envelope once answered."""
+
+    prediction_id: str
+    tenant: str
+    status: JobStatus
+    envelope: Mapping[str, Any] | None = None
+
+
+class JobBackend(Protocol):
+    """Where jobs wait and where their outcomes are kept."""
+
+    async def start(self, runtime: Runtime) -> None: ...
+
+    async def submit(self, job: Job) -> None:
+        """Accept the job or raise Backpressure; an accepted job is answered exactly once."""
+
+    async def outcome(self, prediction_id: str) -> JobOutcome | None:
+        """The job's outcome, or None when no such job is known."""
+
+    async def close(self) -> None: ...
+
+
+def new_prediction_id() -> str:
+    return str(uuid.uuid4())
+
+
+def job_from_request(
+    contracts: ContractSet,
+    payload: Any,
+    *,
+    prediction_id: str | None = None,
+    tenant: str = "default",
+    request_id: str = "",
+    trace_id: str | None = None,
+    callback_url: str | None = None,
+    timeout_ms: int | None = None,
+) -> Job:
+    """A job from a prediction request body, checked against the contract (JobRejected else)."""
+    violations = contracts.violations(payload)
+    if violations:
+        raise JobRejected(f"{len(violations)} field(s) are invalid", violations)
+    model_id = payload["model_id"]
+    return Job(
+        prediction_id=prediction_id or new_prediction_id(),
+        model_id=model_id,
+        features=contracts.models[model_id].canonical_features(payload["features"]),
+        tenant=tenant,
+        request_id=request_id,
+        trace_id=trace_id,
+        callback_url=callback_url,
+        timeout_ms=timeout_ms,
+    )
+
+
+async def run_job(runtime: Runtime, job: Job) -> Answer:
+    """Answer a job through the same pipeline as a synchronous request (audited the same).
+
+    Always answers while the audit log takes records: the chain ends in a default. Raises
+    `AuditUnavailable` when it does not, and the job must then be retried, not dropped.
+    """
+    request = PredictionInput(
+        model_id=job.model_id,
+        features=job.features,
+        headers={},
+        tenant=job.tenant,
+        caller_timeout_ms=job.timeout_ms,
+        use_cache=True,
+        started=time.monotonic(),
+        request_id=job.request_id,
+        trace_id=job.trace_id,
+        prediction_id=job.prediction_id,
+    )
+    return await predict(runtime, request)

@@ -1,0 +1,211 @@
+"""Several worker processes behind one listening socket: `aigw serve --workers N`.
+
+The supervisor checks every file, binds the public address once and starts N workers
+(fresh interpreters, `spawn`), all accepting on that socket; the kernel spreads connections
+among them. Each worker has its own event loop, runtime and audit directory
+(`AIGW_AUDIT_DIR/worker-N`: a log has one writer); worker 0 also serves the admin API, and
+its applies reach the others through the shared workers directory. Metrics use
+prometheus-client's multiprocess mode in that directory, so any worker's /metrics reports
+the totals of all.
+
+A worker that dies is started again in its place, with a growing pause if it keeps dying;
+its live gauges are dropped, its counters kept. SIGTERM or SIGINT stops every worker
+gracefully (each drains its requests and flushes its audit log), then the supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
+from pydantic import SecretStr
+
+from gateway.problems import FaultsError
+from gateway.runtime import baselines_of, load_configuration
+from gateway.server import GRACEFUL_SHUTDOWN_S, run_worker
+from gateway.settings import Settings
+from gateway.telemetry import MULTIPROCESS_ENV
+
+log = logging.getLogger("gateway.supervisor")
+
+FIRST_RESTART_PAUSE_S = 0.5
+MAX_RESTART_PAUSE_S = 30.0
+STABLE_AFTER_S = 30.0  # a worker that lived this long is healthy: its next restart is quick
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    started_at: float
+    pause_s: float = FIRST_RESTART_PAUSE_S
+
+
+def next_restart_pause(previous_s: float, lived_s: float) -> float:
+    """How long to wait before starting a dead worker again: quick after a long life,
+    doubling (capped) while it keeps dying at start, so a crash loop does not spin."""
+    if lived_s >= STABLE_AFTER_S:
+        return FIRST_RESTART_PAUSE_S
+    return min(MAX_RESTART_PAUSE_S, previous_s * 2)
+
+
+def run_audit_keys(settings: Settings) -> dict[str, SecretStr]:
+    """Audit keys left unset are made once for the whole run, not once per worker: every
+    worker then gives a customer the same pseudonym, and checkpoints verify with one key."""
+    keys = {}
+    for name in ("audit_key", "audit_checkpoint_key"):
+        value = getattr(settings, name)
+        if not (value and value.get_secret_value()):
+            keys[name] = SecretStr(secrets.token_hex(32))
+    return keys
+
+
+def bind_public_socket(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on, bound once here."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def prepare_workers_dir(env: Mapping[str, str]) -> tuple[Path, Path, bool]:
+    """(workers dir, metrics dir, made here): the operator's `PROMETHEUS_MULTIPROC_DIR`
+    emptied of an earlier run's files (they would add old counts), else a new temp dir."""
+    given = env.get(MULTIPROCESS_ENV)
+    if given:
+        metrics = Path(given)
+        metrics.mkdir(parents=True, exist_ok=True)
+        for stale in metrics.glob("*.db"):
+            stale.unlink()
+        shared = metrics / "shared"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir()
+        return shared, metrics, False
+    root = Path(tempfile.mkdtemp(prefix="aigw-workers-"))
+    (root / "metrics").mkdir()
+    return root, root / "metrics", True
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes of one gateway."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.env = dict(env)
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._stopping = False
+        self._run_keys = run_audit_keys(settings)
+
+    def run(self) -> int:
+        """Serve until a signal; 1 when the files are invalid or the address is taken."""
+        try:
+            load_configuration(self.settings, self.env)
+            baselines_of(self.settings)
+        except FaultsError as error:
+            for fault in error.faults:
+                print(fault, file=sys.stderr)
+            return 1
+        try:
+            public_socket = bind_public_socket(self.settings.host, self.settings.port)
+        except OSError as error:
+            print(f"{self.settings.host}:{self.settings.port}: {error.strerror}", file=sys.stderr)
+            return 1
+        workers_dir, metrics_dir, made_here = prepare_workers_dir(os.environ)
+        # Children read it when they import prometheus_client: set before any is started.
+        os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
+        self.env[MULTIPROCESS_ENV] = str(metrics_dir)
+        previous_handlers = self._catch_stop_signals()
+        try:
+            for index in range(self.settings.workers):
+                self._start(index, workers_dir, public_socket)
+            log.warning(
+                "workers started",
+                extra={"workers": self.settings.workers, "port": self.settings.port},
+            )
+            self._watch(workers_dir, public_socket)
+        finally:
+            self._stop_all()
+            public_socket.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            if made_here:
+                shutil.rmtree(workers_dir, ignore_errors=True)
+        return 0
+
+    def _catch_stop_signals(self) -> dict[int, object]:
+        def stop(signum: int, frame: object) -> None:
+            self._stopping = True
+
+        return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _start(self, index: int, workers_dir: Path, public_socket: socket.socket) -> None:
+        settings = self.settings.model_copy(
+            update={"worker_index": index, "workers_dir": workers_dir, **self._run_keys}
+        )
+        process = self._context.Process(
+            target=run_worker,
+            args=(settings, self.env, public_socket),
+            name=f"aigw-worker-{index}",
+        )
+        process.start()
+        previous = self._workers.get(index)
+        pause = previous.pause_s if previous else FIRST_RESTART_PAUSE_S
+        self._workers[index] = _Worker(index, process, time.monotonic(), pause)
+
+    def _watch(self, workers_dir: Path, public_socket: socket.socket) -> None:
+        while not self._stopping:
+            sentinels = [w.process.sentinel for w in self._workers.values()]
+            wait(sentinels, timeout=0.5)
+            for worker in list(self._workers.values()):
+                if self._stopping or worker.process.is_alive():
+                    continue
+                self._replace(worker, workers_dir, public_socket)
+
+    def _replace(self, worker: _Worker, workers_dir: Path, public_socket: socket.socket) -> None:
+        """A dead worker's gauges go; its place is taken by a new process after a pause."""
+        pid, code = worker.process.pid, worker.process.exitcode
+        mark_process_dead(pid, str(os.environ[MULTIPROCESS_ENV]))
+        lived_s = time.monotonic() - worker.started_at
+        pause_s = next_restart_pause(worker.pause_s, lived_s)
+        log.error(
+            "worker died; starting another",
+            extra={"worker": worker.index, "pid": pid, "exit_code": code, "pause_s": pause_s},
+        )
+        deadline = time.monotonic() + pause_s
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._stopping:
+            return
+        worker.pause_s = pause_s
+        self._start(worker.index, workers_dir, public_socket)
+
+    def _stop_all(self) -> None:
+        """SIGTERM to each worker, time to drain, then SIGKILL for any that hangs."""
+        for worker in self._workers.values():
+            if worker.process.is_alive():
+                worker.process.terminate()
+        deadline = time.monotonic() + GRACEFUL_SHUTDOWN_S + 5
+        for worker in self._workers.values():
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.error("worker did not stop; killing it", extra={"worker": worker.index})
+                worker.process.kill()
+                worker.process.join(5)

@@ -1,0 +1,174 @@
+"""`aigw serve --workers 2` in front of a real Triton: one port, two worker processes.
+
+Metrics are the totals of every worker whichever answers the scrape (prometheus-client
+multiprocess mode), each worker keeps its own audit chain, a worker killed with SIGKILL is
+replaced without losing its counts, and an apply through the admin API reaches both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.audit import find_record, log_directories, segment_files
+from gateway.cli import main
+from gateway.demo.triton_process import TritonProcess, free_port
+from gateway.policy_store import read_bundle
+from tests.conftest import REPO
+from tests.integration.conftest import GatewayProcess
+
+pytestmark = pytest.mark.triton
+
+
+def churn(customer: str) -> dict:
+    features = {"customer_id": customer, "tenure_months": 12, "monthly_charges": 42.5}
+    return {"model_id": "customer-churn", "features": features}
+
+
+class Workers:
+    def __init__(self, process: GatewayProcess, admin_url: str, audit_dir: Path) -> None:
+        self.process, self.admin_url, self.audit_dir = process, admin_url, audit_dir
+
+    def predict(self, customer: str) -> httpx.Response:
+        # A new connection each time, so the kernel may hand it to either worker.
+        return httpx.post(f"{self.process.base_url}/v1/predictions", json=churn(customer))
+
+    def predict_many(self, prefix: str, count: int) -> list[httpx.Response]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(self.predict, (f"{prefix}-{i}" for i in range(count))))
+
+    def scrape(self) -> dict[str, float]:
+        """Sum of each metric's samples (over labels), as one scrape reports them."""
+        text = httpx.get(f"{self.process.base_url}/metrics").text
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    def admin_is_up(self) -> bool:
+        """Worker 0 serves the admin API: up once the worker in its place has started."""
+        try:
+            return httpx.get(f"{self.admin_url}/admin/policies").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def worker_pids(self) -> set[int]:
+        """The supervisor's worker children (not multiprocessing's resource tracker)."""
+        pids = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and b"spawn_main" in cmdline:
+                pids.add(int(stat.parent.name))
+        return pids
+
+
+def wait_for(condition, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def workers(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    root = tmp_path_factory.mktemp("workers")
+    admin_port = free_port()
+    env = {
+        "AIGW_TRITON_URL": triton.http_url,
+        "AIGW_AUDIT_DIR": str(root / "audit"),
+        "AIGW_ADMIN_PORT": str(admin_port),
+        "AIGW_WATCH_POLICIES": "false",
+    }
+    process = GatewayProcess(env, root / "gateway.log", args=("--workers", "2"))
+    process.wait_until_live(timeout=60)
+    gateway = Workers(process, f"http://127.0.0.1:{admin_port}", root / "audit")
+    assert wait_for(lambda: len(gateway.worker_pids()) == 2)
+    yield gateway
+    process.stop()
+
+
+def test_every_scrape_reports_the_answers_of_both_workers(workers: Workers):
+    """Whichever worker answers /metrics, it counts every answer and every audit record."""
+    before = workers.scrape().get("aigw_requests_total", 0.0)
+    answers = workers.predict_many("scrape", 80)
+    assert [a.status_code for a in answers] == [200] * 80
+    expected = before + 80
+    scrapes = [workers.scrape() for _ in range(10)]
+    assert [s["aigw_requests_total"] for s in scrapes] == [expected] * 10
+    # Scrape-time totals are copied into the shared files every second by each worker.
+    assert wait_for(lambda: workers.scrape()["aigw_audit_records_written_total"] >= expected)
+    assert workers.scrape()["aigw_audit_records_written_total"] == expected
+
+
+def test_each_worker_keeps_its_own_verified_audit_chain(workers: Workers, capsys):
+    """Records land in worker-0/ and worker-1/, both chains verify, any record is found."""
+    answers = workers.predict_many("audit", 40)
+    directories = log_directories(workers.audit_dir)
+    assert [d.name for d in directories] == ["worker-0", "worker-1"]
+    assert all(segment_files(d) for d in directories)
+    assert main(["audit", "verify", str(workers.audit_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "worker-0:" in out and "worker-1:" in out
+    ids = [a.json()["prediction_id"] for a in answers]
+    found = [find_record(workers.audit_dir, i) for i in ids]
+    assert all(r is not None and r["prediction_id"] == i for r, i in zip(found, ids, strict=True))
+
+
+def test_a_killed_worker_is_replaced_and_its_counts_are_kept(workers: Workers):
+    """SIGKILL of one worker: a new one takes its place, and no counted answer is lost."""
+    workers.predict_many("before-kill", 20)
+    counted = wait_for(lambda: workers.scrape()["aigw_requests_total"])
+    victim = min(workers.worker_pids())  # the first started: worker 0, the admin API's
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(lambda: len(workers.worker_pids() - {victim}) == 2, timeout_s=30)
+    assert replaced, "the killed worker was not replaced"
+    assert wait_for(workers.admin_is_up, timeout_s=30), "worker 0 (the admin API) is not back"
+    answers = workers.predict_many("after-kill", 20)
+    assert [a.status_code for a in answers] == [200] * 20
+    assert workers.scrape()["aigw_requests_total"] == counted + 20
+
+
+def test_an_apply_through_the_admin_api_reaches_every_worker(workers: Workers):
+    """Worker 0 serves the admin API; within two seconds every worker runs the new version."""
+    bundle = read_bundle(REPO / "policies", REPO / "fallbacks").to_dict()
+    text = bundle["policies"]["customer-churn.yaml"]
+    bundle["policies"]["customer-churn.yaml"] = text.replace("weight: 90", "weight: 0")
+    applied = httpx.post(
+        f"{workers.admin_url}/admin/policies", json={"author": "ops", "bundle": bundle}
+    )
+    assert applied.status_code == 200, applied.text
+    version = str(applied.json()["version"])
+
+    def every_connection_runs_it() -> bool:
+        checks = [
+            httpx.get(f"{workers.process.base_url}/readyz").json()["checks"] for _ in range(20)
+        ]
+        return all(c.get("policy_version") == version for c in checks)
+
+    assert wait_for(every_connection_runs_it, timeout_s=2.0)
+    arms = {a.json()["arm"] for a in workers.predict_many("applied", 20)}
+    assert arms == {"challenger"}
+
+
+def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
+    """A clean stop: the supervisor exits 0 and leaves no worker behind."""
+    pids = workers.worker_pids()
+    assert len(pids) == 2
+    assert workers.process.stop() == 0
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]

@@ -1,0 +1,173 @@
+"""`aigw serve --workers N` without servers: restart pauses, shared run keys, the workers
+directory, and metrics combined across real worker processes (prometheus multiprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.settings import Settings
+from gateway.supervisor import (
+    FIRST_RESTART_PAUSE_S,
+    MAX_RESTART_PAUSE_S,
+    STABLE_AFTER_S,
+    next_restart_pause,
+    prepare_workers_dir,
+    run_audit_keys,
+)
+from gateway.telemetry import MULTIPROCESS_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("previous_s", "lived_s", "expected_s"),
+    [
+        (FIRST_RESTART_PAUSE_S, 0.1, FIRST_RESTART_PAUSE_S * 2),  # died at start: back off
+        (4.0, 1.0, 8.0),
+        (MAX_RESTART_PAUSE_S, 1.0, MAX_RESTART_PAUSE_S),  # capped
+        (20.0, 25.0, MAX_RESTART_PAUSE_S),  # still under the stable age
+        (MAX_RESTART_PAUSE_S, STABLE_AFTER_S, FIRST_RESTART_PAUSE_S),  # lived well: quick
+        (8.0, 3600.0, FIRST_RESTART_PAUSE_S),
+    ],
+)
+def test_restart_pause_grows_while_a_worker_keeps_dying(previous_s, lived_s, expected_s):
+    """A crash loop backs off (doubling, capped); a worker that lived long restarts quickly."""
+    assert next_restart_pause(previous_s, lived_s) == expected_s
+
+
+def test_unset_audit_keys_are_made_once_for_every_worker():
+    """Workers share one pseudonym key and one checkpoint key when operators set none."""
+    keys = run_audit_keys(Settings(audit_key=None, audit_checkpoint_key=None))
+    assert set(keys) == {"audit_key", "audit_checkpoint_key"}
+    assert keys["audit_key"].get_secret_value() != keys["audit_checkpoint_key"].get_secret_value()
+    assert len(keys["audit_key"].get_secret_value()) == 64
+
+
+def test_operator_audit_keys_are_kept():
+    """Keys the operator set are never replaced."""
+    assert run_audit_keys(Settings(audit_key="k1", audit_checkpoint_key="k2")) == {}
+
+
+def test_an_operator_metrics_dir_is_emptied_of_an_earlier_run(tmp_path):
+    """Stale metric files would add an old run's counts: they are removed at start."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "counter_123.db").write_bytes(b"old")
+    (metrics / "notes.txt").write_text("kept")
+    workers_dir, metrics_dir, made_here = prepare_workers_dir({MULTIPROCESS_ENV: str(metrics)})
+    assert (metrics_dir, made_here) == (metrics, False)
+    assert not list(metrics.glob("*.db"))
+    assert (metrics / "notes.txt").exists()
+    assert workers_dir.is_dir()
+
+
+def test_without_an_operator_dir_a_private_one_is_made():
+    """No PROMETHEUS_MULTIPROC_DIR: a new temporary directory, removed by the supervisor."""
+    workers_dir, metrics_dir, made_here = prepare_workers_dir({})
+    try:
+        assert made_here
+        assert metrics_dir.is_dir() and metrics_dir.parent == workers_dir
+        assert not list(metrics_dir.iterdir())
+    finally:
+        import shutil
+
+        shutil.rmtree(workers_dir)
+
+
+# A worker process in miniature: SharedValues publishing what a runtime collector yields.
+# prometheus-client picks its multiprocess value class at import, so this must be its own
+# interpreter with PROMETHEUS_MULTIPROC_DIR set, as every real worker is.
+_PUBLISHER = """
+import json, os, sys
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from gateway.telemetry import SharedValues
+
+class Collector:
+    def __init__(self):
+        self.families = []
+    def collect(self):
+        for kind, name, labels, value in self.families:
+            if kind == "counter":
+                yield CounterMetricFamily(name, "doc", value=value)
+            else:
+                family = GaugeMetricFamily(name, "doc", labels=list(labels))
+                family.add_metric(list(labels.values()), value)
+                yield family
+
+collector = Collector()
+shared = SharedValues(collector)
+for step in json.loads(sys.argv[1]):
+    collector.families = step
+    shared.publish()
+print(os.getpid())
+"""
+
+
+def publish_in_a_worker(metrics_dir: Path, *steps: list) -> int:
+    """Run one short-lived worker process that publishes `steps` in turn; its pid."""
+    env = {**os.environ, MULTIPROCESS_ENV: str(metrics_dir), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PUBLISHER, json.dumps(list(steps))],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return int(done.stdout.strip())
+
+
+def combined(metrics_dir: Path) -> dict[tuple[str, tuple], float]:
+    """What any worker's /metrics reports: every process's files, combined."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_counters_of_several_workers_add_up_and_outlive_a_worker(tmp_path):
+    """Audit totals of two workers sum; a restarted worker adds to the total, never resets it."""
+    written = "aigw_audit_records_written"
+    publish_in_a_worker(tmp_path, [["counter", written, {}, 3]])
+    publish_in_a_worker(tmp_path, [["counter", written, {}, 4]])
+    # A worker's running total is published as it grows: only what changed is added.
+    publish_in_a_worker(tmp_path, [["counter", written, {}, 2]], [["counter", written, {}, 5]])
+    assert combined(tmp_path)[(f"{written}_total", ())] == 12
+
+
+def test_readiness_is_the_least_ready_live_worker(tmp_path):
+    """aigw_ready is 0 while any live worker is unready; a dead worker stops counting."""
+    publish_in_a_worker(tmp_path, [["gauge", "aigw_ready", {}, 1]])
+    unready = publish_in_a_worker(tmp_path, [["gauge", "aigw_ready", {}, 0]])
+    assert combined(tmp_path)[("aigw_ready", ())] == 0
+    mark_process_dead(unready, str(tmp_path))
+    assert combined(tmp_path)[("aigw_ready", ())] == 1
+
+
+def test_a_label_set_that_disappears_reads_zero(tmp_path):
+    """After a policy change the old version's info series is 0, the new one's 1."""
+    info = "aigw_policy_version_info"
+    publish_in_a_worker(
+        tmp_path,
+        [["gauge", info, {"version": "old"}, 1]],
+        [["gauge", info, {"version": "new"}, 1]],
+    )
+    values = combined(tmp_path)
+    assert values[(info, (("version", "old"),))] == 0
+    assert values[(info, (("version", "new"),))] == 1
+
+
+def test_spill_bytes_sum_over_workers(tmp_path):
+    """Each worker's unshipped audit bytes add up: the spill is the sum."""
+    publish_in_a_worker(tmp_path, [["gauge", "aigw_audit_spill_bytes", {}, 100]])
+    publish_in_a_worker(tmp_path, [["gauge", "aigw_audit_spill_bytes", {}, 50]])
+    assert combined(tmp_path)[("aigw_audit_spill_bytes", ())] == 150
