@@ -16,11 +16,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import admin as admin_api
-from gateway.api import audit, feedback, health, predictions
+from gateway.api import async_predictions, audit, feedback, health, predictions
 from gateway.api.responses import problem_response
 from gateway.audit import worker_log_directory
 from gateway.audit_forwarder import AuditForwarder
 from gateway.breaker_sync import BreakerSync
+from gateway.job_memory import jobs_backend
 from gateway.policy_manager import PolicyManager
 from gateway.policy_sync import PolicyFileSync, PolicySync
 from gateway.problems import Problem
@@ -154,6 +155,9 @@ def create_app(
         sibling_sync = _sibling_sync(settings, manager)
         if sibling_sync is not None:
             await sibling_sync.start()
+        jobs = jobs_backend(settings)  # asynchronous predictions: memory, or Redis streams
+        await jobs.start(runtime)
+        app.state.jobs = jobs
         await runtime.refresh_readiness()
         tasks = [asyncio.create_task(_probe_forever(runtime, settings.readiness_interval_s))]
         if settings.watch_policies:
@@ -171,6 +175,7 @@ def create_app(
                 await policy_sync.stop()
             if sibling_sync is not None:
                 await sibling_sync.stop()
+            await jobs.close()  # answers queued jobs while the audit log is still open
             await runtime.close()  # flushes the audit log to disk
             if forwarder is not None:
                 await forwarder.stop()  # then ships what is on disk, if the sink is up
@@ -189,6 +194,7 @@ def create_app(
     app.state.tracing = tracing
     metrics.watch(lambda: getattr(app.state, "runtime", None))
     app.include_router(predictions.router)
+    app.include_router(async_predictions.router)
     app.include_router(audit.router)
     app.include_router(feedback.router)
     app.include_router(health.router)

@@ -2,6 +2,7 @@
 
 aigw serve                      run the gateway (settings from AIGW_* variables)
 aigw demo [--port 8080]         a real Triton with two demo models, and the gateway
+aigw worker [--model M]         answer prediction requests from Redis streams
 aigw policy validate [DIR]      check policies (with contracts and fallbacks)
 aigw contracts check [DIR]      check every OpenAPI document in contracts/
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ import httpx
 import orjson
 from pydantic import ValidationError
 
-from gateway.audit import log_directories, verify
+from gateway.audit import WORKER_DIR_PREFIX, log_directories, verify
 from gateway.auth import PERMISSIONS, KeysFileError, add_key, list_keys, revoke_key
 from gateway.contracts import check_contracts, load_contracts
 from gateway.logs import configure_logging
@@ -63,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     demo.add_argument("--triton-http-port", type=int, help="Triton HTTP port (default: free)")
     demo.set_defaults(handler=_demo)
+
+    worker = commands.add_parser("worker", help="answer prediction requests from Redis streams")
+    worker.add_argument(
+        "--model", action="append", metavar="MODEL_ID",
+        help="logical model to serve, repeatable (default: every model with a policy)",
+    )  # fmt: skip
+    worker.add_argument(
+        "--concurrency", type=int, help="jobs at once per model (default: AIGW_WORKER_CONCURRENCY)"
+    )
+    worker.add_argument("--consumer", help="name in the consumer group (default: HOSTNAME-PID)")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT")
+    worker.set_defaults(handler=_worker)
 
     policy = commands.add_parser("policy", help="policy files").add_subparsers(
         required=True, metavar="ACTION"
@@ -361,6 +375,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gateway.demo.triton_process import TritonProcess
 
     triton = TritonProcess(http_port=args.triton_http_port)
+    stream_worker: subprocess.Popen | None = None
     print("starting Triton with the demo churn models (CPU)...", file=sys.stderr, flush=True)
     triton.start()
     try:
@@ -368,6 +383,10 @@ def _demo(args: argparse.Namespace) -> int:
         keys_file = Path(tempfile.mkdtemp(prefix="aigw-demo-")) / "keys.yaml"
         add_key(keys_file, "demo", list(PERMISSIONS), key=DEMO_KEY)
         settings = Settings(port=args.port, keys_file=keys_file)
+        if settings.redis_url:
+            # Asynchronous predictions through Redis streams, answered by one stream worker.
+            settings = settings.model_copy(update={"jobs_backend": "redis"})
+            stream_worker = _start_demo_stream_worker(settings, env)
         print(f"Triton ready at {triton.http_url}; gateway on http://127.0.0.1:{args.port}")
         print(f"API key of the demo tenant (all permissions): {DEMO_KEY}")
         print("try:\n  " + DEMO_CURL.format(port=args.port), flush=True)
@@ -375,7 +394,64 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if stream_worker is not None:
+            _stop_process(stream_worker)
         triton.stop()
+
+
+def _start_demo_stream_worker(settings: Settings, env: dict[str, str]) -> subprocess.Popen:
+    """`aigw worker` beside the demo gateway, auditing into its own chain (one writer each)."""
+    audit_dir = settings.audit_dir / f"{WORKER_DIR_PREFIX}streams"
+    print(f"stream worker on {settings.redis_url} (audit: {audit_dir})", flush=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "worker"],
+        env={**env, "AIGW_AUDIT_DIR": str(audit_dir)},
+    )
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Stream workers, with the files loaded and checked exactly as `aigw serve` does.
+
+    The audit log has one writer per directory: give each worker its own AIGW_AUDIT_DIR.
+    """
+    from gateway.runtime import baselines_of, load_configuration
+    from gateway.worker import default_consumer, serve_streams
+
+    overrides = {"worker_concurrency": args.concurrency} if args.concurrency else {}
+    try:
+        settings = Settings(**overrides)
+    except ValueError as error:
+        print(f"aigw worker: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if not settings.redis_url:
+        print("aigw worker needs AIGW_REDIS_URL: the Redis holding the request streams",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        config = load_configuration(settings, os.environ)
+        baselines = baselines_of(settings)  # a bad baseline stops start-up, as for `serve`
+    except FaultsError as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return 1
+    models = args.model or sorted(config.policies.policies)
+    unknown = [m for m in models if m not in config.policies.policies]
+    if unknown:
+        print(f"--model: no policy for {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    consumer = args.consumer or default_consumer()
+    asyncio.run(serve_streams(settings, config, models, consumer, args.metrics_port, baselines))
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     # Share policy versions across replicas through `redis_url`: an apply on one reaches all.
     share_policies: bool = False
 
+    # Event-driven predictions (Redis streams, `aigw worker`; see gateway/streams.py).
+    # A submit is refused (Backpressure) once a model's backlog, entries not yet delivered
+    # plus delivered and unacknowledged, reaches this bound: refusing, never trimming.
+    stream_max_backlog: int = Field(default=100_000, ge=1)
+    # Jobs one worker runs at once, per model.
+    worker_concurrency: int = Field(default=32, ge=1, le=4096)
+    # An entry delivered and unacknowledged this long is taken over by a live worker.
+    worker_claim_idle_ms: int = Field(default=30_000, ge=100)
+    # Attempts that fail with an unexpected error before the entry becomes a dead letter.
+    worker_max_attempts: int = Field(default=5, ge=1)
+    # How long a result (and a pending marker) is kept under `aigw:result:{prediction_id}`.
+    result_ttl_s: int = Field(default=86_400, ge=1)
+    # Approximate cap of each result stream; results stay readable by id for result_ttl_s.
+    result_stream_maxlen: int = Field(default=1_000_000, ge=1000)
+
     # The audit trail: rotated JSONL files with a hash chain, one record per answer.
     audit_dir: Path = Path("audit")
     audit_rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -83,5 +98,28 @@ class Settings(BaseSettings):
     trace_exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
     service_name: str = "aigw"
+
+    # Asynchronous predictions (`POST /v1/predictions:async`): where jobs wait. `memory` keeps
+    # them in this process (no Redis needed; lost on a crash); `redis` uses Redis streams
+    # through `redis_url` (gateway/streams.py, run by `aigw worker`).
+    jobs_backend: Literal["memory", "redis"] = "memory"
+    # memory backend: jobs waiting at most (a full queue answers 503), tasks running them,
+    # answered outcomes kept for polling (older ones are rebuilt from the audit log), and how
+    # long shutdown waits for queued jobs to be answered.
+    jobs_queue_max: int = Field(default=1000, ge=1)
+    jobs_workers: int = Field(default=4, ge=1, le=256)
+    jobs_keep: int = Field(default=10_000, ge=1)
+    jobs_keep_s: float = Field(default=3600.0, gt=0)
+    jobs_drain_s: float = Field(default=10.0, ge=0)
+    # Callbacks: the HMAC key that signs them (unset: `callback_url` is refused), delivery
+    # attempts, per-attempt timeout, backoff, deliveries in flight at most, and the hosts
+    # that may receive them (comma list, `.example.com` for a domain; empty: any host).
+    callback_key: SecretStr | None = None
+    callback_max_attempts: int = Field(default=5, ge=1, le=20)
+    callback_timeout_s: float = Field(default=5.0, gt=0)
+    callback_backoff_s: float = Field(default=0.5, gt=0)
+    callback_backoff_max_s: float = Field(default=30.0, gt=0)
+    callback_max_pending: int = Field(default=1000, ge=1)
+    callback_allowed_hosts: str = ""
 
     log_level: str = "info"

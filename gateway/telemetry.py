@@ -101,6 +101,12 @@ class Metrics:
             "aigw_policy_reloads", "Policy changes, applied or refused as invalid.",
             ["outcome"], registry=r,
         )  # fmt: skip
+        # Callbacks of asynchronous predictions (gateway/callbacks.py), by outcome: delivered,
+        # retry (an attempt that will be repeated), rejected, exhausted, dropped.
+        self.callbacks = Counter(
+            "aigw_callback_deliveries", "Callback deliveries and retried attempts, by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.rate_limited = Counter(
             "aigw_rate_limited_requests", "Requests refused for a tenant's rate limit.",
             ["tenant"], registry=r,
@@ -108,6 +114,23 @@ class Metrics:
         self.rejected = Counter(
             "aigw_rejected_requests", "Requests refused with a problem, by status.",
             ["status"], registry=r,
+        )  # fmt: skip
+        # Stream workers (gateway/worker.py): the backlog of each model's request stream.
+        self.stream_lag = Gauge(
+            "aigw_stream_lag", "Request stream entries not yet delivered to the workers.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.stream_pending = Gauge(
+            "aigw_stream_pending", "Request stream entries delivered and not yet acknowledged.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.stream_dead_letters = Counter(
+            "aigw_stream_dead_letters", "Request stream entries moved to the dead-letter stream.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.stream_jobs = Counter(
+            "aigw_stream_jobs", "Stream entries handled by this worker, by outcome.",
+            ["model", "outcome"], registry=r,
         )  # fmt: skip
 
     def observe_answer(self, model_id: str, answer: Answer) -> None:
@@ -128,6 +151,20 @@ class Metrics:
     def observe_shadow(self, model_id: str, target: str, agreed: bool | None) -> None:
         result = "failed" if agreed is None else ("agree" if agreed else "disagree")
         self.shadows.labels(model_id, target, result).inc()
+
+    def observe_stream_job(self, model_id: str, outcome: str) -> None:
+        """`outcome` is one of gateway.worker.OUTCOMES (a fixed set)."""
+        self.stream_jobs.labels(model_id, outcome).inc()
+        if outcome in ("rejected", "dead"):
+            self.stream_dead_letters.labels(model_id).inc()
+
+    def observe_stream_backlog(self, model_id: str, lag: int, pending: int) -> None:
+        self.stream_lag.labels(model_id).set(lag)
+        self.stream_pending.labels(model_id).set(pending)
+
+    def observe_callback(self, outcome: str) -> None:
+        """`outcome` is one of the fixed outcomes of gateway.callbacks."""
+        self.callbacks.labels(outcome).inc()
 
     def breaker_listener(self) -> pybreaker.CircuitBreakerListener:
         return _BreakerMetrics(self)

@@ -36,6 +36,22 @@ def wait_for_ready(base_url: str, process: subprocess.Popen, timeout: float = 12
     pytest.fail("aigw demo did not become ready")
 
 
+def answer_later(base_url: str, auth: dict[str, str]) -> dict:
+    """Submit the README's request asynchronously and poll its status URL until answered."""
+    accepted = httpx.post(
+        base_url + "/v1/predictions:async", json=README_REQUEST, headers=auth, timeout=5
+    )
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        polled = httpx.get(base_url + accepted.json()["status_url"], headers=auth, timeout=5)
+        if polled.status_code == 200:
+            return polled.json()
+        assert polled.status_code == 202, polled.text
+        time.sleep(0.1)
+    pytest.fail("the asynchronous prediction was never answered")
+
+
 def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
     """`aigw demo` serves the README's request from the primary and Ctrl-C stops all of it."""
     port, triton_port = free_port(), free_port()
@@ -55,6 +71,7 @@ def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path
             for _ in range(3)
         ]
         anonymous = httpx.post(base_url + "/v1/predictions", json=README_REQUEST, timeout=5)
+        later = answer_later(base_url, auth)
         demo.send_signal(signal.SIGINT)
         code = demo.wait(timeout=60)
     finally:
@@ -74,6 +91,38 @@ def test_demo_answers_the_readme_call_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     assert len({(a.json()["prediction"], a.json()["probability"]) for a in answers}) == 1
     assert "curl -s localhost:" in output and "Bearer demo-key" in output
     assert anonymous.status_code == 401  # the demo runs with authentication on
+    assert later["served_by"] == "churn-gbm"  # asynchronous jobs, answered in process
     assert code == 0
     assert not port_is_open(port) and not port_is_open(triton_port)
     assert not process_group_members(demo.pid), "Triton outlived the demo"
+
+
+def test_demo_with_redis_starts_a_stream_worker_that_answers_jobs(tmp_path: Path, redis_server):
+    """With AIGW_REDIS_URL the demo's jobs go through Redis streams to its own `aigw worker`,
+    which audits into its own chain; Ctrl-C stops the worker too."""
+    port, triton_port = free_port(), free_port()
+    audit_dir = tmp_path / "audit"
+    log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "demo", "--port", str(port),
+         "--triton-http-port", str(triton_port)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "AIGW_REDIS_URL": redis_server.url, "AIGW_AUDIT_DIR": str(audit_dir)},
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_ready(base_url, demo)
+        later = answer_later(base_url, {"Authorization": "Bearer demo-key"})
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        log.close()
+    output = (tmp_path / "demo.log").read_text()
+    assert later["served_by"] == "churn-gbm", output[-2000:]
+    assert "stream worker on" in output
+    written_by_worker = (audit_dir / "worker-streams").glob("audit-*.jsonl")
+    assert any(later["prediction_id"] in f.read_text() for f in written_by_worker)
+    assert code == 0
+    assert not process_group_members(demo.pid), "the stream worker or Triton outlived the demo"

@@ -1,4 +1,7 @@
-"""GET /v1/predictions/{prediction_id}: the audit record that explains one decision."""
+"""GET /v1/predictions/{prediction_id}/explanation: the audit record that explains one decision.
+
+`GET /v1/predictions/{prediction_id}` itself answers the envelope (api/async_predictions.py).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ router = APIRouter()
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-@router.get("/v1/predictions/{prediction_id}")
+@router.get("/v1/predictions/{prediction_id}/explanation")
 async def explain_prediction(request: Request, prediction_id: str) -> Response:
     """Which arm, which steps were tried and why, which rule matched, what was answered."""
     principal = await authorize(request, "audit:read")

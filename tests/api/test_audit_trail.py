@@ -40,7 +40,7 @@ async def test_each_answer_has_one_record_that_explains_it(gateway_client, tmp_p
             (await client.post("/v1/predictions", json=churn_request(f"c-{i}", 3))).json()
             for i in range(5)
         ]
-        explained = await client.get(f"/v1/predictions/{answers[0]['prediction_id']}")
+        explained = await client.get(f"/v1/predictions/{answers[0]['prediction_id']}/explanation")
     records = [r for r in audit_lines(tmp_path) if r.get("type") == "prediction"]
     assert [r["prediction_id"] for r in records] == [a["prediction_id"] for a in answers]
     assert explained.status_code == 200
@@ -71,8 +71,10 @@ async def test_pii_features_are_never_written_in_clear(gateway_client, tmp_path)
 async def test_unknown_prediction_ids_are_404(gateway_client, tmp_path):
     """Asking about a prediction that was never made gives a problem, not an error."""
     async with gateway_client(env=nowhere(), audit_dir=tmp_path) as client:
-        unknown = await client.get("/v1/predictions/00000000-0000-0000-0000-000000000000")
-        malformed = await client.get("/v1/predictions/../../etc/passwd")
+        unknown = await client.get(
+            "/v1/predictions/00000000-0000-0000-0000-000000000000/explanation"
+        )
+        malformed = await client.get("/v1/predictions/../../etc/passwd/explanation")
     assert unknown.status_code == 404
     assert unknown.headers["content-type"] == "application/problem+json"
     assert malformed.status_code == 404

@@ -143,7 +143,7 @@ HOSTILE = [
     (
         "predict-key-cannot-read-audit",
         "GET",
-        f"/v1/predictions/{UUID}",
+        f"/v1/predictions/{UUID}/explanation",
         lambda k: bearer(k["predictor"]),
         None,
         403,
@@ -361,10 +361,9 @@ async def test_tenants_cannot_read_each_others_records_or_feedback(keys_file, tm
             "/v1/predictions", json=CHURN_REQUEST, headers=bearer(keys["auditor"])
         )
         prediction_id = made.json()["prediction_id"]
-        own = await public.get(f"/v1/predictions/{prediction_id}", headers=bearer(keys["auditor"]))
-        foreign = await public.get(
-            f"/v1/predictions/{prediction_id}", headers=bearer(keys["other"])
-        )
+        explanation = f"/v1/predictions/{prediction_id}/explanation"
+        own = await public.get(explanation, headers=bearer(keys["auditor"]))
+        foreign = await public.get(explanation, headers=bearer(keys["other"]))
         feedback = {"prediction_id": prediction_id, "outcome": "churn"}
         foreign_feedback = await public.post(
             "/v1/feedback", json=feedback, headers=bearer(keys["other"])

@@ -41,6 +41,11 @@ def running_gateway(tmp_path_factory: pytest.TempPathFactory, triton):
         "AIGW_AUDIT_DIR": str(root / "audit"),
         "AIGW_ADMIN_PORT": str(free_port()),
         "AIGW_WATCH_POLICIES": "false",
+        # callback_url is part of the contract: enabled, and one short attempt to wherever
+        # the fuzzer points it.
+        "AIGW_CALLBACK_KEY": "fuzz-callback-key",
+        "AIGW_CALLBACK_MAX_ATTEMPTS": "1",
+        "AIGW_CALLBACK_TIMEOUT_S": "1",
     }
     gateway = GatewayProcess(env, root / "gateway.log")
     gateway.wait_until_live()

@@ -28,7 +28,8 @@ async def test_callers_trace_reaches_triton_and_the_audit_record(gateway_client,
         env={"AIGW_TRITON_URL": healthy.http_url}, audit_dir=tmp_path
     ) as client:
         answer = (await client.post("/v1/predictions", json=CHURN_REQUEST, headers=headers)).json()
-        record = (await client.get(f"/v1/predictions/{answer['prediction_id']}")).json()
+        explanation = f"/v1/predictions/{answer['prediction_id']}/explanation"
+        record = (await client.get(explanation)).json()
     assert answer["served_by"] == "churn-gbm"
     for _ in range(50):  # the model's handler appends its line just after answering
         received = [
@@ -54,7 +55,8 @@ async def test_a_trace_begins_when_the_caller_sends_none(gateway_client, healthy
                 "/v1/predictions", json=CHURN_REQUEST, headers={"Cache-Control": "no-cache"}
             )
         ).json()
-        record = (await client.get(f"/v1/predictions/{answer['prediction_id']}")).json()
+        explanation = f"/v1/predictions/{answer['prediction_id']}/explanation"
+        record = (await client.get(explanation)).json()
     trace_id = record["trace_id"]
     assert trace_id and len(trace_id) == 32 and trace_id != "0" * 32
     for _ in range(50):

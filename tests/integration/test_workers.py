@@ -86,7 +86,10 @@ def wait_for(condition, timeout_s: float = 10.0):  # type: ignore[no-untyped-def
 
 
 @pytest.fixture(scope="module")
-def workers(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+def workers(
+    breakable_triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Workers]:
+    triton = breakable_triton  # slowed down by one test, to see jobs pending
     root = tmp_path_factory.mktemp("workers")
     admin_port = free_port()
     env = {
@@ -164,6 +167,31 @@ def test_an_apply_through_the_admin_api_reaches_every_worker(workers: Workers):
     assert wait_for(every_connection_runs_it, timeout_s=2.0)
     arms = {a.json()["arm"] for a in workers.predict_many("applied", 20)}
     assert arms == {"challenger"}
+
+
+def test_an_asynchronous_job_is_never_unknown_to_a_sibling_worker(
+    workers: Workers, breakable_triton: TritonProcess
+):
+    """Polled on any worker, a job is pending or answered, never 404, and ends answered."""
+    base = workers.process.base_url
+    breakable_triton.set_control("slow", delay_ms=250)  # jobs stay pending a while
+
+    def submit_and_poll(customer: str) -> tuple[int, int]:
+        accepted = httpx.post(f"{base}/v1/predictions:async", json=churn(customer))
+        first = httpx.get(base + accepted.json()["status_url"])  # a new connection
+        final = wait_for(
+            lambda: httpx.get(base + accepted.json()["status_url"]).status_code == 200, 10
+        )
+        return first.status_code, 200 if final else 0
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(submit_and_poll, (f"async-{i}" for i in range(40))))
+    finally:
+        breakable_triton.set_control("ok")
+    assert {first for first, _ in results} <= {200, 202}
+    assert 202 in {first for first, _ in results}  # some were seen pending
+    assert [final for _, final in results] == [200] * 40
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):

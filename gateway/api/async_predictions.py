@@ -1,0 +1,162 @@
+"""POST /v1/predictions:async and GET /v1/predictions/{id}: predictions answered later.
+
+The submit checks everything the synchronous endpoint checks (auth, hostile bodies, the
+contract), plus `callback_url`, before anything is queued: an invalid job is never
+enqueued. The GET answers any prediction id of the caller's tenant: a job's outcome while
+the jobs backend keeps it, else the envelope rebuilt from the audit record, which is how
+synchronous answers (and jobs whose outcome aged out) stay retrievable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from redis.exceptions import RedisError
+from starlette.responses import Response
+
+from gateway.api.access import authorize
+from gateway.api.predictions import TIMEOUT_HEADER, caller_timeout
+from gateway.api.responses import json_response
+from gateway.audit import find_record
+from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
+from gateway.callbacks import allowed_hosts, callback_url_error
+from gateway.jobs import Backpressure, Job, JobBackend, JobRejected, job_from_request
+from gateway.problems import FieldError, Problem
+from gateway.runtime import Runtime
+from gateway.tracing import current_trace_id
+
+router = APIRouter()
+
+ASYNC_PATH = "/v1/predictions:async"
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# The synchronous response schema (contracts: PredictionResponse), in its order.
+ENVELOPE_FIELDS = (
+    "prediction", "probability", "model_version", "latency_ms", "prediction_id",
+    "served_by", "degraded", "arm", "cached", "fallback_reason",
+)  # fmt: skip
+
+
+def status_url(prediction_id: str) -> str:
+    return f"/v1/predictions/{prediction_id}"
+
+
+@router.post(ASYNC_PATH)
+async def submit_prediction(request: Request) -> Response:
+    with request.app.state.tracing.request_span(f"POST {ASYNC_PATH}", request.headers):
+        return await _submit(request)
+
+
+async def _submit(request: Request) -> Response:
+    principal = await authorize(request, "predict")
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    timeout_ms = caller_timeout(request.headers.get(TIMEOUT_HEADER))
+    check_media_type(request.headers.get("content-type"))
+    check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
+    body = await read_limited(request.stream(), settings.max_body_bytes)
+    payload = parse_json(body, settings.max_json_depth)
+    state = request.scope.get("state", {})
+    job = _job(runtime, payload, principal.tenant, state.get("request_id", ""), timeout_ms)
+    if runtime.policies.get(job.model_id) is None:
+        detail = f"{job.model_id} has no policy"
+        raise Problem(503, "model-unavailable", "Model unavailable", detail)
+    jobs: JobBackend = request.app.state.jobs
+    try:
+        await jobs.submit(job)
+    except Backpressure as full:
+        raise Problem(
+            503, "queue-full", "Too many predictions waiting",
+            f"nothing was accepted: {full}; retry later",
+            headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
+    except RedisError:
+        raise _store_unavailable() from None
+    location = status_url(job.prediction_id)
+    accepted = {"prediction_id": job.prediction_id, "status": "pending", "status_url": location}
+    return json_response(accepted, 202, {"Location": location})
+
+
+def _job(
+    runtime: Runtime, payload: Any, tenant: str, request_id: str, timeout_ms: int | None
+) -> Job:
+    """The job in `payload`, or one 422 naming every bad field (the callback's included)."""
+    errors: list[FieldError] = []
+    callback_url = None
+    if isinstance(payload, dict) and "callback_url" in payload:
+        payload = dict(payload)
+        callback_url = payload.pop("callback_url")
+        error = callback_url_error(
+            callback_url,
+            enabled=runtime.settings.callback_key is not None,
+            allowed=allowed_hosts(runtime.settings.callback_allowed_hosts),
+        )
+        if error is not None:
+            errors.append(error)
+    try:
+        with runtime.tracing.span("validate"):
+            job = job_from_request(
+                runtime.contracts, payload, tenant=tenant,
+                request_id=request_id, trace_id=current_trace_id(),
+                callback_url=callback_url, timeout_ms=timeout_ms,
+            )  # fmt: skip
+    except JobRejected as rejected:
+        errors.extend(rejected.errors)
+    if errors:
+        raise Problem(
+            422, "invalid-request", "The request does not match the contract",
+            f"{len(errors)} field(s) are invalid", errors=errors,
+        )  # fmt: skip
+    return job
+
+
+@router.get("/v1/predictions/{prediction_id}")
+async def get_prediction(request: Request, prediction_id: str) -> Response:
+    """The answer (200, the synchronous envelope), pending (202), or unknown (404)."""
+    principal = await authorize(request, "predict")
+    runtime: Runtime = request.app.state.runtime
+    if not _UUID.match(prediction_id):
+        raise _unknown()
+    jobs: JobBackend = request.app.state.jobs
+    try:
+        outcome = await jobs.outcome(prediction_id)
+    except RedisError:
+        raise _store_unavailable() from None
+    if outcome is not None:
+        if outcome.tenant != principal.tenant:
+            raise _unknown()  # another tenant's job: not found, as though it did not exist
+        if outcome.status == "pending":
+            return json_response({"prediction_id": prediction_id, "status": "pending"}, 202)
+        return json_response(envelope_of(outcome.envelope or {}))
+    # A scan of the log files: off the event loop, as it reads disk.
+    record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
+    if not is_own_prediction(record, principal.tenant):
+        raise _unknown()
+    return json_response(envelope_of(record))  # type: ignore[arg-type]
+
+
+def is_own_prediction(record: Mapping[str, Any] | None, tenant: str) -> bool:
+    """A prediction's audit record, of this tenant (anything else is not found)."""
+    return (
+        record is not None and record.get("type") == "prediction" and record.get("tenant") == tenant
+    )
+
+
+def envelope_of(source: Mapping[str, Any]) -> dict[str, Any]:
+    """Exactly the synchronous envelope's fields, from a job outcome or an audit record."""
+    return {name: source.get(name) for name in ENVELOPE_FIELDS}
+
+
+def _store_unavailable() -> Problem:
+    # The Redis jobs backend is down: nothing was accepted, nothing is known; retry.
+    return Problem(
+        503, "jobs-unavailable", "Job store unavailable", "retry later",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+def _unknown() -> Problem:
+    return Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")

@@ -1,0 +1,264 @@
+"""Jobs kept in this process: the `JobBackend` used when Redis is not configured.
+
+A bounded asyncio queue feeds a few worker tasks that answer each job through `run_job`,
+exactly as a synchronous request is answered (and audited). Outcomes are kept in a bounded
+map for polling; one evicted (too old, or too many) is still retrievable, as every answer
+is, from its audit record. Nothing survives the process: a crash loses queued jobs, which is
+what the Redis backend (gateway/streams.py) is for.
+
+An audit log that refuses records (`AuditUnavailable`) makes the job wait and try again
+with a capped backoff, in its worker: a job is never answered unaudited and never dropped,
+and while the log is down the queue fills and new submits are refused (503), not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditUnavailable
+from gateway.callbacks import CallbackSender, callback_sender, retry_delay
+from gateway.jobs import Backpressure, Job, JobBackend, JobOutcome, run_job
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.jobs")
+
+AUDIT_RETRY_S = 0.1
+AUDIT_RETRY_MAX_S = 5.0
+CALLBACK_GRACE_S = 1.0
+
+
+class KeptOutcomes:
+    """Answered outcomes, at most `limit` of them and none older than `keep_s`: memory stays
+    flat whatever the traffic. Pure: the caller passes the time."""
+
+    def __init__(self, limit: int, keep_s: float) -> None:
+        self._limit = limit
+        self._keep_s = keep_s
+        # Insertion order is expiry order (one keep_s for all): the oldest is always first.
+        self._entries: OrderedDict[str, tuple[float, JobOutcome]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, outcome: JobOutcome, now: float) -> None:
+        self._entries[outcome.prediction_id] = (now + self._keep_s, outcome)
+        self._entries.move_to_end(outcome.prediction_id)
+        self._expire(now)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def get(self, prediction_id: str, now: float) -> JobOutcome | None:
+        self._expire(now)
+        entry = self._entries.get(prediction_id)
+        return None if entry is None else entry[1]
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            expires, _ = next(iter(self._entries.values()))
+            if expires > now:
+                return
+            self._entries.popitem(last=False)
+
+
+class PendingMarks:
+    """Jobs pending in one worker, visible to its siblings (`aigw serve --workers N`).
+
+    A poll may reach any worker: each pending job leaves a small file named by its id,
+    holding its tenant and the holding worker's pid, removed when answered. A mark whose
+    worker died is not pending (the in-memory job died with it).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def mark(self, prediction_id: str, tenant: str) -> None:
+        (self._directory / prediction_id).write_text(f"{os.getpid()} {tenant}")
+
+    def clear(self, prediction_id: str) -> None:
+        (self._directory / prediction_id).unlink(missing_ok=True)
+
+    def holder_tenant(self, prediction_id: str) -> str | None:
+        """The job's tenant while a live worker holds it, else None."""
+        try:
+            pid, tenant = (self._directory / prediction_id).read_text().split(" ", 1)
+        except (OSError, ValueError):
+            return None
+        return tenant if _alive(int(pid)) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MemoryJobs:
+    """In-process queue and workers; implements `JobBackend`."""
+
+    def __init__(
+        self,
+        *,
+        queue_max: int = 1000,
+        workers: int = 4,
+        keep: int = 10_000,
+        keep_s: float = 3600.0,
+        drain_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        siblings_dir: Path | None = None,
+    ) -> None:
+        self._queue_max = queue_max
+        self._siblings = PendingMarks(siblings_dir) if siblings_dir is not None else None
+        self._worker_count = workers
+        self._drain_s = drain_s
+        self._clock = clock
+        self._kept = KeptOutcomes(keep, keep_s)
+        self._pending: dict[str, str] = {}  # queued or running: prediction_id → tenant
+        self._queue: asyncio.Queue[Job] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._runtime: Runtime | None = None
+        self._callbacks: CallbackSender | None = None
+        self._closing = False
+        self.answered = 0
+        self.audit_retries = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MemoryJobs:
+        return cls(
+            queue_max=settings.jobs_queue_max,
+            workers=settings.jobs_workers,
+            keep=settings.jobs_keep,
+            keep_s=settings.jobs_keep_s,
+            drain_s=settings.jobs_drain_s,
+            siblings_dir=(
+                settings.workers_dir / "pending-jobs" if settings.workers_dir is not None else None
+            ),
+        )
+
+    @property
+    def queued(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    async def start(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._callbacks = callback_sender(runtime.settings, runtime.metrics.observe_callback)
+        self._queue = asyncio.Queue(maxsize=self._queue_max)
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"aigw-job-worker-{n}")
+            for n in range(self._worker_count)
+        ]
+
+    async def submit(self, job: Job) -> None:
+        """Queue the job, or Backpressure when the queue is full or shutting down."""
+        if self._queue is None or self._closing:
+            raise Backpressure("the job queue is not accepting jobs")
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise Backpressure(f"{self._queue_max} jobs are already waiting") from None
+        self._pending[job.prediction_id] = job.tenant
+        if self._siblings is not None:
+            self._siblings.mark(job.prediction_id, job.tenant)
+
+    async def outcome(self, prediction_id: str) -> JobOutcome | None:
+        tenant = self._pending.get(prediction_id)
+        if tenant is not None:
+            return JobOutcome(prediction_id, tenant, "pending")
+        kept = self._kept.get(prediction_id, self._clock())
+        if kept is None and self._siblings is not None:
+            # Another worker of this gateway may hold it: its answer, once given, is in
+            # the audit log (which the API reads next); until then its mark says pending.
+            tenant = self._siblings.holder_tenant(prediction_id)
+            if tenant is not None:
+                return JobOutcome(prediction_id, tenant, "pending")
+        return kept
+
+    async def close(self) -> None:
+        """Refuse new jobs, answer the queued ones within `drain_s`, then stop the workers."""
+        self._closing = True
+        if self._queue is not None:
+            try:
+                await asyncio.wait_for(self._queue.join(), self._drain_s)
+            except TimeoutError:
+                log.warning("jobs left unanswered at shutdown", extra={"jobs": len(self._pending)})
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._callbacks is not None:
+            # Callbacks still retrying are given a short grace only: the answer stays
+            # retrievable by polling, and shutdown must not wait out a receiver's outage.
+            await self._callbacks.close(min(self._drain_s, CALLBACK_GRACE_S))
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._answer(job)
+            except Exception:
+                # A bug, not an outage (those are retried in _answer): the job cannot be
+                # answered; it is logged and forgotten rather than retried forever.
+                log.exception("job failed", extra={"prediction_id": job.prediction_id})
+                self._pending.pop(job.prediction_id, None)
+                if self._siblings is not None:
+                    self._siblings.clear(job.prediction_id)
+            finally:
+                self._queue.task_done()
+
+    async def _answer(self, job: Job) -> None:
+        assert self._runtime is not None
+        attempt = 0
+        while True:
+            try:
+                answer = await run_job(self._runtime, job)
+                break
+            except AuditUnavailable:
+                attempt += 1
+                self.audit_retries += 1
+                await asyncio.sleep(
+                    retry_delay(attempt, AUDIT_RETRY_S, AUDIT_RETRY_MAX_S, random.random())
+                )
+        self._finish(job, answer.envelope())
+
+    def _finish(self, job: Job, envelope: Mapping[str, Any]) -> None:
+        # Kept before it stops being pending, with no await between: never seen as unknown.
+        done = JobOutcome(job.prediction_id, job.tenant, "done", envelope)
+        self._kept.put(done, self._clock())
+        self._pending.pop(job.prediction_id, None)
+        if self._siblings is not None:
+            self._siblings.clear(job.prediction_id)
+        self.answered += 1
+        if job.callback_url and self._callbacks is not None:
+            self._callbacks.schedule(job.prediction_id, job.callback_url, envelope)
+
+
+def jobs_backend(settings: Settings) -> JobBackend:
+    """The backend the settings choose: Redis streams when asked for and configured, else memory.
+
+    `gateway.streams` is imported only when chosen, so the memory backend needs neither it
+    nor a Redis server.
+    """
+    if settings.jobs_backend == "redis":
+        if not settings.redis_url:
+            raise ValueError("AIGW_JOBS_BACKEND=redis needs AIGW_REDIS_URL")
+        from gateway.streams import StreamConfig, StreamJobs
+
+        # Jobs are answered by `aigw worker` processes reading the streams.
+        return StreamJobs(settings.redis_url, StreamConfig.from_settings(settings))
+    return MemoryJobs.from_settings(settings)

@@ -1,0 +1,379 @@
+"""Stream workers: consumers in the `aigw-workers` group that answer queued predictions.
+
+A `StreamWorker` serves one logical model. It reads new entries with XREADGROUP, at most
+`worker_concurrency` jobs at once, runs each with `run_job` (the same routing, cache, chain
+and audit trail as a synchronous request) and stores the answer with the exactly-once script
+(gateway/streams.py), which also acknowledges the entry. Every `claim_every_s` it takes over,
+with XAUTOCLAIM, entries another consumer (a dead one, usually) left unacknowledged for longer
+than `worker_claim_idle_ms`.
+
+What happens to an entry:
+- answered: result stored (or, for an id answered before, only acknowledged: `duplicate`);
+- not a valid request: a dead letter at once, with the error naming the field (`rejected`);
+- failed with a transient error (the audit log refusing records, Redis away): left pending and
+  retried after the claim timeout, however often; the worker pauses reading meanwhile;
+- failed with any other error: left pending and retried the same way, until its delivery
+  count reaches `worker_max_attempts`; then a dead letter with the error (`dead`).
+A request whose every chain step fails is still answered (the chain ends in a default).
+
+Stopping stops reading, lets the jobs in flight finish, and leaves nothing half-done: an entry
+whose job did not finish stays pending and another worker claims it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
+
+from gateway.audit import AuditUnavailable
+from gateway.callbacks import CallbackSender, allowed_hosts, callback_sender, callback_url_error
+from gateway.jobs import Job, JobRejected, run_job
+from gateway.monitoring import Baseline
+from gateway.runtime import Configuration, Runtime, audit_log, baselines_of, start_runtime
+from gateway.settings import Settings
+from gateway.streams import Delivery, StreamConfig, StreamStore, parse_entry
+
+log = logging.getLogger("gateway.worker")
+
+OUTCOMES = ("answered", "duplicate", "rejected", "dead", "retry")
+BLOCK_MS = 500  # a blocking read returns this often, so a stop is noticed within it
+MAINTAIN_EVERY_S = 1.0  # backlog metrics and trimming of acknowledged entries
+MIN_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
+STOP_TIMEOUT_S = 30.0
+
+OnResult = Callable[[Job, Mapping[str, Any]], Awaitable[None]]
+
+
+def is_transient(error: BaseException) -> bool:
+    """Failures of the infrastructure, not of the entry: retrying later can succeed."""
+    return isinstance(error, AuditUnavailable | RedisError | OSError | TimeoutError)
+
+
+def failure_action(
+    error: BaseException, deliveries: int, max_attempts: int
+) -> Literal["retry", "dead"]:
+    """After a failed attempt: leave the entry pending for a retry, or dead-letter it.
+
+    Transient failures never dead-letter (an audit outage must not turn requests into dead
+    letters); other failures do once the entry has been delivered `max_attempts` times.
+    """
+    if is_transient(error):
+        return "retry"
+    return "dead" if deliveries >= max_attempts else "retry"
+
+
+def claim_interval_s(claim_idle_ms: int) -> float:
+    """How often to look for abandoned entries: often enough to take one over soon after it
+    becomes claimable, rarely enough to cost nothing."""
+    return min(max(claim_idle_ms / 2000, 0.5), 10.0)
+
+
+def default_consumer() -> str:
+    """A consumer name unique per process, stable for its life: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class StreamWorker:
+    """One consumer of one model's request stream; start once, stop once.
+
+    Counts per outcome (`counts`, a Counter over OUTCOMES) mirror `aigw_stream_jobs_total`.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        store: StreamStore,
+        model_id: str,
+        consumer: str,
+        *,
+        on_result: OnResult | None = None,
+    ) -> None:
+        self.runtime, self.store, self.model_id, self.consumer = runtime, store, model_id, consumer
+        self.config: StreamConfig = store.config
+        self.counts: Counter[str] = Counter()
+        self._on_result = on_result
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._claim_cursor = "0-0"
+        self._claim_every_s = claim_interval_s(self.config.claim_idle_ms)
+        self._next_claim = self._next_maintenance = 0.0
+        self._hold_until = 0.0
+        self._hold_s = MIN_BACKOFF_S
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the worker is already running")
+        await self.store.ensure_group(self.model_id)
+        self._task = asyncio.create_task(self._run(), name=f"stream-worker-{self.model_id}")
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop reading, finish the jobs in flight (within the timeout), and return."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        await task
+        inflight = list(self._inflight.values())
+        if not inflight:
+            return
+        _, late = await asyncio.wait(inflight, timeout=timeout_s)
+        for job in late:  # their entries stay pending: another worker claims them
+            job.cancel()
+        if late:
+            log.warning("stream worker: jobs cut off at stop", extra={"jobs": len(late)})
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while not self._stopping.is_set():
+            await self._pause(self._hold_until - time.monotonic())
+            taken = await self._take_slots()
+            if self._stopping.is_set():
+                self._release(taken)
+                return
+            try:
+                batch = await self._next_batch(taken)
+            except Exception as error:  # Redis away, or a bug: nothing is lost, entries wait
+                self._release(taken)
+                log.warning("stream worker: read failed; retrying", extra=self._extra(error))
+                await self._pause(backoff)
+                if "NOGROUP" in str(error):  # the stream was deleted (or Redis restarted empty)
+                    with contextlib.suppress(Exception):
+                        await self.store.ensure_group(self.model_id)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            backoff = MIN_BACKOFF_S
+            self._release(taken - len(batch))
+            for delivery in batch:
+                self._spawn(delivery)
+
+    async def _take_slots(self) -> int:
+        """Wait for one free job slot, then take every other one free now."""
+        await self._slots.acquire()
+        taken = 1
+        while taken < self.config.concurrency and not self._slots.locked():
+            await self._slots.acquire()  # returns at once: a slot is free
+            taken += 1
+        return taken
+
+    def _release(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
+
+    async def _next_batch(self, count: int) -> list[Delivery]:
+        now = time.monotonic()
+        if now >= self._next_maintenance:
+            self._next_maintenance = now + MAINTAIN_EVERY_S
+            await self._maintain()
+        claimed: list[Delivery] = []
+        if now >= self._next_claim:
+            self._next_claim = now + self._claim_every_s
+            claimed = await self._claim(count)
+        if len(claimed) >= count:
+            return claimed
+        block_ms = None if claimed else BLOCK_MS  # None: do not wait (BLOCK 0 waits forever)
+        try:
+            fresh = await self.store.read(
+                self.model_id, self.consumer, count - len(claimed), block_ms
+            )
+        except Exception:
+            if claimed:
+                return claimed  # they are ours now: run them rather than wait another timeout
+            raise
+        return claimed + fresh
+
+    async def _claim(self, count: int) -> list[Delivery]:
+        cursor, claimed = await self.store.claim(
+            self.model_id, self.consumer, count, self._claim_cursor
+        )
+        self._claim_cursor = cursor  # `0-0` once the whole pending list was scanned
+        # An entry of ours still running past the claim timeout is already being handled.
+        taken = [d for d in claimed if d.entry_id not in self._inflight]
+        if taken:
+            log.info(
+                "stream worker: took over abandoned entries",
+                extra={"model": self.model_id, "entries": len(taken)},
+            )
+        return taken
+
+    async def _maintain(self) -> None:
+        """Backlog metrics and trimming: best effort, never at the cost of reading."""
+        try:
+            lag, pending = await self.store.backlog(self.model_id)
+            self.runtime.metrics.observe_stream_backlog(self.model_id, lag, pending)
+            await self.store.trim_acknowledged(self.model_id)
+        except Exception as error:
+            log.debug("stream worker: maintenance failed", extra=self._extra(error))
+
+    # ---- one entry ---------------------------------------------------------------------------
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._handle(delivery))
+        self._inflight[delivery.entry_id] = task
+        task.add_done_callback(lambda _, entry_id=delivery.entry_id: self._finished(entry_id))
+
+    def _finished(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        self._slots.release()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        outcome = await self._outcome_of(delivery)
+        self.counts[outcome] += 1
+        self.runtime.metrics.observe_stream_job(self.model_id, outcome)
+
+    async def _outcome_of(self, delivery: Delivery) -> str:
+        contracts = self.runtime.snapshot.contracts
+        try:
+            job = parse_entry(contracts, self.model_id, delivery.entry_id, delivery.fields,
+                              self.config)  # fmt: skip
+        except JobRejected as rejected:
+            return await self._dead_letter(delivery, rejected.to_dict(), None, "rejected")
+        except Exception as error:  # a bug in parsing: retried, then a dead letter
+            return await self._failed(delivery, None, error)
+        try:
+            if delivery.deliveries > 1 and await self.store.has_result(job.prediction_id):
+                await self.store.ack(self.model_id, delivery.entry_id)  # answered before
+                return "duplicate"
+            answer = await run_job(self.runtime, job)
+            envelope = answer.envelope()
+            stored = await self.store.store_result(job, envelope, delivery.entry_id, self.consumer)
+        except Exception as error:
+            return await self._failed(delivery, job, error)
+        self._hold_s = MIN_BACKOFF_S
+        if stored and self._on_result is not None:
+            await self._notify(job, envelope)
+        return "answered" if stored else "duplicate"
+
+    async def _failed(self, delivery: Delivery, job: Job | None, error: Exception) -> str:
+        action = failure_action(error, delivery.deliveries, self.config.max_attempts)
+        extra = {**self._extra(error), "entry_id": delivery.entry_id,
+                 "deliveries": delivery.deliveries}  # fmt: skip
+        if action == "dead":
+            log.error("stream worker: entry failed every attempt; dead letter", extra=extra)
+            detail = f"failed {delivery.deliveries} times; last error: {error!r}"[:2000]
+            error_doc = {"detail": detail, "errors": []}
+            prediction_id = job.prediction_id if job else None
+            return await self._dead_letter(delivery, error_doc, prediction_id, "dead")
+        log.warning("stream worker: job failed; left pending for a retry", extra=extra)
+        if is_transient(error):
+            # The audit log or Redis is down: stop taking entries that would fail the same way.
+            self._hold_until = time.monotonic() + self._hold_s
+            self._hold_s = min(self._hold_s * 2, MAX_BACKOFF_S)
+        return "retry"
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        error: Mapping[str, Any],
+        prediction_id: str | None,
+        outcome: str,
+    ) -> str:
+        try:
+            written = await self.store.dead_letter(
+                self.model_id, delivery, error, self.consumer, prediction_id
+            )
+        except Exception as failure:  # the entry stays pending: dead-lettered on a later try
+            log.warning("stream worker: dead letter not written", extra=self._extra(failure))
+            return "retry"
+        return outcome if written else "duplicate"  # another worker had settled it
+
+    async def _notify(self, job: Job, envelope: Mapping[str, Any]) -> None:
+        try:
+            await self._on_result(job, envelope)  # type: ignore[misc]
+        except Exception:  # the result is stored: a hook's failure must not undo that
+            log.exception("stream worker: result hook failed", extra={"model": self.model_id})
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _extra(self, error: BaseException) -> dict[str, str]:
+        return {"model": self.model_id, "consumer": self.consumer, "error": repr(error)}
+
+
+# ---- `aigw worker` -------------------------------------------------------------------------------
+
+
+async def serve_streams(
+    settings: Settings,
+    config: Configuration,
+    models: Sequence[str],
+    consumer: str,
+    metrics_port: int | None = None,
+    baselines: dict[str, Baseline] | None = None,
+) -> None:
+    """Run a worker per model on one runtime until SIGTERM or SIGINT, then stop cleanly."""
+    if baselines is None:
+        baselines = baselines_of(settings)
+    runtime = start_runtime(settings, config, baselines=baselines)
+    runtime.audit = audit_log(settings)
+    await runtime.audit.open()
+    store = StreamStore(settings.redis_url or "", StreamConfig.from_settings(settings))
+    sender = callback_sender(settings, runtime.metrics.observe_callback)
+    on_result = callback_hook(sender, settings) if sender is not None else None
+    workers = [
+        StreamWorker(runtime, store, model_id, consumer, on_result=on_result) for model_id in models
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if metrics_port is not None:
+        _serve_metrics(runtime, metrics_port)
+    try:
+        for worker in workers:
+            await worker.start()
+        log.info("stream workers started", extra={"models": list(models), "consumer": consumer})
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(worker.stop() for worker in workers))
+        if sender is not None:
+            await sender.close()  # callbacks under way get a short grace
+        await store.close()
+        await runtime.close()  # flushes and fsyncs the audit log
+        log.info("stream workers stopped", extra={"consumer": consumer})
+
+
+def callback_hook(sender: CallbackSender, settings: Settings) -> OnResult:
+    """Send a job's callback once its result is stored (best effort: the result is the record).
+
+    The URL is checked as the HTTP API checks it: an entry written straight to the stream
+    must not make the worker call a host the operator did not allow.
+    """
+    allowed = allowed_hosts(settings.callback_allowed_hosts)
+
+    async def on_result(job: Job, envelope: Mapping[str, Any]) -> None:
+        if not job.callback_url:
+            return
+        error = callback_url_error(job.callback_url, enabled=True, allowed=allowed)
+        if error is not None:
+            log.warning(
+                "stream worker: callback not sent",
+                extra={"prediction_id": job.prediction_id, "error": error.detail},
+            )
+            return
+        sender.schedule(job.prediction_id, job.callback_url, envelope)
+
+    return on_result
+
+
+def _serve_metrics(runtime: Runtime, port: int) -> None:
+    """Prometheus text on 127.0.0.1:port (a thread of prometheus-client's)."""
+    from prometheus_client import start_http_server
+
+    runtime.metrics.watch(lambda: runtime)
+    start_http_server(port, addr="127.0.0.1", registry=runtime.metrics.registry)

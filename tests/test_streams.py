@@ -1,0 +1,366 @@
+"""The Redis Streams protocol: entry parsing, ids, keys, and the atomic scripts on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import orjson
+import pytest
+
+from gateway.audit import AuditUnavailable
+from gateway.cli import main
+from gateway.contracts import load_contracts
+from gateway.jobs import Backpressure, Job, JobRejected
+from gateway.streams import (
+    GROUP,
+    StreamConfig,
+    StreamStore,
+    dead_stream,
+    derived_prediction_id,
+    outcome_from,
+    parse_entry,
+    pending_key,
+    request_stream,
+    result_key,
+    result_stream,
+    stream_id,
+)
+from gateway.worker import claim_interval_s, failure_action
+from tests.conftest import CHURN_REQUEST, REPO
+
+CONTRACTS = load_contracts(REPO / "contracts")
+MODEL = "customer-churn"
+BODY = orjson.dumps(CHURN_REQUEST)
+PID = "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"
+ENVELOPE = {"prediction": "stay", "probability": 0.2, "prediction_id": PID, "degraded": False}
+
+
+def job_json(**changes: object) -> bytes:
+    job = {"prediction_id": PID, "model_id": MODEL, "features": CHURN_REQUEST["features"]}
+    job.update(changes)
+    return orjson.dumps({k: v for k, v in job.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (request_stream("m1"), "aigw:requests:m1"),
+        (result_stream("m1"), "aigw:results:m1"),
+        (dead_stream("m1"), "aigw:dead:m1"),
+        (result_key(PID), f"aigw:result:{PID}"),
+        (pending_key(PID), f"aigw:pending:{PID}"),
+        (GROUP, "aigw-workers"),
+    ],
+)
+def test_key_names(key, expected):
+    """Stream, record and group names are the documented ones."""
+    assert key == expected
+
+
+def test_a_derived_prediction_id_is_a_uuid_fixed_by_model_and_entry():
+    """A redelivered entry keeps its derived id; another entry or model gets another."""
+    first = derived_prediction_id(MODEL, "1700000000000-0")
+    assert first == derived_prediction_id(MODEL, "1700000000000-0")
+    assert str(uuid.UUID(first)) == first
+    assert first != derived_prediction_id(MODEL, "1700000000000-1")
+    assert first != derived_prediction_id("other-model", "1700000000000-0")
+
+
+@pytest.mark.parametrize(
+    ("fields", "prediction_id", "tenant"),
+    [
+        ({b"request": BODY}, derived_prediction_id(MODEL, "5-0"), "default"),
+        ({b"request": BODY, b"prediction_id": PID.encode()}, PID, "default"),
+        ({b"request": BODY, b"prediction_id": PID.upper().encode()}, PID, "default"),
+        ({"request": BODY.decode(), "tenant": "acme"}, derived_prediction_id(MODEL, "5-0"), "acme"),
+        ({b"job": job_json()}, PID, "default"),
+        ({b"job": job_json(tenant="acme", timeout_ms=250)}, PID, "acme"),
+    ],
+)
+def test_valid_entries_become_jobs(fields, prediction_id, tenant):
+    """A `request` or `job` entry becomes the job it asks for, features made canonical."""
+    job = parse_entry(CONTRACTS, MODEL, "5-0", fields)
+    assert (job.prediction_id, job.tenant, job.model_id) == (prediction_id, tenant, MODEL)
+    assert job.features == {"customer_id": "12345", "tenure_months": 24, "monthly_charges": 89.99}
+
+
+def test_a_job_survives_the_round_trip_through_its_json():
+    """`Job.to_json()` as `submit` publishes it parses back to the same job."""
+    job = Job(PID, MODEL, CHURN_REQUEST["features"], tenant="acme", request_id="r-1",
+              trace_id="ab" * 16, callback_url="https://example.invalid/cb", timeout_ms=300,
+              submitted_at=1700000000.5)  # fmt: skip
+    assert parse_entry(CONTRACTS, MODEL, "1-0", {b"job": job.to_json()}) == job
+
+
+def features(**changes: object) -> bytes:
+    return orjson.dumps({"model_id": MODEL, "features": {**CHURN_REQUEST["features"], **changes}})
+
+
+@pytest.mark.parametrize(
+    ("fields", "pointer"),
+    [
+        ({}, "/request"),
+        ({b"other": b"x"}, "/request"),
+        ({b"request": b"not json"}, "/request"),
+        ({b"request": b""}, "/request"),
+        ({b"request": b"\xff\xfe"}, "/request"),
+        ({b"request": b'{"model_id": "customer-churn", "model_id": "x"}'}, "/request"),
+        ({b"request": b"[" * 40 + b"]" * 40}, "/request"),
+        ({b"request": b'"' + b"x" * 70_000 + b'"'}, "/request"),
+        ({b"request": b"[]"}, "/request"),
+        ({b"request": b'{"features": {}}'}, "/request/model_id"),
+        ({b"request": b'{"model_id": "nope", "features": {}}'}, "/request/model_id"),
+        ({b"request": features(tenure_months=-1)}, "/request/features/tenure_months"),
+        ({b"request": features(monthly_charges="x")}, "/request/features/monthly_charges"),
+        ({b"request": features(colour="red")}, "/request/features"),
+        ({b"request": BODY, b"prediction_id": b"not-a-uuid"}, "/prediction_id"),
+        ({b"request": BODY, b"tenant": b"a b"}, "/tenant"),
+        ({b"request": BODY, b"tenant": b""}, "/tenant"),
+        ({b"job": b"{"}, "/job"),
+        ({b"job": b"[1]"}, "/job"),
+        ({b"job": job_json(prediction_id=...)}, "/job/prediction_id"),
+        ({b"job": job_json(prediction_id=7)}, "/job/prediction_id"),
+        ({b"job": job_json(timeout_ms=-3)}, "/job/timeout_ms"),
+        ({b"job": job_json(timeout_ms=True)}, "/job/timeout_ms"),
+        ({b"job": job_json(request_id=5)}, "/job/request_id"),
+        ({b"job": job_json(tenant=["a"])}, "/job/tenant"),
+        ({b"job": job_json(model_id="nope")}, "/job/model_id"),
+        ({b"job": job_json(features={"tenure_months": 1})}, "/job/features"),
+    ],
+)
+def test_invalid_entries_are_rejected_naming_the_field(fields, pointer):
+    """Anything unparsable or off-contract is a JobRejected whose error names the field."""
+    with pytest.raises(JobRejected) as caught:
+        parse_entry(CONTRACTS, MODEL, "5-0", fields)
+    document = caught.value.to_dict()
+    assert document["detail"]
+    assert any(e["pointer"].startswith(pointer) for e in document["errors"]), document
+
+
+def test_an_entry_on_another_models_stream_is_rejected():
+    """A request for model A published on model B's stream is refused, not served as B."""
+    with pytest.raises(JobRejected) as caught:
+        parse_entry(CONTRACTS, "other-model", "5-0", {b"request": BODY})
+    assert caught.value.errors[0].pointer == "/request/model_id"
+
+
+@pytest.mark.parametrize(
+    ("error", "deliveries", "action"),
+    [
+        (AuditUnavailable("disk full"), 1, "retry"),
+        (AuditUnavailable("disk full"), 99, "retry"),
+        (ConnectionError("redis away"), 99, "retry"),
+        (TimeoutError(), 99, "retry"),
+        (KeyError("customer-churn"), 1, "retry"),
+        (KeyError("customer-churn"), 4, "retry"),
+        (KeyError("customer-churn"), 5, "dead"),
+        (ValueError("bug"), 6, "dead"),
+    ],
+)
+def test_what_a_failed_attempt_leads_to(error, deliveries, action):
+    """Infrastructure failures are retried forever; others dead-letter at the 5th delivery."""
+    assert failure_action(error, deliveries, max_attempts=5) == action
+
+
+@pytest.mark.parametrize(
+    ("idle_ms", "interval_s"), [(100, 0.5), (2000, 1.0), (30_000, 10.0), (600_000, 10.0)]
+)
+def test_how_often_abandoned_entries_are_looked_for(idle_ms, interval_s):
+    """The claim scan runs about twice per claim timeout, between 0.5 s and 10 s apart."""
+    assert claim_interval_s(idle_ms) == interval_s
+
+
+@pytest.mark.parametrize(
+    ("stored", "pending", "expected"),
+    [
+        (None, None, None),
+        (None, b'{"tenant": "acme"}', ("pending", "acme", None)),
+        (orjson.dumps({"tenant": "acme", "envelope": ENVELOPE}), None, ("done", "acme", ENVELOPE)),
+        (orjson.dumps({"tenant": "t", "envelope": ENVELOPE}), b'{"tenant":"t"}',
+         ("done", "t", ENVELOPE)),
+    ],
+)  # fmt: skip
+def test_outcome_from_the_stored_keys(stored, pending, expected):
+    """A stored result wins over the pending marker; neither means an unknown id."""
+    outcome = outcome_from(PID, stored, pending)
+    if expected is None:
+        assert outcome is None
+    else:
+        assert (outcome.status, outcome.tenant, outcome.envelope) == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [("1-0", "1-1"), ("9-5", "10-0"), ("1700000000000-9", "1700000000000-10")]
+)
+def test_stream_ids_compare_as_numbers(a, b):
+    """`9-5` comes before `10-0`: ids are compared numerically, not as text."""
+    assert stream_id(a) < stream_id(b)
+
+
+# ---- against a real redis-server -------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(redis_server):
+    store = StreamStore(redis_server.url, StreamConfig(max_backlog=3, result_ttl_s=60))
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def model_id() -> str:
+    return f"model-{uuid.uuid4().hex[:8]}"  # streams of this test alone
+
+
+async def publish(store: StreamStore, model_id: str, count: int) -> list[str]:
+    return [
+        (await store.redis.xadd(request_stream(model_id), {"request": BODY})).decode()
+        for _ in range(count)
+    ]
+
+
+async def test_two_stores_of_one_prediction_id_make_one_result_and_ack_both(store, model_id):
+    """The exactly-once script: the second store of an id only acknowledges its entry."""
+    await store.ensure_group(model_id)
+    await publish(store, model_id, 2)
+    entries = await store.read(model_id, "c1", 10, None)
+    job = Job(PID, model_id, {}, tenant="acme")
+    first = await store.store_result(job, ENVELOPE, entries[0].entry_id, "c1")
+    second = await store.store_result(
+        job, {**ENVELOPE, "prediction": "churn"}, entries[1].entry_id, "c1"
+    )
+    assert (first, second) == (True, False)
+    results = await store.redis.xrange(result_stream(model_id))
+    assert len(results) == 1
+    fields = results[0][1]
+    assert fields[b"prediction_id"] == PID.encode() and fields[b"tenant"] == b"acme"
+    assert orjson.loads(fields[b"envelope"])["prediction"] == "stay"
+    assert fields[b"entry_id"] == entries[0].entry_id.encode()
+    assert (await store.redis.xpending(request_stream(model_id), GROUP))["pending"] == 0
+    outcome = await store.outcome(PID)
+    assert (outcome.status, outcome.tenant, outcome.envelope["prediction"]) == (
+        "done",
+        "acme",
+        "stay",
+    )
+    assert 0 < await store.redis.ttl(result_key(PID)) <= 60
+    await store.redis.delete(result_key(PID))
+
+
+async def test_submit_refuses_at_the_backlog_bound_and_keeps_what_it_took(store, model_id):
+    """Over `max_backlog` waiting entries submit raises Backpressure; nothing is trimmed."""
+    await store.ensure_group(model_id)
+    jobs = [Job(str(uuid.uuid4()), model_id, {}) for _ in range(4)]
+    for job in jobs[:3]:
+        await store.submit(job)
+    with pytest.raises(Backpressure):
+        await store.submit(jobs[3])
+    assert await store.redis.xlen(request_stream(model_id)) == 3
+    known = [(await store.outcome(j.prediction_id)) is not None for j in jobs]
+    assert known == [True, True, True, False]
+    assert (await store.outcome(jobs[0].prediction_id)).status == "pending"
+    # Delivered but unacknowledged entries still count; acknowledged ones free their place.
+    delivered = await store.read(model_id, "c1", 2, None)
+    with pytest.raises(Backpressure):
+        await store.submit(jobs[3])
+    await store.ack(model_id, delivered[0].entry_id)
+    await store.submit(jobs[3])
+    assert await store.backlog(model_id) == (2, 1)  # (not yet delivered, delivered unacked)
+
+
+async def test_submit_counts_every_entry_before_any_worker_made_the_group(store, model_id):
+    """Without a consumer group (no worker yet) every entry in the stream is backlog."""
+    for _ in range(3):
+        await store.submit(Job(str(uuid.uuid4()), model_id, {}))
+    with pytest.raises(Backpressure):
+        await store.submit(Job(str(uuid.uuid4()), model_id, {}))
+
+
+async def test_a_dead_letter_is_written_and_acknowledged_at_once(store, model_id):
+    """The dead-letter stream gets the entry, its error and attempts, once; it is acked."""
+    await store.ensure_group(model_id)
+    await publish(store, model_id, 1)
+    [delivery] = await store.read(model_id, "c1", 10, None)
+    error = {"detail": "bad", "errors": [{"pointer": "/request", "detail": "is not JSON"}]}
+    assert await store.dead_letter(model_id, delivery, error, "c1")
+    assert not await store.dead_letter(model_id, delivery, error, "c2")  # settled already
+    [(_, fields)] = await store.redis.xrange(dead_stream(model_id))
+    assert orjson.loads(fields[b"error"]) == error
+    assert orjson.loads(fields[b"entry"]) == {"request": BODY.decode()}
+    assert fields[b"entry_id"] == delivery.entry_id.encode() and fields[b"attempts"] == b"1"
+    assert (await store.redis.xpending(request_stream(model_id), GROUP))["pending"] == 0
+
+
+async def test_claiming_takes_over_idle_entries_with_their_delivery_counts(redis_server, model_id):
+    """XAUTOCLAIM hands a dead consumer's entries to another, counting each delivery."""
+    store = StreamStore(redis_server.url, StreamConfig(claim_idle_ms=100))
+    try:
+        await store.ensure_group(model_id)
+        ids = await publish(store, model_id, 3)
+        await store.read(model_id, "dead-consumer", 10, None)
+        cursor, none_yet = await store.claim(model_id, "alive", 10, "0-0")
+        assert none_yet == []
+        await asyncio.sleep(0.15)
+        cursor, claimed = await store.claim(model_id, "alive", 10, "0-0")
+        assert [d.entry_id for d in claimed] == ids and {d.deliveries for d in claimed} == {2}
+        assert cursor == "0-0"
+        await asyncio.sleep(0.15)
+        _, again = await store.claim(model_id, "alive", 10, "0-0")
+        assert {d.deliveries for d in again} == {3}
+    finally:
+        await store.close()
+
+
+async def test_trimming_drops_only_acknowledged_entries(store, model_id):
+    """Entries still pending or undelivered survive trimming; acknowledged ones before go."""
+    await store.ensure_group(model_id)
+    ids = await publish(store, model_id, 250)
+    delivered = await store.read(model_id, "c1", 200, None)
+    for delivery in delivered[:150]:
+        await store.ack(model_id, delivery.entry_id)
+    await store.trim_acknowledged(model_id)
+    remaining = [i.decode() for i, _ in await store.redis.xrange(request_stream(model_id))]
+    assert set(ids[150:]) <= set(remaining)  # every unacknowledged entry is kept
+    assert len(remaining) < 250  # approximate trimming dropped whole nodes of acked entries
+    assert await store.backlog(model_id) == (50, 50)
+
+
+# ---- `aigw worker`: start-up refusals --------------------------------------------------------
+
+
+@pytest.fixture
+def worker_env(monkeypatch, redis_server):
+    """The repo's files and a Redis URL; the root logger is restored afterwards (the command
+    points it at this test's captured stderr, which later tests must not write to)."""
+    for name in ("CONTRACTS", "POLICIES", "FALLBACKS"):
+        monkeypatch.setenv(f"AIGW_{name}_DIR", str(REPO / name.lower()))
+    monkeypatch.setenv("AIGW_REDIS_URL", redis_server.url)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield monkeypatch
+    root.handlers[:], root.level = handlers, level
+
+
+def test_the_worker_needs_a_redis_url(worker_env, capsys):
+    """Without AIGW_REDIS_URL `aigw worker` exits 2 saying what it needs."""
+    worker_env.delenv("AIGW_REDIS_URL")
+    assert main(["worker"]) == 2
+    assert "AIGW_REDIS_URL" in capsys.readouterr().err
+
+
+def test_the_worker_refuses_bad_files_listing_their_faults(worker_env, data_dirs, capsys):
+    """A bad policy stops `aigw worker` at start with the faults listed, as for `serve`."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    policy.write_text(policy.read_text().replace("timeout_ms: 400", "timeout_ms: -5"))
+    worker_env.setenv("AIGW_POLICIES_DIR", str(data_dirs / "policies"))
+    assert main(["worker"]) == 1
+    err = capsys.readouterr().err
+    assert "customer-churn.yaml" in err and "timeout_ms" in err
+
+
+def test_the_worker_refuses_a_model_without_a_policy(worker_env, capsys):
+    """`--model` must name a logical model that has a policy."""
+    assert main(["worker", "--model", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
