@@ -39,6 +39,8 @@ from gateway.audit import AuditUnavailable
 from gateway.callbacks import CallbackSender, allowed_hosts, callback_sender, callback_url_error
 from gateway.jobs import Job, JobRejected, run_job
 from gateway.monitoring import Baseline
+from gateway.policy_manager import PolicyManager
+from gateway.policy_sync import PolicySync
 from gateway.runtime import Configuration, Runtime, audit_log, baselines_of, start_runtime
 from gateway.settings import Settings
 from gateway.streams import Delivery, StreamConfig, StreamStore, parse_entry
@@ -334,6 +336,7 @@ async def serve_streams(
         loop.add_signal_handler(sig, stop.set)
     if metrics_port is not None:
         _serve_metrics(runtime, metrics_port)
+    policies = await _follow_policies(settings, runtime)
     try:
         for worker in workers:
             await worker.start()
@@ -341,6 +344,7 @@ async def serve_streams(
         await stop.wait()
     finally:
         await asyncio.gather(*(worker.stop() for worker in workers))
+        await policies.stop()
         if sender is not None:
             await sender.close()  # callbacks under way get a short grace
         await store.close()
@@ -377,3 +381,34 @@ def _serve_metrics(runtime: Runtime, port: int) -> None:
 
     runtime.metrics.watch(lambda: runtime)
     start_http_server(port, addr="127.0.0.1", registry=runtime.metrics.registry)
+
+
+class _PolicyFollowing:
+    """What keeps a worker's policies current: watched files, and with
+    `AIGW_SHARE_POLICIES` the versions gateways apply (through the same Redis)."""
+
+    def __init__(self, watcher: asyncio.Task | None, sync: PolicySync | None) -> None:
+        self._watcher, self._sync = watcher, sync
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._sync is not None:
+            await self._sync.stop()
+
+
+async def _follow_policies(settings: Settings, runtime: Runtime) -> _PolicyFollowing:
+    """Workers answer with the policies the gateways run: a change is validated and swapped
+    in exactly as `aigw serve` does it (and recorded in this worker's audit log)."""
+    manager = PolicyManager(runtime, os.environ)
+    manager.start_from_disk()
+    watcher = None
+    if settings.watch_policies:
+        watcher = asyncio.create_task(manager.watch_files(settings.watch_interval_s))
+    sync = None
+    if settings.share_policies and settings.redis_url:
+        sync = PolicySync(settings.redis_url, manager)
+        await sync.start()
+    return _PolicyFollowing(watcher, sync)

@@ -432,3 +432,42 @@ async def test_a_jobs_callback_is_sent_once_its_result_is_stored(redis_db, trito
             assert orjson.loads(received.body)["prediction_id"] == allowed.prediction_id
     finally:
         await sender.close()
+
+
+async def test_a_worker_follows_policy_files_as_a_gateway_does(
+    redis_db, triton: TritonProcess, data_dirs: Path, tmp_path: Path
+):
+    """An edit of the policy files reaches a running `aigw worker`: later jobs use it."""
+    url, client = redis_db
+    env = {
+        "AIGW_REDIS_URL": url,
+        "AIGW_TRITON_URL": triton.http_url,
+        "AIGW_CONTRACTS_DIR": str(data_dirs / "contracts"),
+        "AIGW_POLICIES_DIR": str(data_dirs / "policies"),
+        "AIGW_FALLBACKS_DIR": str(data_dirs / "fallbacks"),
+        "AIGW_WATCH_INTERVAL_S": "0.2",
+    }
+    worker = WorkerProcess("follower", env, tmp_path)
+
+    async def arm_of_next_answer() -> str:
+        before = await client.xlen(RESULTS)
+        await client.xadd(REQUESTS, {"request": orjson.dumps(CHURN_REQUEST)})
+        assert await until(lambda: _results_at_least(client, before + 1), 30)
+        (_, fields), *_ = await client.xrevrange(RESULTS, count=1)
+        return orjson.loads(fields[b"envelope"])["arm"]
+
+    try:
+        assert await arm_of_next_answer() == "control"  # customer 12345's arm
+        policy = data_dirs / "policies" / "customer-churn.yaml"
+        policy.write_text(policy.read_text().replace("weight: 90", "weight: 0"))
+        deadline = time.monotonic() + 10
+        arm = "control"
+        while arm == "control" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            arm = await arm_of_next_answer()
+        assert arm == "challenger"
+        assert worker.stop() == 0
+        records = [line for f in worker.audit_dir.glob("audit-*.jsonl") for line in f.open()]
+        assert any('"action":"apply"' in line for line in records)  # the change is audited
+    finally:
+        worker.stop()
