@@ -471,3 +471,45 @@ async def test_a_worker_follows_policy_files_as_a_gateway_does(
         assert any('"action":"apply"' in line for line in records)  # the change is audited
     finally:
         worker.stop()
+
+
+async def test_a_frozen_redis_mid_run_loses_and_duplicates_nothing(
+    triton: TritonProcess, tmp_path: Path
+):
+    """Redis unanswering for 3 s mid-run (SIGSTOP): the worker waits it out, then every
+    request still gets exactly one result."""
+    from tests.conftest import RedisServer
+
+    server = RedisServer(free_port())
+    server.start()
+    client = aioredis.from_url(server.url)
+    count = 3_000
+    env = {
+        "AIGW_REDIS_URL": server.url,
+        "AIGW_TRITON_URL": triton.http_url,
+        "AIGW_WORKER_CLAIM_IDLE_MS": "2000",
+        "AIGW_LOG_LEVEL": "warning",
+    }
+    try:
+        await client.xgroup_create(REQUESTS, GROUP, id="0", mkstream=True)
+        expected = await publish_mixed(client, count)
+        worker = WorkerProcess("partitioned", env, tmp_path)
+        assert await until(lambda: _results_at_least(client, count // 10), 60), "no progress"
+        server.freeze()
+        await asyncio.sleep(3)
+        server.thaw()
+        assert await client.xlen(RESULTS) < count  # the outage fell mid-run
+
+        async def all_answered() -> bool:
+            return await client.xlen(RESULTS) >= count and await pending_count(client) == 0
+
+        assert await until(all_answered, 90), f"{await client.xlen(RESULTS)} results"
+        await asyncio.sleep(0.5)  # a late duplicate would land now
+        entries = await client.xrange(RESULTS)
+        assert len(entries) == count
+        assert {fields[b"prediction_id"].decode() for _, fields in entries} == expected
+        assert await client.xlen(DEAD) == 0
+        assert worker.stop() == 0
+    finally:
+        await client.aclose()
+        server.stop()
