@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import socket
-import uuid
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import admin as admin_api
 from gateway.api import async_predictions, audit, feedback, health, predictions
+from gateway.api.http_headers import headers_too_large, request_id_for, with_exchange_headers
 from gateway.api.responses import problem_response
 from gateway.audit import worker_log_directory
 from gateway.audit_forwarder import AuditForwarder
@@ -39,15 +40,17 @@ from gateway.tracing import tracing_from
 
 log = logging.getLogger("gateway.app")
 
-REQUEST_ID_HEADER = b"x-request-id"
-_REQUEST_ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"cache-control", b"no-store"),
-    (b"x-frame-options", b"DENY"),
-    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
-    (b"referrer-policy", b"no-referrer"),
-]
+
+class GatewayApp(FastAPI):
+    """FastAPI, with `POST /v1/predictions` answered ahead of its whole middleware stack by
+    `predictions.PredictionRoute`, which gives the same headers and refusals itself."""
+
+    def __init__(self, *args: Any, max_header_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._front = predictions.PredictionRoute(super().__call__, self, max_header_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._front(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -60,7 +63,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = caller_request_id(scope["headers"]) or uuid.uuid4().hex.encode()
+        request_id = request_id_for(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id.decode()
         response_started = False
 
@@ -68,10 +71,7 @@ class RequestIdMiddleware:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                headers = list(message.get("headers", []))
-                headers.append((REQUEST_ID_HEADER, request_id))
-                headers.extend(SECURITY_HEADERS)
-                message["headers"] = headers
+                message["headers"] = with_exchange_headers(message.get("headers", []), request_id)
             await send(message)
 
         try:
@@ -95,25 +95,11 @@ class HeaderLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-            if size > self.max_header_bytes:
-                problem = Problem(
-                    431, "headers-too-large", "Request headers too large",
-                    f"headers may total at most {self.max_header_bytes} bytes",
-                )  # fmt: skip
+            problem = headers_too_large(scope["headers"], self.max_header_bytes)
+            if problem is not None:
                 await problem_response(problem, scope.get("path"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def caller_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The caller's request id if it is short and plain; anything else is replaced."""
-    for name, value in headers:
-        if name == REQUEST_ID_HEADER:
-            if 0 < len(value) <= 128 and all(c in _REQUEST_ID_CHARS for c in value):
-                return value
-            return None
-    return None
 
 
 def create_app(
@@ -181,14 +167,15 @@ def create_app(
                 await forwarder.stop()  # then ships what is on disk, if the sink is up
             tracing.shutdown()  # exports the spans still batched
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Resilient AI Gateway",
+        max_header_bytes=settings.max_header_bytes,
         lifespan=lifespan,
         openapi_url=None,  # /openapi.json is the contract from contracts/, served by health.py
         docs_url=None,
         redoc_url=None,
-        # The gateway makes its own spans and metrics; FastAPI's would cost every request.
-        telemetry={"tracing": False, "metrics": False},
+        # The gateway makes its own spans, metrics and logs; FastAPI's would cost every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.metrics = metrics
     app.state.tracing = tracing

@@ -156,10 +156,7 @@ def audit_record(contract_version: str, request: PredictionInput, answer: Answer
         "arm": answer.arm,
         "cached": answer.cached,
         "coalesced": answer.coalesced,
-        "steps": [
-            {k: v for k, v in dataclasses.asdict(step).items() if v not in (None, 0, 0.0)}
-            for step in answer.steps
-        ],
+        "steps": [_step_fields(step) for step in answer.steps],
         "rule": answer.rule,
         "served_by": answer.served_by,
         "model_version": answer.model_version,
@@ -169,6 +166,15 @@ def audit_record(contract_version: str, request: PredictionInput, answer: Answer
         "fallback_reason": answer.fallback_reason,
         "latency_ms": answer.latency_ms,
     }
+
+
+_STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepRecord))
+
+
+def _step_fields(step: StepRecord) -> dict[str, Any]:
+    """A step as the record keeps it: its fields that say something (no None, no zero)."""
+    fields = ((name, getattr(step, name)) for name in _STEP_FIELDS)
+    return {name: value for name, value in fields if value not in (None, 0, 0.0)}
 
 
 async def _walk(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.expressions import compile_condition, holds, sample_features
@@ -62,6 +62,22 @@ class RouteTable:
 
     policy: Policy
     routes: tuple[tuple[str, Any, Arm], ...]
+    # Per route: the variables its condition reads, and its (constant) verdict for a request
+    # without routing headers when it reads nothing but `headers` (else None).
+    variables: tuple[tuple[str, ...], ...] = field(init=False)
+    without_headers: tuple[bool | None, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(
+            tuple(v for v in ROUTE_VARIABLES if v in program.variables())
+            for _, program, _ in self.routes
+        )
+        verdicts = tuple(
+            holds(program, {"headers": {}}) if read in ((), ("headers",)) else None
+            for (_, program, _), read in zip(self.routes, names, strict=True)
+        )
+        object.__setattr__(self, "variables", names)
+        object.__setattr__(self, "without_headers", verdicts)
 
     def assign(
         self,
@@ -73,12 +89,28 @@ class RouteTable:
         """Pick the arm: the first route whose condition holds, else the sticky split."""
         sticky_value = self.sticky_value(features, request_id)
         bucket = bucket_of(self.policy.model_id, sticky_value)
-        context = {"features": dict(features), "headers": dict(headers), "tenant": tenant}
-        for name, program, arm in self.routes:
-            if holds(program, context):
+        if self.routes:
+            route = self._matching_route(features, headers, tenant)
+            if route is not None:
+                name, _, arm = route
                 return Assignment(arm=arm, route=name, bucket=bucket, sticky_value=sticky_value)
         arm = arm_for_bucket(self.policy.arm_list, bucket)
         return Assignment(arm=arm, route=None, bucket=bucket, sticky_value=sticky_value)
+
+    def _matching_route(
+        self, features: Mapping[str, Any], headers: Mapping[str, str], tenant: str
+    ) -> tuple[str, Any, Arm] | None:
+        """The first route whose condition holds. CEL runs only for a route whose verdict
+        is not known already, and is given only the variables the condition reads."""
+        values = {"features": features, "headers": headers, "tenant": tenant}
+        for index, route in enumerate(self.routes):
+            verdict = None if headers else self.without_headers[index]
+            if verdict is None:
+                context = {name: values[name] for name in self.variables[index]}
+                verdict = holds(route[1], _plain(context))
+            if verdict:
+                return route
+        return None
 
     def sticky_value(self, features: Mapping[str, Any], request_id: str) -> str:
         """The policy's sticky feature as text, or the request id (no stickiness) without one."""
@@ -111,3 +143,8 @@ def compile_routes(policy: Policy, feature_types: Mapping[str, str]) -> RouteTab
             raise ValueError(f"routes.{index} ({route.name}): when: {error}") from None
         compiled.append((route.name, program, arms[route.arm]))
     return RouteTable(policy=policy, routes=tuple(compiled))
+
+
+def _plain(context: Mapping[str, Any]) -> dict[str, Any]:
+    """The context with plain dicts, the one mapping type CEL takes."""
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in context.items()}

@@ -36,29 +36,77 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class Tracing:
-    """The app's tracer, and helpers to continue, record and pass on a trace."""
+    """The app's tracer, and helpers to continue, record and pass on a trace.
 
-    def __init__(self, provider: TracerProvider) -> None:
+    A request that will not be recorded (no exporter and no sampled caller, or a caller that
+    did not sample it) gets a non-recording server span made here, with the same ids the SDK
+    would give it, and no child spans at all: the span machinery per stage (sampler, span
+    objects, context attach and detach) is skipped, while the trace id still reaches the
+    audit record, the logs and Triton's `traceparent`.
+    """
+
+    def __init__(self, provider: TracerProvider, records_roots: bool = True) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("gateway")
+        # Whether a request without a caller's trace context is recorded (an exporter is on).
+        self.records_roots = records_roots
+        self._ids = provider.id_generator
+        self._random_ids = self._ids.is_trace_id_random()
 
     @contextlib.contextmanager
     def request_span(self, name: str, headers: Mapping[str, str]) -> Iterator[Any]:
         """A server span continuing the caller's trace context, if it sent one."""
-        parent = _PROPAGATOR.extract(dict(headers))
-        token = otel_context.attach(parent)
+        span, token = self.start_request(name, headers)
         try:
-            with self.tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+            if span is None:
+                with self.tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+                    yield span
+            else:
                 yield span
         finally:
             otel_context.detach(token)
 
+    def start_request(self, name: str, headers: Mapping[str, str]) -> tuple[Any, object]:
+        """Attach the caller's context; with it, the unrecorded server span (None: record one).
+
+        The caller detaches the returned token when the request ends."""
+        remote = None
+        if "traceparent" in headers:
+            parent = _PROPAGATOR.extract(headers)
+            remote = trace.get_current_span(parent).get_span_context()
+            if not remote.is_valid:
+                remote = None  # a malformed traceparent: a new trace begins
+            elif remote.trace_flags.sampled:
+                return None, otel_context.attach(parent)
+        if remote is None and self.records_roots:
+            return None, otel_context.attach(otel_context.Context())
+        span = trace.NonRecordingSpan(self._unrecorded(remote))
+        return span, otel_context.attach(trace.set_span_in_context(span, otel_context.Context()))
+
+    def _unrecorded(self, remote: trace.SpanContext | None) -> trace.SpanContext:
+        """What the SDK's ParentBased sampler gives an unsampled server span, made directly."""
+        if remote is not None:
+            trace_id, state = remote.trace_id, remote.trace_state
+            random_id = remote.trace_flags.random_trace_id
+        else:
+            trace_id, state, random_id = self._ids.generate_trace_id(), None, self._random_ids
+        flags = trace.TraceFlags(trace.TraceFlags.RANDOM_TRACE_ID if random_id else 0)
+        return trace.SpanContext(
+            trace_id, self._ids.generate_span_id(), is_remote=False, trace_flags=flags,
+            trace_state=state,
+        )  # fmt: skip
+
     def span(self, name: str, **attributes: Any) -> Any:
-        """A child span of whatever span is current."""
+        """A child span of whatever span is current; none at all under an unrecorded one."""
+        if not trace.get_current_span().is_recording():
+            return _NO_SPAN
         return self.tracer.start_as_current_span(name, attributes=attributes or None)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+_NO_SPAN = contextlib.nullcontext()
 
 
 def current_trace_id() -> str | None:
@@ -91,7 +139,7 @@ def tracing_from(settings: Settings) -> Tracing:
             else BatchSpanProcessor(exporter)
         )
         provider.add_span_processor(processor)
-    return Tracing(provider)
+    return Tracing(provider, records_roots=root is ALWAYS_ON)
 
 
 def _exporter(settings: Settings) -> SpanExporter | None:

@@ -170,6 +170,7 @@ def test_nesting_depth_handles_very_deep_values_without_recursion() -> None:
         pytest.param('{"name": "Zoë"}'.encode(), {"name": "Zoë"}, id="utf8"),
         pytest.param(b"  [1]\n", [1], id="whitespace"),
         pytest.param(b"[" * 32 + b"]" * 32, nested_arrays(32), id="at-depth-limit"),
+        pytest.param(b'{"a": "b:c", "d": {"a": 1}}', {"a": "b:c", "d": {"a": 1}}, id="colons"),
     ],
 )
 def test_parse_json_accepts_strict_json(body: bytes, expected: Any) -> None:
@@ -194,6 +195,9 @@ def test_parse_json_accepts_strict_json(body: bytes, expected: Any) -> None:
         pytest.param(
             b"[" * 33 + b"]" * 33, "JSON nested too deeply", "deeper than 32", id="past-depth-limit"
         ),
+        pytest.param(b'{"a":1,"a":2}', "Duplicate JSON key", "'a'", id="duplicate"),
+        pytest.param(b'{"a" :1,"a":2}', "Duplicate JSON key", "'a'", id="duplicate-spaced"),
+        pytest.param(b'{"b":{"a":":","a":2}}', "Duplicate JSON key", "'a'", id="duplicate-nested"),
         # Past orjson's own limit (1024) the parser refuses before the depth check can run.
         pytest.param(b"[" * 5000 + b"]" * 5000, "Malformed JSON", "nests too deeply", id="5000"),
         pytest.param(

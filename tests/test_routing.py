@@ -201,6 +201,27 @@ def test_non_matching_header_falls_back_to_the_split(table, headers):
         assert assignment.arm == arm_for_bucket(table.policy.arm_list, bucket_of(MODEL, customer))
 
 
+@pytest.mark.parametrize(
+    ("headers", "tenant", "route"),
+    [
+        ({}, "default", "no-beta"),
+        ({"x-beta": "1"}, "acme", "tenant"),
+        ({"x-o": "1"}, "t", "no-beta"),
+    ],
+    ids=["no-headers", "header-present", "other-header"],
+)
+def test_header_only_routes_hold_as_their_condition_says(
+    policy, feature_types, headers, tenant, route
+):
+    """A route over headers alone holds without any header when its condition says so (its
+    verdict for no headers is settled at load), and is evaluated when headers come."""
+    no_beta = Route(name="no-beta", when='!("x-beta" in headers)', arm="challenger")
+    by_tenant = Route(name="tenant", when='tenant == "acme"', arm="control")
+    table = compile_routes(variant(policy, routes=[no_beta, by_tenant]), feature_types)
+    features = {"customer_id": "c", "tenure_months": 60, "monthly_charges": 10.0}
+    assert table.assign(features, headers, tenant, "r1").route == route
+
+
 def test_first_matching_route_wins(policy, feature_types):
     """Routes are tried in order: the first whose condition holds names the arm."""
     routes = [

@@ -7,6 +7,9 @@ with every permission, and the gateway warns about it at start.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fastapi import Request
 
 from gateway.auth import PERMISSIONS, Principal, TenantLimits, presented_key
@@ -19,11 +22,15 @@ DEFAULT_LIMITS = TenantLimits()
 async def authorize(request: Request, permission: str) -> Principal:
     """The caller, allowed `permission` and within its tenant's rate; else 401/403/429."""
     gateway = getattr(request.app.state, "gateway", request.app)  # the admin app's gateway
-    runtime = gateway.state.runtime
+    return await authorize_headers(gateway.state.runtime, request.headers, permission)
+
+
+async def authorize_headers(runtime: Any, headers: Mapping[str, str], permission: str) -> Principal:
+    """`authorize` for a handler that has the request's headers but no Request object."""
     store = runtime.key_store
     if store is None:
         return ANONYMOUS
-    principal = store.authenticate(presented_key(request.headers))
+    principal = store.authenticate(presented_key(headers))
     if principal is None:
         # The same answer for a missing, malformed, unknown or revoked key: nothing to probe.
         raise Problem(

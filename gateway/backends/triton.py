@@ -28,6 +28,7 @@ from gateway.batching import MicroBatcher
 from gateway.policy import TritonTarget
 
 _NUMPY_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
+_IDENTITY = {"Accept-Encoding": "identity"}  # small answers: never compressed
 _OVERLOAD_STATUSES = {"429", "503"}
 
 
@@ -103,7 +104,9 @@ class TritonBackend:
                     model_version=self.target.version,
                     outputs=self._outputs,
                     timeout=max(1, int(timeout_s * 1_000_000)),
-                    headers=dict(headers) if headers else None,
+                    # A fresh dict per call (tritonclient adds to it). Identity: aiohttp
+                    # would ask for gzip, and Triton would compress every tiny answer.
+                    headers={**headers, **_IDENTITY} if headers else {**_IDENTITY},
                 )
         except TimeoutError:
             raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None

@@ -1,17 +1,19 @@
 """The Triton backend's pure parts: features into input tensors, the output into a probability.
 
-No server here: the calls themselves are tested against a real Triton in tests/integration.
+No Triton here: the calls themselves are tested against a real Triton in tests/integration;
+one test reads the request a call sends, from a plain socket server.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway.backends import BackendError
-from gateway.backends.triton import build_tensors, read_probability
+from gateway.backends.triton import TritonBackend, build_tensors, read_probability
 from gateway.policy import TritonTarget
 
 FEATURES = {"customer_id": "c-1", "tenure_months": 24, "monthly_charges": 89.99}
@@ -149,3 +151,36 @@ def test_read_probability_refuses_what_is_not_a_probability(output, index, fragm
     assert caught.value.transient is False
     assert caught.value.reason == "backend_error"
     assert fragment in str(caught.value)
+
+
+# --- the call --------------------------------------------------------------------------------
+
+
+async def test_calls_ask_for_an_uncompressed_answer() -> None:
+    """Every inference call sends `Accept-Encoding: identity`, so Triton never gzips an answer."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append((await reader.readuntil(b"\r\n\r\n")).lower())
+        body = b'{"error":"refused"}'
+        writer.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spec = {"url": f"127.0.0.1:{port}", "model": "m", "version": "1", "inputs": ONE_INPUT}
+    backend = TritonBackend("t", TritonTarget.model_validate(spec))
+    try:
+        with pytest.raises(BackendError):
+            await backend.predict(
+                FEATURES, 2.0, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-00"}
+            )
+    finally:
+        await backend.close()
+        server.close()
+    assert b"accept-encoding: identity" in heads[0]
+    assert b"traceparent: 00-" in heads[0]  # the caller's headers still go along
