@@ -1,11 +1,15 @@
 """Micro-batching: concurrent calls to one target become one call with a batch dimension.
 
-Rows that arrive within `max_delay_s` of the first (or until `max_batch` rows) are sent
-together and the answer is split back, row by row. Each row keeps its own deadline: a
-batch that answers too late for one row is a timeout for that row only. When Triton
-refuses a batch as malformed, every row is sent again on its own, so one bad row never
-fails its batch-mates; any other failure (a timeout, a 5xx) is the target's, and is every
-row's.
+A row that finds the target idle (no batch of this batcher in flight) is sent at once: one
+client never pays the window. While a batch is in flight, rows gather, and go together when
+it returns, when `max_delay_s` has passed since the first of them, or at `max_batch` rows,
+whichever is first; the answer is split back, row by row. Load thus batches itself: the
+busier the target, the larger the batches, and an idle one adds no delay.
+
+Each row keeps its own deadline: a batch that answers too late for one row is a timeout for
+that row only. When Triton refuses a batch as malformed, every row is sent again on its own,
+so one bad row never fails its batch-mates; any other failure (a timeout, a 5xx) is the
+target's, and is every row's.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(row, loop.create_future(), time.monotonic() + timeout_s, headers)
         self._pending.append(pending)
-        if len(self._pending) >= self.max_batch:
+        if len(self._pending) >= self.max_batch or not self._tasks:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
@@ -74,7 +78,12 @@ class MicroBatcher:
         if batch:
             task = asyncio.ensure_future(self._send_batch(batch))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._batch_returned)
+
+    def _batch_returned(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._pending and not self._tasks:
+            self._flush()  # the target is free again: what gathered meanwhile goes now
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         self.batches += 1

@@ -121,7 +121,8 @@ class BreakerConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    """Micro-batching: concurrent rows within `max_delay_ms` go to Triton as one batch."""
+    """Micro-batching: rows arriving while a batch is in flight go together as the next batch,
+    at most `max_delay_ms` after the first of them; a row at an idle target goes at once."""
 
     max_delay_ms: float = Field(default=1.0, gt=0, le=10)
     max_batch: int = Field(default=32, ge=2, le=1024)

@@ -44,23 +44,46 @@ def test_stack_rows_concatenates_along_the_batch_dimension():
 
 
 async def test_concurrent_rows_go_as_one_batch_and_are_split_back():
-    """Twenty concurrent rows make one call; each caller gets its own row's answer."""
+    """The first of twenty concurrent rows goes at once; the other nineteen, which arrive
+    while it is in flight, make one call; each caller gets its own row's answer."""
     send = ScriptedSend()
     batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
     outputs = await asyncio.gather(*(batcher.submit(row(i), 1.0) for i in range(20)))
-    assert send.batches == [20]
+    assert send.batches == [1, 19]
     assert [float(o[0, 0]) for o in outputs] == pytest.approx([i / 100 for i in range(20)])
 
 
 async def test_a_full_batch_is_sent_without_waiting():
-    """max_batch rows flush at once; the rest wait for the next batch."""
+    """max_batch rows flush at once, and the rest go when the target is free: none waits out
+    the (long) window."""
     send = ScriptedSend()
-    batcher = MicroBatcher(send, max_batch=8, max_delay_s=0.5)
+    batcher = MicroBatcher(send, max_batch=8, max_delay_s=30)
     outputs = await asyncio.wait_for(
-        asyncio.gather(*(batcher.submit(row(i), 2.0) for i in range(16))), timeout=0.4
+        asyncio.gather(*(batcher.submit(row(i), 60) for i in range(16))), timeout=5
     )
-    assert send.batches == [8, 8]
+    assert send.batches == [1, 8, 7]
     assert len(outputs) == 16
+
+
+async def test_a_row_at_an_idle_target_does_not_wait_for_the_window():
+    """Alone, a row is sent at once, not after max_delay_s (here far longer than the wait)."""
+    send = ScriptedSend()
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=30)
+    output = await asyncio.wait_for(batcher.submit(row(7), 60), timeout=5)
+    assert send.batches == [1]
+    assert float(output[0, 0]) == pytest.approx(0.07)
+
+
+async def test_rows_gather_while_a_batch_is_in_flight_and_go_when_it_returns():
+    """A slow batch in flight: later rows wait for it (not for the long window), then go
+    together."""
+    send = ScriptedSend(delay_s=0.05)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=30)
+    first = asyncio.ensure_future(batcher.submit(row(1), 60))
+    await asyncio.sleep(0.01)  # the first batch is on its way
+    later = [batcher.submit(row(i), 60) for i in range(2, 6)]
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
+    assert send.batches == [1, 4]
 
 
 async def test_one_bad_row_never_fails_its_batch_mates():
@@ -72,7 +95,7 @@ async def test_one_bad_row_never_fails_its_batch_mates():
     )
     assert isinstance(results[3], BackendRejected)
     assert all(isinstance(r, np.ndarray) for i, r in enumerate(results) if i != 3)
-    assert send.batches[0] == 6 and sorted(send.batches[1:]) == [1] * 6
+    assert send.batches[:2] == [1, 5] and sorted(send.batches[2:]) == [1] * 5
 
 
 async def test_a_target_failure_fails_every_row():
@@ -83,7 +106,7 @@ async def test_a_target_failure_fails_every_row():
         *(batcher.submit(row(i), 1.0) for i in range(4)), return_exceptions=True
     )
     assert all(isinstance(r, BackendError) for r in results)
-    assert send.batches == [4]
+    assert send.batches == [1, 3]
 
 
 async def test_each_row_keeps_its_own_deadline():
