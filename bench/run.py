@@ -98,11 +98,13 @@ class Stack:
         nginx_workers: int = 1,
         gateway_uvloop: bool = False,
         heap_census: bool = False,
+        gateway_workers: int = 1,
     ) -> None:
         self.with_nginx = with_nginx
         self.nginx_workers = nginx_workers
         self.gateway_uvloop = gateway_uvloop
         self.heap_census = heap_census
+        self.gateway_workers = gateway_workers
         self.triton: Triton | None = None
         self.nginx: Nginx | None = None
         self.gateway: Gateway | None = None
@@ -117,7 +119,10 @@ class Stack:
             self.nginx.start()
             log(f"nginx ready at {self.nginx.base_url}")
         self.gateway = Gateway(
-            self.triton.http_url, uvloop=self.gateway_uvloop, heap_census=self.heap_census
+            self.triton.http_url,
+            uvloop=self.gateway_uvloop,
+            heap_census=self.heap_census,
+            workers=self.gateway_workers,
         )
         self.gateway.start()
         log(f"gateway ready at {self.gateway.base_url}")
@@ -463,7 +468,8 @@ def markdown(report: dict[str, object]) -> str:
         f"Machine: {env['cpus']} cores shared by wrk, Triton and the proxy; load average at "
         f"start {env['load_average_at_start']}; commit {env['git_commit']}"
         f"{' (+ uncommitted changes)' if env['git_dirty_files'] else ''}; "
-        f"{env['wrk']}; nginx {env['nginx']}; Python {env['python']}.",
+        f"{env['wrk']}; nginx {env['nginx']}; Python {env['python']}; gateway workers "
+        f"{cfg.get('gateway_workers', 1)}.",
         "",
         "| case | clients | req/s | p50 ms | p99 ms | peak RSS MB | RSS of | req/s ÷ (a) "
         "| server CPU ms/req | CPU % server / Triton / wrk / other | check |",
@@ -535,6 +541,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
         with_nginx="b" in args.cases,
         nginx_workers=args.nginx_workers,
         gateway_uvloop=args.gateway_uvloop,
+        gateway_workers=args.gateway_workers,
     )
     rows: list[dict[str, object]] = []
     profiles: list[dict[str, object]] = []
@@ -575,6 +582,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
             "wrk_threads": 1,
             "nginx_workers": args.nginx_workers,
             "gateway_uvloop": args.gateway_uvloop,
+            "gateway_workers": args.gateway_workers,
             "triton_body": json.loads(TRITON_BODY),
             "gateway_body_hit": json.loads(GATEWAY_BODY),
             "degraded": "control file: every model raises; breakers open; CEL rules answer",
@@ -942,6 +950,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gateway-uvloop",
         action="store_true",
         help="what-if: run the gateway on uvloop (aigw serve uses asyncio's default loop)",
+    )
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="worker processes of the gateway (`aigw serve --workers N`; default 1)",
     )
     p.add_argument(
         "--profile",

@@ -204,9 +204,12 @@ class Gateway(_Group):
 
     name = "gateway"
 
-    def __init__(self, triton_url: str, uvloop: bool = False, heap_census: bool = False) -> None:
+    def __init__(
+        self, triton_url: str, uvloop: bool = False, heap_census: bool = False, workers: int = 1
+    ) -> None:
         super().__init__()
         self.triton_url = triton_url
+        self.workers = workers  # `aigw serve --workers N`: CPU and RSS count the whole group
         self.uvloop = uvloop  # what-if: see launch_gateway.py
         self.heap_census_enabled = heap_census
         self.port = free_port()
@@ -245,6 +248,7 @@ class Gateway(_Group):
         else:
             launcher = ["-m", "gateway.cli"]
         cmd = [sys.executable, *launcher, "serve", "--port", str(self.port)]
+        cmd += ["--workers", str(self.workers)] if self.workers > 1 else []
         self._spawn(cmd, self.log, env=self.env())
         deadline = time.monotonic() + timeout
         while http_get(self.base_url + "/readyz", timeout=1)[0] != 200:
