@@ -171,3 +171,29 @@ def test_spill_bytes_sum_over_workers(tmp_path):
     publish_in_a_worker(tmp_path, [["gauge", "aigw_audit_spill_bytes", {}, 100]])
     publish_in_a_worker(tmp_path, [["gauge", "aigw_audit_spill_bytes", {}, 50]])
     assert combined(tmp_path)[("aigw_audit_spill_bytes", ())] == 150
+
+
+async def test_connections_on_the_shared_socket_get_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets whose proto says TCP: without it each small
+    answer would wait out the client's delayed ACK (about 40 ms a request)."""
+    import asyncio
+    import socket
+
+    from gateway.supervisor import bind_public_socket
+
+    listening = bind_public_socket("127.0.0.1", 0)
+    nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        nodelay.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, sock=listening)
+    try:
+        _, writer = await asyncio.open_connection(*listening.getsockname())
+        assert await asyncio.wait_for(nodelay, 5) == 1
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
