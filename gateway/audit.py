@@ -42,6 +42,10 @@ When a write or fsync fails, the appends waiting on it and every later one raise
 `open()` resume from what is on disk; the writer cuts a half-written batch back first, so the
 disk holds no record whose append failed, short of the cut failing too.
 
+Lookups. `find_record` finds a decision by `prediction_id` through the log's index
+(audit_index.py), which the writer thread fills after each group commit; what the index does
+not cover is scanned.
+
 Threads. A dedicated writer thread takes records from a queue, writes each batch that
 accumulated while it was busy with one write(2) (group commit), and settles the waiting appends
 through `loop.call_soon_threadsafe`; a second thread fsyncs in the background, so a slow fsync
@@ -71,6 +75,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
+
+from gateway.audit_index import IndexWriter, index_lookup, uncovered
 
 log = logging.getLogger("gateway.audit")
 
@@ -369,22 +375,53 @@ def log_directories(root: Path) -> list[Path]:
 def find_record(directory: Path, prediction_id: str) -> dict[str, Any] | None:
     """The record of one decision, by `prediction_id`, in any log under `directory`, or None.
 
-    A linear scan, newest segment first, with a byte pre-filter before parsing: fine for an
-    operator's question, not for the request path; an index is for when that changes.
+    Each log's index (audit_index.py) gives the line to read; what it does not cover (older
+    segments, the last moments before a crash, a log without an index) is scanned, newest
+    first, with a byte pre-filter before parsing.
     """
-    needle = orjson.dumps(prediction_id)
     for log_directory in log_directories(directory):
-        for _, path in reversed(segment_files(log_directory)):
-            for line in _lines_containing(path, needle):
+        entry = _find_in_log(log_directory, prediction_id)
+        if entry is not None:
+            return entry
+    return None
+
+
+def _find_in_log(directory: Path, prediction_id: str) -> dict[str, Any] | None:
+    coverage, location = index_lookup(directory, prediction_id)
+    if location is not None:
+        entry = _entry_at(directory, *location)
+        if entry is not None and entry.get("prediction_id") == prediction_id:
+            return entry
+        coverage = None  # the index points elsewhere: trust only a full scan
+    needle = orjson.dumps(prediction_id)
+    for number, path in reversed(segment_files(directory)):
+        for start, end in uncovered(number, path.stat().st_size, coverage):
+            for line in _lines_containing(path, needle, start, end):
                 entry = parse_line(line)
                 if entry is not None and entry.get("prediction_id") == prediction_id:
                     return entry
     return None
 
 
-def _lines_containing(path: Path, needle: bytes) -> Iterator[bytes]:
+def _entry_at(directory: Path, segment: int, offset: int) -> dict[str, Any] | None:
+    try:
+        with (directory / segment_name(segment)).open("rb") as file:
+            file.seek(offset)
+            return parse_line(file.readline())
+    except OSError:
+        return None
+
+
+def _lines_containing(path: Path, needle: bytes, start: int = 0, end: int = -1) -> Iterator[bytes]:
     with path.open("rb") as file:
-        yield from (line for line in file if needle in line)
+        file.seek(start)
+        position = start
+        for line in file:
+            if 0 <= end <= position:
+                return
+            position += len(line)
+            if needle in line:
+                yield line
 
 
 # ---- recovery on open: where the chain on disk ends -------------------------------------------
@@ -507,6 +544,7 @@ class SegmentWriter:
         self._stopping = threading.Event()
         self._file = self._open(segment)
         self._size = os.fstat(self._file.fileno()).st_size
+        self._index = IndexWriter(directory)
         self._threads = [
             threading.Thread(target=self._write_forever, name="audit-writer", daemon=True),
             threading.Thread(target=self._sync_forever, name="audit-fsync", daemon=True),
@@ -529,6 +567,7 @@ class SegmentWriter:
         return file
 
     def _write_forever(self) -> None:
+        self._index.start(self._segment, self._size, segment_files(self._directory))
         while True:
             items = _take_all(self._inbox)
             stopping = items[-1] is _STOP
@@ -551,16 +590,23 @@ class SegmentWriter:
         acknowledged: list[asyncio.Future[None]] = []
         refused: list[asyncio.Future[None]] = []
         errors = writes = 0
+        indexed: list[tuple[int, int, list[bytes]]] = []
         for run, seals in runs_by_segment(items):
             futures = [future for _, future, _ in run if future is not None]
             written = False
             if self.failure is None:  # once failed, later lines would chain onto lost ones
-                written = self._write(b"".join(line for line, _, _ in run))
+                lines = [line for line, _, _ in run]
+                segment, offset = self._segment, self._size
+                written = self._write(b"".join(lines))
                 writes, errors = writes + written, errors + (not written)
+                if written:
+                    indexed.append((segment, offset, lines))
             (acknowledged if written else refused).extend(futures)
             if written and seals and not self._rotate():
                 errors += 1
         self._report(acknowledged, refused, errors, writes)
+        for segment, offset, lines in indexed:  # after the answers are released
+            self._index.add(segment, offset, lines)
 
     def _write(self, data: bytes) -> bool:
         try:
@@ -613,6 +659,7 @@ class SegmentWriter:
         self._threads[1].join()
         self._sync()
         self._file.close()
+        self._index.close()
 
     def _fail(self, error: Exception) -> None:
         if self.failure is None:

@@ -64,7 +64,8 @@ class Demo:
             [sys.executable, "-m", "gateway.cli", "demo", "--port", str(self.port),
              "--triton-http-port", str(self.triton_port)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
+            # Its own admin port too: the default (8081) may be another process's.
+            env={**os.environ, "AIGW_ADMIN_PORT": str(free_port()), **(env or {})},
         )  # fmt: skip
         self.exit_code: int | None = None
 

@@ -65,7 +65,8 @@ class GatewayProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), *args],
             cwd=REPO,
-            env={**os.environ, **env},
+            # Its own admin port too: the default (8081) may be another process's.
+            env={**os.environ, "AIGW_ADMIN_PORT": str(free_port()), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

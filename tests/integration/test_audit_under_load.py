@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.audit import verify
+from gateway.audit import find_record, verify
 
 pytestmark = pytest.mark.triton
 
@@ -83,6 +83,10 @@ def test_five_thousand_answers_make_five_thousand_records(triton, gateway_proces
     result = verify(audit_dir)
     assert result.ok, str(result)
     assert result.records == 5000
+    # Looked up by id (through the log's index), every answer explains itself.
+    for prediction_id in received[::50]:
+        record = find_record(audit_dir, prediction_id)
+        assert record is not None and record["prediction_id"] == prediction_id
 
 
 def test_sigkill_under_load_loses_no_answered_record(triton, gateway_process, tmp_path):
@@ -110,3 +114,6 @@ def test_sigkill_under_load_loses_no_answered_record(triton, gateway_process, tm
     assert not missing, f"{len(missing)} of {len(received)} answered ids not audited"
     result = verify(audit_dir)
     assert result.ok, str(result)
+    # The index may have lagged the log at the kill: lookups still find every answer.
+    unfound = [pid for pid in received if find_record(audit_dir, pid) is None]
+    assert not unfound, f"{len(unfound)} of {len(received)} answered ids not found by id"
