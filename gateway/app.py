@@ -117,6 +117,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = start_runtime(settings, config, metrics, tracing, baselines)
+        if runtime.key_store is None:  # said here, where HTTP is served (not by stream workers)
+            log.warning("authentication is off: set AIGW_KEYS_FILE to require API keys")
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
         forwarder = None

@@ -224,8 +224,6 @@ def start_runtime(
     runtime.monitor = Monitor(baselines if baselines is not None else baselines_of(settings))
     if settings.keys_file is not None:
         runtime.key_store = KeyStore(settings.keys_file)
-    else:
-        log.warning("authentication is off: set AIGW_KEYS_FILE to require API keys")
     if settings.rate_limit_backend == "redis":
         if not settings.redis_url:
             raise ValueError("AIGW_RATE_LIMIT_BACKEND=redis needs AIGW_REDIS_URL")
