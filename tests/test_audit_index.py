@@ -9,7 +9,7 @@ import pytest
 
 from gateway.audit import find_record, segment_files
 from gateway.audit_index import INDEX_NAME, Coverage, prediction_id_of, uncovered
-from tests.test_audit import write_log
+from tests.test_audit import decision, new_log, write_log
 
 COVERAGE = Coverage(from_segment=2, from_offset=100, to_segment=4, to_offset=50)
 
@@ -109,3 +109,20 @@ async def test_a_log_from_before_the_index_is_found_by_scanning_its_older_part(t
     with sqlite3.connect(tmp_path / INDEX_NAME) as index:
         (indexed,) = index.execute("SELECT count(*) FROM records").fetchone()
     assert indexed == 5
+
+
+async def test_decisions_not_yet_committed_to_the_index_are_found_while_the_log_runs(tmp_path):
+    """The index commits in batches: what it holds back lies past its coverage and is
+    scanned, so a decision is found the moment its append returns."""
+    log = new_log(tmp_path)
+    await log.open()
+    try:
+        for i in range(5):
+            await log.append(decision(i))
+            found = find_record(tmp_path, f"p-{i:05d}")
+            assert found is not None and found["seq"] == i + 1
+    finally:
+        await log.close()
+    with sqlite3.connect(tmp_path / INDEX_NAME) as index:
+        (indexed,) = index.execute("SELECT count(*) FROM records").fetchone()
+    assert indexed == 5  # committed at the latest on close
