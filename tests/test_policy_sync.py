@@ -15,25 +15,34 @@ from asgi_lifespan import LifespanManager
 from gateway.app import create_admin_app, create_app
 from gateway.demo.triton_process import free_port
 from gateway.policy_store import read_bundle
+from gateway.settings import Settings
 from tests.conftest import CHURN_REQUEST, settings_for
 
 NOWHERE = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
 
 
 @asynccontextmanager
-async def replica(root: Path, redis_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
-    settings = settings_for(root, redis_url=redis_url, share_policies=True, watch_policies=False)
+async def public_and_admin(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
+    """An in-process gateway (lifespan run) and clients on its public and admin APIs."""
     app = create_app(settings, env=NOWHERE)
     async with AsyncExitStack() as stack:
         manager = await stack.enter_async_context(LifespanManager(app))
         public = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://g"
         )
-        admin_app = create_admin_app(app)
-        admin = httpx.AsyncClient(transport=httpx.ASGITransport(app=admin_app), base_url="http://a")
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_admin_app(app)), base_url="http://a"
+        )
         await stack.enter_async_context(public)
         await stack.enter_async_context(admin)
         yield public, admin
+
+
+def replica(root: Path, redis_url: str):  # type: ignore[no-untyped-def]
+    """A replica sharing policy versions through Redis."""
+    return public_and_admin(
+        settings_for(root, redis_url=redis_url, share_policies=True, watch_policies=False)
+    )
 
 
 async def policy_hash(client: httpx.AsyncClient) -> str:
@@ -68,24 +77,11 @@ async def test_an_apply_on_one_replica_is_served_by_the_other_within_a_second(
     assert answer_b["arm"] == "challenger"
 
 
-@asynccontextmanager
-async def worker(
-    root: Path, workers_dir: Path, index: int
-) -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
+def worker(root: Path, workers_dir: Path, index: int):  # type: ignore[no-untyped-def]
     """One worker of `aigw serve --workers N`, in process: its own app, the shared dir."""
-    settings = settings_for(root, worker_index=index, workers_dir=workers_dir, watch_policies=False)
-    app = create_app(settings, env=NOWHERE)
-    async with AsyncExitStack() as stack:
-        manager = await stack.enter_async_context(LifespanManager(app))
-        public = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://g"
-        )
-        admin = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_admin_app(app)), base_url="http://a"
-        )
-        await stack.enter_async_context(public)
-        await stack.enter_async_context(admin)
-        yield public, admin
+    return public_and_admin(
+        settings_for(root, worker_index=index, workers_dir=workers_dir, watch_policies=False)
+    )
 
 
 async def wait_for_hash(client: httpx.AsyncClient, unlike: str, within_s: float) -> str:
