@@ -1,9 +1,9 @@
 """Triton (KServe v2) backend: contract features in, a probability out.
 
-One long-lived `tritonclient.http.aio` client per target, created at start-up and closed at
-shutdown, with binary tensors both ways. Its session timeout is session-wide, so each call
-is bounded by `asyncio.timeout` with the request's remaining budget, and the same budget is
-passed to Triton as the server-side queue timeout.
+One long-lived `KServeClient` (kserve_http.py) per target, created at start-up and closed at
+shutdown, with binary tensors both ways. Each call is bounded by `asyncio.timeout` with the
+request's remaining budget, and the same budget is passed to Triton as the server-side
+queue timeout.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import numpy as np
-import tritonclient.http.aio as triton_http
-from tritonclient.utils import InferenceServerException
 
 from gateway.backends import (
     BackendError,
@@ -24,12 +21,11 @@ from gateway.backends import (
     BackendTimeout,
     BackendUnavailable,
 )
+from gateway.backends.kserve_http import NUMPY_DTYPES, KServeClient, KServeError
 from gateway.batching import MicroBatcher
 from gateway.policy import TritonTarget
 
-_NUMPY_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
-_IDENTITY = {"Accept-Encoding": "identity"}  # small answers: never compressed
-_OVERLOAD_STATUSES = {"429", "503"}
+_OVERLOAD_STATUSES = {429, 503}
 
 
 def build_tensors(target: TritonTarget, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -37,7 +33,7 @@ def build_tensors(target: TritonTarget, features: Mapping[str, Any]) -> dict[str
     return {
         tensor.name: np.array(
             [[float(features[f.feature]) * f.scale + f.offset for f in tensor.features]],
-            dtype=_NUMPY_DTYPES[tensor.dtype],
+            dtype=NUMPY_DTYPES[tensor.dtype],
         )
         for tensor in target.inputs
     }
@@ -62,10 +58,7 @@ class TritonBackend:
     def __init__(self, name: str, target: TritonTarget) -> None:
         self.name = name
         self.target = target
-        self._client = triton_http.InferenceServerClient(
-            url=target.url, conn_limit=target.max_concurrency, conn_timeout=60.0
-        )
-        self._outputs = [triton_http.InferRequestedOutput(target.output.name, binary_data=True)]
+        self._client = KServeClient(target.url, max_connections=target.max_concurrency)
         batching = target.batching
         self._batcher = (
             MicroBatcher(self._infer, batching.max_batch, batching.max_delay_ms / 1000)
@@ -91,44 +84,31 @@ class TritonBackend:
         self, arrays: Mapping[str, np.ndarray], timeout_s: float, headers: Mapping[str, str] | None
     ) -> np.ndarray:
         """One Triton call for a batch of rows; the output tensor, one row per input row."""
-        inputs = []
-        for spec in self.target.inputs:
-            tensor = triton_http.InferInput(spec.name, list(arrays[spec.name].shape), spec.dtype)
-            tensor.set_data_from_numpy(arrays[spec.name], binary_data=True)
-            inputs.append(tensor)
         try:
             async with asyncio.timeout(timeout_s):
-                result = await self._client.infer(
+                return await self._client.infer(
                     self.target.model,
-                    inputs,
-                    model_version=self.target.version,
-                    outputs=self._outputs,
-                    timeout=max(1, int(timeout_s * 1_000_000)),
-                    # A fresh dict per call (tritonclient adds to it). Identity: aiohttp
-                    # would ask for gzip, and Triton would compress every tiny answer.
-                    headers={**headers, **_IDENTITY} if headers else {**_IDENTITY},
+                    self.target.version,
+                    arrays,
+                    self.target.output.name,
+                    timeout_us=max(1, int(timeout_s * 1_000_000)),
+                    headers=headers,
                 )
         except TimeoutError:
             raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
-        except InferenceServerException as error:
+        except KServeError as error:
             raise _translate(error) from None
-        except (aiohttp.ClientError, OSError) as error:
+        except OSError as error:  # refused, reset, or an answer that could not be read
             raise BackendUnavailable(type(error).__name__) from None
-        output = result.as_numpy(self.target.output.name)
-        if output is None:
-            raise BackendError(f"output {self.target.output.name!r} missing from the answer")
-        return output
+        except ValueError as error:  # the request could not be formed: a mapping fault
+            raise BackendRejected(str(error)) from None
 
     async def is_ready(self, timeout_s: float = 1.0) -> bool:
         """Whether Triton reports the pinned model version ready to serve."""
         try:
             async with asyncio.timeout(timeout_s):
-                return bool(
-                    await self._client.is_model_ready(
-                        self.target.model, model_version=self.target.version
-                    )
-                )
-        except (TimeoutError, InferenceServerException, aiohttp.ClientError, OSError):
+                return await self._client.is_model_ready(self.target.model, self.target.version)
+        except (TimeoutError, OSError):
             return False
 
     async def close(self) -> None:
@@ -137,11 +117,10 @@ class TritonBackend:
         await self._client.close()
 
 
-def _translate(error: InferenceServerException) -> BackendError:
-    status = str(error.status() or "")
-    message = f"triton {status or 'error'}"
-    if status in _OVERLOAD_STATUSES:
+def _translate(error: KServeError) -> BackendError:
+    message = f"triton {error.status}"
+    if error.status in _OVERLOAD_STATUSES:
         return BackendOverloaded(message)
-    if status.startswith("4"):
+    if 400 <= error.status < 500:
         return BackendRejected(message)
     return BackendError(message)
