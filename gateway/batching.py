@@ -52,6 +52,8 @@ class MicroBatcher:
         self._tasks: set[asyncio.Task] = set()
         self.batches = 0
         self.rows = 0
+        # Told the size of every call sent (the batch-size metric), when set.
+        self.on_batch: Callable[[int], None] | None = None
 
     async def submit(
         self, row: Rows, timeout_s: float, headers: Mapping[str, str] | None = None
@@ -88,6 +90,8 @@ class MicroBatcher:
     async def _send_batch(self, batch: list[_Pending]) -> None:
         self.batches += 1
         self.rows += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         # The batch may take as long as its most patient row; each row stops waiting at its own.
         timeout_s = max(0.001, max(p.expires_at for p in batch) - time.monotonic())
         try:

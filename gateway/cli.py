@@ -10,7 +10,6 @@ aigw contracts check [DIR]      check every OpenAPI document in contracts/
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -354,7 +353,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
     """Load and check every file first: a bad one stops start-up with its faults listed."""
     from gateway.app import create_admin_app, create_app
-    from gateway.server import serve_apps
+    from gateway.server import run_event_loop, serve_apps
     from gateway.supervisor import Supervisor
 
     configure_logging(settings.log_level)
@@ -366,7 +365,7 @@ def _run_gateway(settings: Settings, env: dict[str, str]) -> int:
         for fault in error.faults:
             print(fault, file=sys.stderr)
         return 1
-    asyncio.run(serve_apps(app, create_admin_app(app), settings))
+    run_event_loop(serve_apps(app, create_admin_app(app), settings), settings)
     return 0
 
 
@@ -424,6 +423,7 @@ def _worker(args: argparse.Namespace) -> int:
     The audit log has one writer per directory: give each worker its own AIGW_AUDIT_DIR.
     """
     from gateway.runtime import baselines_of, load_configuration
+    from gateway.server import run_event_loop
     from gateway.worker import default_consumer, serve_streams
 
     overrides = {"worker_concurrency": args.concurrency} if args.concurrency else {}
@@ -450,7 +450,9 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"--model: no policy for {', '.join(unknown)}", file=sys.stderr)
         return 2
     consumer = args.consumer or default_consumer()
-    asyncio.run(serve_streams(settings, config, models, consumer, args.metrics_port, baselines))
+    run_event_loop(
+        serve_streams(settings, config, models, consumer, args.metrics_port, baselines), settings
+    )
     return 0
 
 

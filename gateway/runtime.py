@@ -248,6 +248,9 @@ def build_snapshot(
         shadow_guards = _guards(
             f"{model_id}/shadow", policy, listeners, reusable, only=_shadow_names(policy)
         )
+        for guard in (*guards.values(), *shadow_guards.values()):
+            if isinstance(guard.backend, TritonBackend):
+                guard.backend.report_batches(metrics.observe_batch)
         feature_types = config.contracts.models[model_id].feature_types
         models[model_id] = ModelRuntime(
             guards=guards,

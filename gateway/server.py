@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,6 +22,26 @@ from gateway.problems import FaultsError
 from gateway.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 10
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], settings: Settings) -> T:
+    """Run `main` to completion on the loop the settings name.
+
+    `aigw serve` runs its own loop (both listeners share it), so uvicorn's `loop=` option
+    never applies: the choice is made here, for every process the gateway starts.
+    """
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        return runner.run(main)
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop, or None for asyncio's default."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 class _AdminServer(uvicorn.Server):
@@ -56,7 +77,7 @@ def server_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:
         app,
         host=host,
         port=port,
-        loop="uvloop",
+        loop="none",  # the loop is run_event_loop's (uvicorn's choice applies only to .run())
         http="httptools",
         log_config=None,
         access_log=False,
@@ -83,4 +104,4 @@ def run_worker(settings: Settings, env: Mapping[str, str], public_socket: socket
     # One admin API per gateway: worker 0 serves it; its applies reach the siblings
     # through the workers' shared directory (policy_sync.PolicyFileSync).
     admin_app = create_admin_app(app) if settings.worker_index == 0 else None
-    asyncio.run(serve_apps(app, admin_app, settings, public_socket))
+    run_event_loop(serve_apps(app, admin_app, settings, public_socket), settings)

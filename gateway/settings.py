@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # metrics use prometheus-client's multiprocess mode and each worker has its own audit
     # directory under `audit_dir` (see the README's "Several workers").
     workers: int = Field(default=1, ge=1, le=64)
+    # The event loop the gateway's processes run on: uvloop (libuv, in C) costs less per
+    # request than asyncio's own selector loop; `asyncio` is there to rule the loop out.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # Set by the supervisor in each worker process, never by operators: which worker this is
     # and the directory the workers share (metrics files, the current policy version).
     worker_index: int | None = Field(default=None, ge=0)

@@ -4,7 +4,8 @@ Labels take only values the operator configured (model ids, arm and target names
 steps, a fixed set of reasons and events), never a request's id or features, so the number
 of series is fixed by the policies. Hot-path updates are single counter increments; totals
 the gateway already keeps (audit records written, cache errors, shadows dropped) are read
-at scrape time by a collector instead of being counted twice.
+at scrape time by a collector instead of being counted twice. The hot path looks label
+children up in a small per-metric dict (`_Children`) rather than through `labels()`.
 
 Each app has its own registry, so several apps in one process (tests) do not collide.
 
@@ -22,7 +23,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import pybreaker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Rows per micro-batched Triton call: powers of two up to the largest batch a target allows.
+BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Label sets a `_Children` keeps per metric. Configuration gives far fewer (models x arms x
+# steps x outcomes); past this a label is carrying unbounded values (a bug), and the cache
+# is emptied rather than grown. prometheus-client keeps its own children regardless.
+MAX_CACHED_CHILDREN = 1024
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How several workers' values of a gauge combine into one series (live: dead workers drop
 # out). A breaker is as bad as its worst worker; the gateway is ready when every worker is.
@@ -58,6 +65,43 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[MetricT]):
+    """One metric's label children by label values, for the per-request path.
+
+    `labels()` takes the metric's lock, str()s every value into a new tuple and re-checks
+    the label count on every call; a dict hit skips all that. The cached object is the very
+    child `labels()` returns, in multiprocess mode too (its value is the per-process mmap
+    file, which prometheus-client re-opens in place after a fork). A cached child would go
+    stale only if its label set were removed from the metric (`remove`, `clear`): the gateway
+    never does, and prometheus-client does not support it in multiprocess mode. Dict reads
+    and writes are atomic, so threads may share it: a race only makes a second `labels()`
+    call, which returns the same child.
+    """
+
+    __slots__ = ("_by_values", "_metric")
+
+    def __init__(self, metric: MetricT) -> None:
+        self._metric = metric
+        self._by_values: dict[tuple[str, ...], MetricT] = {}
+
+    def __call__(self, *values: str) -> MetricT:
+        child = self._by_values.get(values)
+        return child if child is not None else self._add(values)
+
+    def __len__(self) -> int:
+        return len(self._by_values)
+
+    def _add(self, values: tuple[str, ...]) -> MetricT:
+        if len(self._by_values) >= MAX_CACHED_CHILDREN:
+            self._by_values.clear()  # bounded: a leaking label costs lookups, not memory
+        child = self._metric.labels(*values)
+        self._by_values[values] = child
+        return child
+
+
 class Metrics:
     """Every metric the gateway exports, registered in one registry."""
 
@@ -77,6 +121,11 @@ class Metrics:
         self.backend_latency = Histogram(
             "aigw_backend_duration_seconds", "Duration of calls to a backend target.",
             ["target", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Rows per call the micro-batcher (gateway/batching.py) sends: 1s mean no batch forms.
+        self.batch_rows = Histogram(
+            "aigw_backend_batch_rows", "Rows per micro-batched call to a backend target.",
+            ["target"], buckets=BATCH_ROWS_BUCKETS, registry=r,
         )  # fmt: skip
         self.fallbacks = Counter(
             "aigw_fallbacks", "Answers given by a step after the primary, by why.",
@@ -132,39 +181,67 @@ class Metrics:
             "aigw_stream_jobs", "Stream entries handled by this worker, by outcome.",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
+        self._cache_children()
+
+    def _cache_children(self) -> None:
+        """Cached children of the metrics updated per request or per event; the others are
+        touched rarely and keep using `labels()`. Per instance, as the registry is."""
+        self._requests = _Children(self.requests)
+        self._latency = _Children(self.latency)
+        self._backend_latency = _Children(self.backend_latency)
+        self._batch_rows = _Children(self.batch_rows)
+        self._fallbacks = _Children(self.fallbacks)
+        self._cache = _Children(self.cache)
+        self._shadows = _Children(self.shadows)
+        self._stream_jobs = _Children(self.stream_jobs)
+        self._stream_dead_letters = _Children(self.stream_dead_letters)
+        self._stream_lag = _Children(self.stream_lag)
+        self._stream_pending = _Children(self.stream_pending)
+        self._callbacks = _Children(self.callbacks)
+        self._breaker_state = _Children(self.breaker_state)
+        self._breaker_transitions = _Children(self.breaker_transitions)
 
     def observe_answer(self, model_id: str, answer: Answer) -> None:
         degraded = "true" if answer.degraded else "false"
         cached = "true" if answer.cached else "false"
-        self.requests.labels(model_id, answer.arm, answer.served_by, degraded, cached).inc()
-        self.latency.labels(model_id).observe(answer.latency_ms / 1000)
+        self._requests(model_id, answer.arm, answer.served_by, degraded, cached).inc()
+        self._latency(model_id).observe(answer.latency_ms / 1000)
         if answer.degraded:
             reason = answer.fallback_reason or "none"
-            self.fallbacks.labels(model_id, answer.served_by, reason).inc()
+            self._fallbacks(model_id, answer.served_by, reason).inc()
 
     def observe_cache(self, event: str) -> None:
-        self.cache.labels(event).inc()
+        self._cache(event).inc()
 
     def observe_backend_call(self, target: str, outcome: str, seconds: float) -> None:
-        self.backend_latency.labels(target, outcome).observe(seconds)
+        self._backend_latency(target, outcome).observe(seconds)
+
+    def observe_batch(self, target: str, rows: int) -> None:
+        """One call of the micro-batcher to `target`, carrying `rows` requests' rows."""
+        self._batch_rows(target).observe(rows)
 
     def observe_shadow(self, model_id: str, target: str, agreed: bool | None) -> None:
         result = "failed" if agreed is None else ("agree" if agreed else "disagree")
-        self.shadows.labels(model_id, target, result).inc()
+        self._shadows(model_id, target, result).inc()
 
     def observe_stream_job(self, model_id: str, outcome: str) -> None:
         """`outcome` is one of gateway.worker.OUTCOMES (a fixed set)."""
-        self.stream_jobs.labels(model_id, outcome).inc()
+        self._stream_jobs(model_id, outcome).inc()
         if outcome in ("rejected", "dead"):
-            self.stream_dead_letters.labels(model_id).inc()
+            self._stream_dead_letters(model_id).inc()
 
     def observe_stream_backlog(self, model_id: str, lag: int, pending: int) -> None:
-        self.stream_lag.labels(model_id).set(lag)
-        self.stream_pending.labels(model_id).set(pending)
+        self._stream_lag(model_id).set(lag)
+        self._stream_pending(model_id).set(pending)
 
     def observe_callback(self, outcome: str) -> None:
         """`outcome` is one of the fixed outcomes of gateway.callbacks."""
-        self.callbacks.labels(outcome).inc()
+        self._callbacks(outcome).inc()
+
+    def observe_breaker_change(self, target: str, state: str) -> None:
+        """`state` is a pybreaker state name (closed, half-open, open)."""
+        self._breaker_state(target).set(BREAKER_STATES.get(state, 0))
+        self._breaker_transitions(target, state).inc()
 
     def breaker_listener(self) -> pybreaker.CircuitBreakerListener:
         return _BreakerMetrics(self)
@@ -260,8 +337,7 @@ class _BreakerMetrics(pybreaker.CircuitBreakerListener):
 
     def state_change(self, cb, old_state, new_state) -> None:  # type: ignore[no-untyped-def]
         # pybreaker notifies before it stores the state: read the new one from `new_state`.
-        self._metrics.breaker_state.labels(cb.name).set(BREAKER_STATES.get(new_state.name, 0))
-        self._metrics.breaker_transitions.labels(cb.name, new_state.name).inc()
+        self._metrics.observe_breaker_change(cb.name, new_state.name)
 
 
 class _RuntimeCollector(Collector):

@@ -119,3 +119,14 @@ async def test_each_row_keeps_its_own_deadline():
     assert isinstance(impatient, BackendTimeout)
     assert float(patient[0, 0]) == pytest.approx(0.02)
     await batcher.close()
+
+
+async def test_every_call_reports_its_row_count():
+    """The batch-size metric hears of each call made, re-sent single rows included."""
+    send = ScriptedSend(bad=3.0)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.002)
+    reported: list[int] = []
+    batcher.on_batch = reported.append
+    await asyncio.gather(*(batcher.submit(row(i), 1.0) for i in range(6)), return_exceptions=True)
+    assert reported == send.batches
+    assert sum(reported) == 6 + 5  # five rows of the refused batch went again, one by one

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import telemetry
 from gateway.demo.triton_process import free_port
+from gateway.telemetry import MULTIPROCESS_ENV, Metrics
 from tests.conftest import CHURN_REQUEST
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH_ROWS = "aigw_backend_batch_rows"
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -75,3 +88,155 @@ async def test_metric_labels_never_carry_request_data(gateway_client):
     assert answer["prediction_id"] not in text
     assert "cust-ZQX" not in text
     assert "77.125" not in text
+
+
+# --- Cached label children and the micro-batch histogram ---------------------------------
+
+
+def answer_like(degraded: bool, cached: bool, served_by: str = "churn-gbm") -> SimpleNamespace:
+    """The fields of a pipeline Answer that `observe_answer` reads."""
+    reason = "backend_error" if degraded else None
+    return SimpleNamespace(
+        arm="control", served_by=served_by, degraded=degraded, cached=cached,
+        fallback_reason=reason, latency_ms=3.5,
+    )  # fmt: skip
+
+
+def traffic(metrics: Metrics) -> None:
+    """Every per-request and per-event update, each label set seen more than once."""
+    for _ in range(3):
+        metrics.observe_answer("customer-churn", answer_like(degraded=False, cached=True))
+        metrics.observe_answer("customer-churn", answer_like(True, False, served_by="default"))
+        metrics.observe_cache("hit")
+        metrics.observe_cache("miss")
+        metrics.observe_backend_call("customer-churn/churn-gbm", "ok", 0.004)
+        metrics.observe_backend_call("customer-churn/churn-gbm", "timeout", 0.3)
+        metrics.observe_batch("customer-churn/churn-gbm", 5)
+        metrics.observe_shadow("customer-churn", "customer-churn/churn-gbm-v2", True)
+        metrics.observe_shadow("customer-churn", "customer-churn/churn-gbm-v2", None)
+        metrics.observe_stream_job("customer-churn", "dead")
+        metrics.observe_stream_backlog("customer-churn", 4, 2)
+        metrics.observe_callback("delivered")
+        metrics.observe_breaker_change("customer-churn/churn-gbm", "open")
+
+
+def without_created(exposition: bytes) -> list[str]:
+    """The exposition's lines but the `_created` timestamps, which differ per instance."""
+    return [line for line in exposition.decode().splitlines() if "_created" not in line]
+
+
+def count_labels_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count calls of prometheus-client's `labels()` from now on (in calls[0])."""
+    calls = [0]
+    original = MetricWrapperBase.labels
+
+    def counting(self, *values, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return original(self, *values, **kwargs)
+
+    monkeypatch.setattr(MetricWrapperBase, "labels", counting)
+    return calls
+
+
+def test_cached_children_give_the_exposition_labels_gives(monkeypatch):
+    """The same traffic with the cache and without it (every update through `labels()`)
+    exports the same text, and the cache calls `labels()` once per label set."""
+    calls = count_labels_calls(monkeypatch)
+    cached = Metrics()
+    traffic(cached)
+    cached_calls, calls[0] = calls[0], 0
+
+    def uncached(children, *values):  # type: ignore[no-untyped-def]
+        return children._metric.labels(*values)
+
+    monkeypatch.setattr(telemetry._Children, "__call__", uncached)
+    plain = Metrics()
+    traffic(plain)
+    assert without_created(cached.exposition()) == without_created(plain.exposition())
+    assert 0 < cached_calls < calls[0]
+    assert cached_calls == 18  # the distinct label sets `traffic` updates
+
+
+def test_re_created_metrics_start_from_zero():
+    """Each instance has its own registry and its own cache: none sees another's counts."""
+    first = Metrics()
+    traffic(first)
+    second = Metrics()
+    second.observe_cache("hit")
+    m = samples(second.exposition().decode())
+    assert value(m, "aigw_cache_events_total", event="hit") == 1
+    assert value(samples(first.exposition().decode()), "aigw_cache_events_total", event="hit") == 3
+
+
+def test_the_children_cache_is_bounded(monkeypatch):
+    """A label that carried unbounded values would empty the cache, not grow it; counts stay
+    right because the children themselves belong to prometheus-client."""
+    monkeypatch.setattr(telemetry, "MAX_CACHED_CHILDREN", 4)
+    metrics = Metrics()
+    for _ in range(2):
+        for n in range(10):
+            metrics.observe_cache(f"event-{n}")
+    assert len(metrics._cache) <= 4
+    m = samples(metrics.exposition().decode())
+    assert all(value(m, "aigw_cache_events_total", event=f"event-{n}") == 2 for n in range(10))
+
+
+def test_observe_batch_exports_rows_per_call_in_power_of_two_buckets():
+    """aigw_backend_batch_rows{target}: buckets 1..128 (and +Inf), cumulative, with sum."""
+    metrics = Metrics()
+    for rows in (1, 1, 3, 8, 100, 300):
+        metrics.observe_batch("customer-churn/churn-gbm", rows)
+    text = metrics.exposition().decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == BATCH_ROWS]
+    assert family.type == "histogram"
+    assert family.documentation
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name == f"{BATCH_ROWS}_bucket"}
+    target = "customer-churn/churn-gbm"
+    assert all(
+        s.labels["target"] == target for s in family.samples if s.name != f"{BATCH_ROWS}_created"
+    )
+    expected = {"1.0": 2, "2.0": 2, "4.0": 3, "8.0": 4, "16.0": 4, "32.0": 4, "64.0": 4}
+    assert buckets == {**expected, "128.0": 5, "+Inf": 6}
+    m = samples(text)
+    assert value(m, f"{BATCH_ROWS}_count", target=target) == 6
+    assert value(m, f"{BATCH_ROWS}_sum", target=target) == 413
+
+
+# A worker in miniature: prometheus-client picks its multiprocess value class at import, so
+# this is its own interpreter with PROMETHEUS_MULTIPROC_DIR set, as every real worker is. It
+# re-creates Metrics, as an app restarted in the same process would.
+_WORKER = """
+from types import SimpleNamespace
+from gateway.telemetry import Metrics
+
+answer = SimpleNamespace(arm="control", served_by="churn-gbm", degraded=False, cached=False,
+                         fallback_reason=None, latency_ms=2.0)
+for _ in range(2):
+    metrics = Metrics()
+    assert metrics.multiprocess
+    for rows in (1, 6, 6):
+        metrics.observe_batch("customer-churn/churn-gbm", rows)
+        metrics.observe_answer("customer-churn", answer)
+print(metrics.exposition().decode())
+"""
+
+
+def test_cached_children_count_in_multiprocess_mode(tmp_path):
+    """With several workers the cached children write the shared files: two workers'
+    batch histograms and answer counters add up in any worker's /metrics."""
+    env = {**os.environ, MULTIPROCESS_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _WORKER],
+            env=env, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+    m = samples(done.stdout)  # the second worker's /metrics: both workers' totals
+    target = "customer-churn/churn-gbm"
+    assert value(m, f"{BATCH_ROWS}_count", target=target) == 12
+    assert value(m, f"{BATCH_ROWS}_bucket", target=target, le="4.0") == 4
+    assert value(m, f"{BATCH_ROWS}_sum", target=target) == 52
+    answered = dict(
+        model="customer-churn", arm="control", served_by="churn-gbm", degraded="false",
+        cached="false",
+    )  # fmt: skip
+    assert value(m, "aigw_requests_total", **answered) == 12

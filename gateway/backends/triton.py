@@ -9,7 +9,7 @@ queue timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,11 @@ class TritonBackend:
             if batching is not None
             else None
         )
+
+    def report_batches(self, observe: Callable[[str, int], None]) -> None:
+        """Have every micro-batched call's row count reported as `observe(name, rows)`."""
+        if self._batcher is not None:
+            self._batcher.on_batch = lambda rows: observe(self.name, rows)
 
     async def predict(
         self,
