@@ -240,6 +240,15 @@ def answers_summary(rows: list[tuple[dict[str, str], float]]) -> dict[str, objec
     }
 
 
+def batching_summary(
+    before: dict[promtext.Sample, float], after: dict[promtext.Sample, float]
+) -> tuple[int, float | None]:
+    """Triton calls the micro-batchers made during the row, and their mean rows per call."""
+    calls = sum(v for _, v in promtext.diff(before, after, "aigw_backend_batch_rows_count"))
+    rows = sum(v for _, v in promtext.diff(before, after, "aigw_backend_batch_rows_sum"))
+    return int(calls), (round(rows / calls, 2) if calls else None)
+
+
 def check_text(case: Case, row: dict[str, object]) -> str:
     """One line saying the case measured what it claims to, from the servers' own counters."""
     errors = row["errors"]
@@ -266,6 +275,8 @@ def check_text(case: Case, row: dict[str, object]) -> str:
         )
         if served.get("churn-logreg"):
             text += f", logreg {share('churn-logreg')}"
+        if row.get("rows_per_call"):
+            text += f"; {row['rows_per_call']} rows per Triton call"
     elif case.key == "d":
         text = f"{ans['cached_pct']:.1f}% cached"  # type: ignore[index]
     else:
@@ -340,6 +351,7 @@ def measure(
         row["shadow_comparisons"] = int(
             sum(v for _, v in promtext.diff(metrics_before, after, "aigw_shadow_comparisons_total"))
         )
+        row["triton_calls"], row["rows_per_call"] = batching_summary(metrics_before, after)
     # CPU time per answered request: comparable across rows even when the machine is busy.
     own_cpu = triton_cpu if case.rss_of == "triton" else server_cpu
     row["cpu_ms_per_request"] = {

@@ -4,11 +4,17 @@ The HTTP handler validates and hands over plain data; this module decides, in or
 which arm serves (routing), whether a cached answer stands (cache), the chain walk under
 one deadline (fallback), what is kept for next time, which shadows get a copy, and what
 the experiment statistics learn. It returns a plain `Answer`; it does no HTTP.
+
+Learning (answer metrics, drift, experiment statistics, shadow copies) does not change the
+answer, so `answer_first` hands it back undone, as a `Learning` the HTTP handler runs right
+after the body is sent: the caller does not wait for it. `predict` runs it straight away,
+for callers with nothing to send first (asynchronous jobs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import uuid
@@ -26,6 +32,8 @@ from gateway.resilience import Deadline, request_budget_ms
 from gateway.routing import Assignment
 from gateway.runtime import ModelRuntime, Runtime, Snapshot
 from gateway.tracing import trace_headers
+
+log = logging.getLogger("gateway.pipeline")
 
 
 @dataclass(frozen=True)
@@ -80,8 +88,44 @@ class Answer:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Learning:
+    """What is learnt from one answer, not yet done: call it once, after the answer is out.
+
+    It holds the objects of the answer's own snapshot, so it learns against the
+    configuration that answered even if a reload happened in between."""
+
+    runtime: Runtime
+    model: ModelRuntime
+    policy: Policy
+    assignment: Assignment
+    request: PredictionInput
+    answer: Answer
+
+    def __call__(self) -> None:
+        """Learn; a failure is logged, never raised: the answer was given (or is about to be)
+        and audited, and a caller that already has its 200 must not see the app crash."""
+        try:
+            _learn(
+                self.runtime, self.model, self.policy, self.assignment, self.request, self.answer
+            )
+        except Exception:
+            # Often run after the request's span ended: name its trace so the log links to it.
+            extra = {"prediction_id": self.answer.prediction_id, "trace_id": self.request.trace_id}
+            log.exception("learning step failed after the answer", extra=extra)
+
+
 async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
-    """Answer one validated request; always answers (the chain ends in a default)."""
+    """Answer one validated request and learn from it before returning (nothing to send)."""
+    answer, learning = await answer_first(runtime, request)
+    learning()
+    return answer
+
+
+async def answer_first(runtime: Runtime, request: PredictionInput) -> tuple[Answer, Learning]:
+    """Answer one validated request, audited; always answers (the chain ends in a default).
+
+    The learning step is returned, not run: the caller runs it once the answer is sent."""
     snapshot = runtime.snapshot  # this request runs on this configuration to the end
     policy = snapshot.policies.policies[request.model_id]
     model = snapshot.models[request.model_id]
@@ -109,8 +153,7 @@ async def predict(runtime: Runtime, request: PredictionInput) -> Answer:
         pii = snapshot.contracts.models[request.model_id].pii_features
         record = audit_record(snapshot.contracts.version, request, answer)
         await runtime.audit.append(record, pii_fields=pii)
-    _learn(runtime, model, policy, assignment, request, answer)
-    return answer
+    return answer, Learning(runtime, model, policy, assignment, request, answer)
 
 
 def _monitor(

@@ -8,6 +8,11 @@ Everything else, including other methods on this path and `/v1/predictions:async
 `/v1/predictions/{id}`, goes on to FastAPI. Both ways run the same `prediction_answer`, so
 the checks and their problems are one code path; the FastAPI route stays for what routing
 alone decides (405 for other methods) and for a router used without `GatewayApp`.
+
+Both send the body first and then run the answer's learning step (metrics, drift, experiment
+statistics, shadows), synchronously, on the loop: no caller waits for that bookkeeping, and
+since nothing awaits between the send and the step, the loop serves no other request before
+the statistics include this answer. The audit record is appended before the body, as ever.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,7 +45,7 @@ from gateway.body import (
     read_limited,
     receive_chunks,
 )
-from gateway.pipeline import PredictionInput, predict
+from gateway.pipeline import Learning, PredictionInput, answer_first
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
 from gateway.tracing import current_trace_id
@@ -54,6 +60,13 @@ _PRIVATE_HEADERS = frozenset({"x-api-key"})  # never offered to route conditions
 MAX_CALLER_TIMEOUT_MS = 600_000
 _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 _JSON_TYPE = (b"content-type", b"application/json")
+
+
+class Reply(NamedTuple):
+    """An answer's JSON body, and the learning step to run once the body is sent."""
+
+    body: bytes
+    learn: Learning
 
 
 class PredictionRoute:
@@ -85,7 +98,7 @@ class PredictionRoute:
         headers = dict(reversed(pairs))  # the first of repeated headers, as Starlette's get()
         try:
             with runtime.tracing.request_span(SPAN_NAME, headers):
-                body = await prediction_answer(
+                reply = await prediction_answer(
                     runtime, headers, pairs, receive_chunks(receive), request_id.decode(), started
                 )
         except Problem as problem:
@@ -98,10 +111,15 @@ class PredictionRoute:
             problem = Problem(500, "internal-error", "Internal error")
             await self._refuse(problem, request_id, scope, receive, send, count=False)
             return
-        length = (b"content-length", str(len(body)).encode())
+        length = (b"content-length", str(len(reply.body)).encode())
         headers_out = with_exchange_headers([length, _JSON_TYPE], request_id)
-        await send({"type": "http.response.start", "status": 200, "headers": headers_out})
-        await send({"type": "http.response.body", "body": body})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+            await send({"type": "http.response.body", "body": reply.body})
+        finally:
+            # Right after the send, with no await between: no other request runs first. Also
+            # when sending failed: the answer was given and audited, so it is learnt from.
+            reply.learn()
 
     async def _refuse(
         self,
@@ -125,11 +143,19 @@ async def create_prediction(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     request_id = request.scope.get("state", {}).get("request_id", "")
     with runtime.tracing.request_span(SPAN_NAME, request.headers):
-        body = await prediction_answer(
+        reply = await prediction_answer(
             runtime, request.headers, request.headers.items(), request.stream(), request_id,
             started,
         )  # fmt: skip
-    return Response(body, media_type="application/json")
+    # Starlette runs a response's background task right after its body is sent.
+    learning = BackgroundTask(_learn_on_loop, reply.learn)
+    return Response(reply.body, media_type="application/json", background=learning)
+
+
+async def _learn_on_loop(learn: Learning) -> None:
+    # A coroutine, so that Starlette awaits it on the loop: a plain function given to a
+    # BackgroundTask would go to the thread pool, racing the loop for the statistics.
+    learn()
 
 
 async def prediction_answer(
@@ -139,8 +165,9 @@ async def prediction_answer(
     chunks: AsyncIterator[bytes],
     request_id: str,
     started: float,
-) -> bytes:
-    """The envelope as JSON bytes, or the Problem that refuses the request.
+) -> Reply:
+    """The envelope as JSON bytes with its learning step (to run once they are sent), or the
+    Problem that refuses the request.
 
     `headers` answers lookups (the first of repeated headers); `header_pairs` are all of
     them, in order, for the route conditions."""
@@ -177,7 +204,7 @@ async def prediction_answer(
         trace_id=current_trace_id(),
     )
     try:
-        answer = await predict(runtime, request_input)
+        answer, learn = await answer_first(runtime, request_input)
     except AuditUnavailable:
         raise Problem(
             503,
@@ -186,7 +213,7 @@ async def prediction_answer(
             "no answer is given that could not be recorded; retry later",
             headers={"Retry-After": "1"},
         ) from None
-    return orjson.dumps(answer.envelope())
+    return Reply(orjson.dumps(answer.envelope()), learn)
 
 
 def bypasses_cache(cache_control: str | None) -> bool:

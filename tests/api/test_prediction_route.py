@@ -88,7 +88,7 @@ async def test_a_bug_is_a_500_problem_with_the_exchange_headers(gateway_client, 
     async def broken(runtime, request):  # type: ignore[no-untyped-def]
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(predictions, "predict", broken)
+    monkeypatch.setattr(predictions, "answer_first", broken)
     async with gateway_client(env=nowhere()) as client:
         response = await client.post("/v1/predictions", json=NEW_CUSTOMER)
     assert response.status_code == 500

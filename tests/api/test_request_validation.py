@@ -425,7 +425,7 @@ async def test_unexpected_error_keeps_the_contract_shape(monkeypatch) -> None:
     async def broken_chain(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("gateway.fallback exploded")
 
-    monkeypatch.setattr("gateway.api.predictions.predict", broken_chain)
+    monkeypatch.setattr("gateway.api.predictions.answer_first", broken_chain)
     app = create_app(settings_for(REPO), env=triton_nowhere())
     async with LifespanManager(app) as manager:
         # The app re-raises after answering, as ASGI servers expect; only its answer matters here.
