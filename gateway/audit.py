@@ -112,15 +112,36 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
 
 def _canonical(value: Any) -> bytes:
     encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    # orjson writes NaN and ±Infinity as null; walk the value only when a null appears at all.
     if b"null" in encoded:
-        _refuse_non_finite((value,))
+        _refuse_hidden_non_finite(value, encoded.count(b"null"), _direct_nones(value))
     return encoded
+
+
+def _refuse_hidden_non_finite(value: Any, nulls: int, nones: int) -> None:
+    """Refuse NaN and ±Infinity in `value`, whose encoding holds `nulls` times b"null" and
+    which holds at least `nones` Nones."""
+    # orjson writes NaN and ±Infinity as null, just as it writes None. Every null token in the
+    # encoding is a None or a non-finite float, and counting b"null" finds every token (plus
+    # any inside strings), so when the count is no more than the Nones already known to be in
+    # the value, none of the tokens can be a NaN. Otherwise walk the value, exact as ever: a
+    # None deeper down or a "null" inside a string only costs the walk every record used to.
+    if nulls > nones:
+        _refuse_non_finite((value,))
+
+
+def _direct_nones(value: Any) -> int:
+    """How many Nones `value` is or directly holds (one level, by identity)."""
+    if isinstance(value, dict):
+        value = dict.values(value)  # what orjson reads, whatever a subclass overrides
+    elif not isinstance(value, (list, tuple)):
+        return int(value is None)
+    return sum(1 for item in value if item is None)
 
 
 def _refuse_non_finite(container: dict | list | tuple) -> None:
     # Concrete types only (orjson serialises no other containers), and a call per container
-    # rather than per value: this walk runs on the event loop for most records.
+    # rather than per value: this walk still runs on the event loop for any record holding a
+    # None below the top level (see _refuse_hidden_non_finite).
     for item in container.values() if isinstance(container, dict) else container:
         if isinstance(item, float):
             if not math.isfinite(item):
@@ -159,6 +180,48 @@ def chained(record: Mapping[str, Any], seq: int, prev: str) -> dict[str, Any]:
     line = {**record, "seq": seq, "prev": prev}
     line["hash"] = sha256_hex(canonical_json(line))
     return line
+
+
+def _chained_line(record: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
+    """`canonical_json(chained(record, seq, prev)) + b"\\n"` and its hash, serialised once.
+
+    `record` must not hold seq, prev or hash (`_refuse_reserved_fields`).
+    """
+    # orjson sorts keys by their UTF-8 bytes, which is the order of str comparison, so the
+    # line is `{<fields before "hash">,"hash":"…",<fields after>}` and the hashed bytes are the
+    # same without the hash field. Serialising the two halves apart yields both, byte for
+    # byte, from one pass over the record instead of a second full serialisation.
+    try:
+        before, after, nones = _split_at_hash(record)
+    except TypeError:  # a key that is not a str: let orjson refuse it exactly as it always has
+        entry = chained(record, seq, prev)
+        return canonical_json(entry) + b"\n", entry["hash"]
+    after["seq"], after["prev"] = seq, prev
+    head = orjson.dumps(before, option=orjson.OPT_SORT_KEYS)[:-1]  # b"{…" or just b"{"
+    tail = orjson.dumps(after, option=orjson.OPT_SORT_KEYS)[1:]  # b"…}", never empty
+    # Walk the halves, not `record`: together they hold every value, and they are dicts.
+    nulls = head.count(b"null") + tail.count(b"null")
+    _refuse_hidden_non_finite((before, after), nulls, nones)
+    if len(head) > 1:
+        head += b","
+    digest = hashlib.sha256(head + tail).hexdigest()
+    return b"".join((head, b'"hash":"', digest.encode(), b'",', tail, b"\n")), digest
+
+
+def _split_at_hash(record: Mapping[str, Any]) -> tuple[dict, dict, int]:
+    """The fields sorting before "hash", those after, and how many of the values are None."""
+    # One loop rather than a comprehension per half: measured ~1 µs against ~2 µs per record.
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    nones = 0
+    for key, value in record.items():
+        if key < "hash":
+            before[key] = value
+        else:
+            after[key] = value
+        if value is None:
+            nones += 1
+    return before, after, nones
 
 
 def checkpoint_mac(checkpoint: Mapping[str, Any], key: bytes) -> str:
@@ -796,13 +859,11 @@ class AuditLog:
     def _chain(self, record: Mapping[str, Any]) -> tuple[bytes, str]:
         _refuse_reserved_fields(record)
         tail = self._tail
-        entry = chained(record, tail.seq + 1, tail.prev)
-        # chained() has already refused NaN in this content: serialise without a second walk.
-        line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
-        tail.seq, tail.prev = entry["seq"], entry["hash"]
+        line, digest = _chained_line(record, tail.seq + 1, tail.prev)
+        tail.seq, tail.prev = tail.seq + 1, digest
         tail.segment_bytes += len(line)
         tail.segment_records += 1
-        return line, entry["hash"]
+        return line, digest
 
     def _seal_segment(self) -> None:
         tail = self._tail

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
+import random
 import select
 import signal
 import subprocess
@@ -135,6 +137,133 @@ def test_a_chained_hash_covers_the_previous_hash():
     first = chained({"a": 1}, 1, GENESIS)
     other = chained({"a": 1}, 1, "f" * 64)
     assert first["hash"] == record_hash(first) != other["hash"]
+
+
+def straight_line(record: dict[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
+    """The line and hash by the book: orjson over the record with seq and prev, then again
+    with the hash added (what AuditLog wrote before the line was built in one pass)."""
+    body = {**record, "seq": seq, "prev": prev}
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return orjson.dumps({**body, "hash": digest}, option=orjson.OPT_SORT_KEYS) + b"\n", digest
+
+
+NEAR_HASH_KEYS = ["", "a", "h", "ha", "has", "hasg", "hash_", "hasha", "hashes", "hash\x00"]
+NEAR_HASH_KEYS += ["hasi", "Hash", "HASH", "ĥash", "hash\u00e9", "😀", "é", "\uffff", "z", "~"]
+TRICKY_STRINGS = ["", "null", '"hash":"', ',"hash":', '"}', "\\", "\n\t\x00\x1f", "\u2028"]
+TRICKY_STRINGS += ["Zoë", "日本語", "😀 emoji", "NaN", "Infinity", "a" * 300]
+ONE_PASS_RECORDS = [
+    {},
+    {"a": 1},
+    {"z": 1},
+    {key: i for i, key in enumerate(NEAR_HASH_KEYS)},
+    {"route": None, "rule": None, "fallback_reason": None},
+    {"features": {"hash": GENESIS, "seq": 1, "prev": None}, "steps": [{"hash": "x"}]},
+    {"nested": {"b": {"d": [1, {"f": None, "e": 2.5}], "c": ()}, "a": []}},
+    {"list": [None, [None, [None]], {"n": None}], "null": "null", "nullable": None},
+    {"strings": TRICKY_STRINGS, **{f"k{i}": text for i, text in enumerate(TRICKY_STRINGS)}},
+    {"numbers": [0, -1, 2**63 - 1, -(2**63), 0.1, -0.0, 1e300, 5e-324, True, False]},
+    {"tuple": (1, (2, None), "x"), "hash_like": "0" * 64},
+    {"features": pseudonymise({"customer_id": "C-1", "email": None, "n": 3}, {"customer_id"}, KEY)},
+]
+
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False, 0, -7, 2**62, rng.randrange(-(2**63), 2**63)])
+    if kind == 2:
+        return rng.choice([0.0, -0.0, 1e-300, 1.5e300, rng.uniform(-1e6, 1e6)])
+    if kind in (3, 4, 5):
+        return rng.choice(TRICKY_STRINGS) + rng.choice(NEAR_HASH_KEYS)
+    if kind == 6:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 7:
+        return tuple(random_value(rng, depth + 1) for _ in range(rng.randrange(3)))
+    return random_record(rng, depth + 1)
+
+
+def random_record(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    keys = NEAR_HASH_KEYS + ["seq", "prev", "hash", "type", "route", "features"] * (depth > 0)
+    return {
+        rng.choice(keys) + rng.choice(["", "_", "x", "é", "😀"]): random_value(rng, depth)
+        for _ in range(rng.randrange(12))
+    }
+
+
+@pytest.mark.parametrize("record", ONE_PASS_RECORDS)
+@pytest.mark.parametrize("prev", [GENESIS, "f" * 64])
+def test_the_line_built_in_one_pass_is_the_straight_serialisation(record, prev):
+    """Hash spliced into the hashed bytes: the very bytes and hash of serialising twice."""
+    assert audit._chained_line(record, 42, prev) == straight_line(record, 42, prev)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_line_built_in_one_pass_matches_for_random_records(seed):
+    """Random keys around "hash" (unicode too), nesting, Nones and hostile strings."""
+    rng = random.Random(seed)
+    for seq in range(1, 201):
+        record = random_record(rng)
+        record = {key: value for key, value in record.items() if key not in audit.CHAIN_FIELDS}
+        prev = rng.choice([GENESIS, hashlib.sha256(str(seq).encode()).hexdigest()])
+        assert audit._chained_line(record, seq, prev) == straight_line(record, seq, prev)
+
+
+NAN, INF = float("nan"), float("inf")
+NON_FINITE_ERROR = r"^audit records cannot hold NaN or infinity$"
+NON_FINITE_RECORDS = [
+    {"p": NAN},
+    {"p": -INF, "route": None},
+    {"route": None, "rule": None, "fallback_reason": None, "probability": INF},
+    {"features": {"x": NAN}},
+    {"features": {"x": None, "y": [1.0, {"z": -INF}]}, "route": None},
+    {"values": [None, 1.0, NAN]},
+    {"values": (None, (INF,))},
+    {"note": "null null null", "route": None, "p": NAN},
+    {"steps": [{"outcome": "answered", "step": "a"}, {"duration_ms": NAN, "step": "b"}]},
+]
+
+
+@pytest.mark.parametrize("record", NON_FINITE_RECORDS)
+async def test_non_finite_floats_anywhere_are_still_refused(tmp_path, record):
+    """However many Nones sit beside it, a NaN or infinity raises the same ValueError."""
+    with pytest.raises(ValueError, match=NON_FINITE_ERROR):
+        audit._chained_line(record, 1, GENESIS)
+    with pytest.raises(ValueError, match=NON_FINITE_ERROR):
+        canonical_json(record)
+    log = new_log(tmp_path)
+    await log.open()
+    with pytest.raises(ValueError, match="NaN"):
+        await log.append(record)
+    await log.close()
+    assert (log.seq, log.written) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"route": None},
+        {"features": {"plan": None}, "steps": [{"rule": None}], "values": [None, (None,)]},
+        {"text": "null", "nullable": None, "deep": {"null": [None, "null"]}},
+    ],
+)
+async def test_none_values_anywhere_are_written_as_null(tmp_path, record):
+    """None is fine at every depth, and the line on disk is the straight serialisation."""
+    assert b"null" in canonical_json(record)
+    log = new_log(tmp_path)
+    await log.open()
+    digest = await log.append(record)
+    await log.close()
+    line = segment(tmp_path, 0).read_bytes()
+    assert (line, digest) == straight_line(record, 1, GENESIS)
+    assert verify(tmp_path).ok
+
+
+def test_a_key_that_is_not_a_string_is_refused_as_orjson_refuses_it():
+    """The one-pass split cannot order it; the error stays orjson's own."""
+    with pytest.raises(TypeError, match="Dict key must be str"):
+        audit._chained_line({1: "x", "a": 2}, 1, GENESIS)
 
 
 def chain_lines(*fields: dict[str, Any], file: str = "audit-000001.jsonl") -> list[bytes]:
