@@ -1,7 +1,8 @@
 """Micro-batching: concurrent calls to one target become one call with a batch dimension.
 
-A row that finds the target idle (no batch of this batcher in flight) is sent at once: one
-client never pays the window. While a batch is in flight, rows gather, and go together when
+A row that finds the target idle (no batch of this batcher in flight) is sent at once, by
+its own caller (no task, no future to hand the answer over): one client never pays the
+window, nor the batching machinery. While a batch is in flight, rows gather, and go together when
 it returns, when `max_delay_s` has passed since the first of them, or at `max_batch` rows,
 whichever is first; the answer is split back, row by row. Load thus batches itself: the
 busier the target, the larger the batches, and an idle one adds no delay.
@@ -50,6 +51,7 @@ class MicroBatcher:
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._in_flight = 0  # batches on their way: sent by a task, or by a lone row's caller
         self.batches = 0
         self.rows = 0
         # Told the size of every call sent (the batch-size metric), when set.
@@ -59,10 +61,12 @@ class MicroBatcher:
         self, row: Rows, timeout_s: float, headers: Mapping[str, str] | None = None
     ) -> np.ndarray:
         """This row's output, once its batch answers; BackendTimeout past `timeout_s`."""
+        if not self._in_flight and not self._pending:
+            return await self._send_alone(row, timeout_s, headers)
         loop = asyncio.get_running_loop()
         pending = _Pending(row, loop.create_future(), time.monotonic() + timeout_s, headers)
         self._pending.append(pending)
-        if len(self._pending) >= self.max_batch or not self._tasks:
+        if len(self._pending) >= self.max_batch or not self._in_flight:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
@@ -72,6 +76,34 @@ class MicroBatcher:
         except TimeoutError:
             raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
 
+    async def _send_alone(
+        self, row: Rows, timeout_s: float, headers: Mapping[str, str] | None
+    ) -> np.ndarray:
+        """A batch of one, sent by its caller; rows arriving meanwhile gather behind it."""
+        self._in_flight += 1
+        self._count(1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                output = await self._send(row, timeout_s, headers)
+        except TimeoutError:
+            raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        except BackendRejected:
+            raise BackendRejected("triton refused the row") from None
+        finally:
+            self._in_flight -= 1
+            self._send_gathered()
+        return output[0:1]
+
+    def _count(self, rows: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        if self.on_batch is not None:
+            self.on_batch(rows)
+
+    def _send_gathered(self) -> None:
+        if self._pending and not self._in_flight:
+            self._flush()  # the target is free again: what gathered meanwhile goes now
+
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -80,18 +112,16 @@ class MicroBatcher:
         if batch:
             task = asyncio.ensure_future(self._send_batch(batch))
             self._tasks.add(task)
+            self._in_flight += 1
             task.add_done_callback(self._batch_returned)
 
     def _batch_returned(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if self._pending and not self._tasks:
-            self._flush()  # the target is free again: what gathered meanwhile goes now
+        self._in_flight -= 1
+        self._send_gathered()
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
-        self.batches += 1
-        self.rows += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(len(batch))
+        self._count(len(batch))
         # The batch may take as long as its most patient row; each row stops waiting at its own.
         timeout_s = max(0.001, max(p.expires_at for p in batch) - time.monotonic())
         try:

@@ -130,3 +130,47 @@ async def test_every_call_reports_its_row_count():
     await asyncio.gather(*(batcher.submit(row(i), 1.0) for i in range(6)), return_exceptions=True)
     assert reported == send.batches
     assert sum(reported) == 6 + 5  # five rows of the refused batch went again, one by one
+
+
+async def test_a_lone_row_is_sent_by_its_own_caller():
+    """At an idle target no task is made to carry the row: the caller's own task sends it."""
+    callers: list[asyncio.Task | None] = []
+    send = ScriptedSend()
+
+    async def recording_send(rows, timeout_s, headers):
+        callers.append(asyncio.current_task())
+        return await send(rows, timeout_s, headers)
+
+    batcher = MicroBatcher(recording_send, max_batch=64, max_delay_s=30)
+    await batcher.submit(row(5), 1.0)
+    assert callers == [asyncio.current_task()]
+
+
+class FailsForFive(ScriptedSend):
+    """A target error for the row whose first feature is 5, an answer for any other."""
+
+    async def __call__(self, rows, timeout_s, headers):
+        if 5.0 in rows["features"][:, 0]:
+            raise BackendError("triton 500")
+        return await super().__call__(rows, timeout_s, headers)
+
+
+@pytest.mark.parametrize(
+    ("send", "timeout_s", "error"),
+    [
+        (ScriptedSend(bad=5.0), 1.0, BackendRejected),
+        (ScriptedSend(delay_s=0.2), 0.02, BackendTimeout),
+        (FailsForFive(), 1.0, BackendError),
+    ],
+)
+async def test_a_lone_rows_failure_is_its_own_and_the_target_is_free_after(send, timeout_s, error):
+    """Refused, too slow or failed: the lone row gets the error, and rows that gathered
+    behind it still go (the in-flight count is released on every way out)."""
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=30)
+    lone = asyncio.ensure_future(batcher.submit(row(5), timeout_s))
+    await asyncio.sleep(0)  # the lone row is on its way
+    behind = asyncio.ensure_future(batcher.submit(row(6), 5.0))
+    with pytest.raises(error):
+        await lone
+    output = await asyncio.wait_for(behind, timeout=5)
+    assert float(output[0, 0]) == pytest.approx(0.06)
