@@ -138,6 +138,23 @@ class WorkerProcess:
         return self.proc.returncode
 
 
+async def kill_while_holding_entries(client: aioredis.Redis, worker: WorkerProcess) -> set[str]:
+    """SIGKILL `worker` at a moment it holds unacknowledged entries; their ids.
+
+    The worker is frozen (SIGSTOP) before its pending list is read, so what is read is what
+    it holds when killed: a worker that happened to have acknowledged everything between
+    two reads is thawed and tried again, instead of being killed holding nothing."""
+    for _ in range(200):
+        worker.proc.send_signal(signal.SIGSTOP)
+        rows = await client.xpending_range(REQUESTS, GROUP, "-", "+", 1000, worker.name)
+        if rows:
+            worker.kill()
+            return {row["message_id"].decode() for row in rows}
+        worker.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{worker.name} never held an unacknowledged entry")
+
+
 async def publish_mixed(client: aioredis.Redis, count: int) -> set[str]:
     """`count` requests in all three entry forms; returns every prediction id they must get."""
     expected: set[str] = set()
@@ -188,9 +205,7 @@ async def test_ten_thousand_requests_get_exactly_one_result_each_despite_a_sigki
             return pending > 0 and await client.xlen(RESULTS) >= count // 4
 
         assert await until(mid_run, 60), "no progress"
-        workers[0].kill()
-        rows = await client.xpending_range(REQUESTS, GROUP, "-", "+", 1000, "worker-0")
-        abandoned = {row["message_id"].decode() for row in rows}
+        abandoned = await kill_while_holding_entries(client, workers[0])
         done_at_kill = await client.xlen(RESULTS)
 
         async def all_answered() -> bool:
