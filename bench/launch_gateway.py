@@ -1,9 +1,7 @@
 """Start ``aigw serve`` with benchmark-only hooks, without changing the gateway's code.
 
-``python bench/launch_gateway.py [--uvloop] [--heap-census FILE] serve --port P``
+``python bench/launch_gateway.py [--heap-census FILE] serve --port P``
 
-- ``--uvloop``: ``aigw serve`` calls ``asyncio.run()`` itself, so uvicorn's ``loop="uvloop"``
-  never applies; this sets uvloop's event-loop policy first (a what-if for the benchmark).
 - ``--heap-census FILE``: on SIGUSR1 the process writes to FILE how many memory blocks the
   interpreter has allocated and how many objects of each type the garbage collector tracks,
   so a soak can tell a Python-level leak (some type keeps growing) from allocator behaviour
@@ -44,13 +42,6 @@ def main(argv: list[str]) -> int:
     # Run as a script, this file's folder is sys.path[0]: keep bench/ modules out of the way.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    if "--uvloop" in argv:
-        argv.remove("--uvloop")
-        import asyncio
-
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if "--heap-census" in argv:
         i = argv.index("--heap-census")
         path = argv[i + 1]

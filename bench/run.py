@@ -96,13 +96,13 @@ class Stack:
         self,
         with_nginx: bool = True,
         nginx_workers: int = 1,
-        gateway_uvloop: bool = False,
+        gateway_event_loop: str = "uvloop",
         heap_census: bool = False,
         gateway_workers: int = 1,
     ) -> None:
         self.with_nginx = with_nginx
         self.nginx_workers = nginx_workers
-        self.gateway_uvloop = gateway_uvloop
+        self.gateway_event_loop = gateway_event_loop
         self.heap_census = heap_census
         self.gateway_workers = gateway_workers
         self.triton: Triton | None = None
@@ -120,7 +120,7 @@ class Stack:
             log(f"nginx ready at {self.nginx.base_url}")
         self.gateway = Gateway(
             self.triton.http_url,
-            uvloop=self.gateway_uvloop,
+            event_loop=self.gateway_event_loop,
             heap_census=self.heap_census,
             workers=self.gateway_workers,
         )
@@ -552,7 +552,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
     stack = Stack(
         with_nginx="b" in args.cases,
         nginx_workers=args.nginx_workers,
-        gateway_uvloop=args.gateway_uvloop,
+        gateway_event_loop=args.gateway_event_loop,
         gateway_workers=args.gateway_workers,
     )
     rows: list[dict[str, object]] = []
@@ -593,7 +593,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
             "cases": args.cases,
             "wrk_threads": 1,
             "nginx_workers": args.nginx_workers,
-            "gateway_uvloop": args.gateway_uvloop,
+            "gateway_event_loop": args.gateway_event_loop,
             "gateway_workers": args.gateway_workers,
             "triton_body": json.loads(TRITON_BODY),
             "gateway_body_hit": json.loads(GATEWAY_BODY),
@@ -625,7 +625,7 @@ def slope_per_min(points: list[tuple[float, float]]) -> float | None:
 def soak(args: argparse.Namespace, log: Log) -> Path:
     """The gateway under cache-miss load for args.soak seconds; RSS and fds sampled."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    stack = Stack(with_nginx=False, gateway_uvloop=args.gateway_uvloop, heap_census=True)
+    stack = Stack(with_nginx=False, gateway_event_loop=args.gateway_event_loop, heap_census=True)
     clients = max(args.clients)
     interval = args.soak_interval or (5.0 if args.soak >= 60 else 2.0)
     samples: list[dict[str, float]] = []
@@ -959,9 +959,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default="abcde", help="which cases to run (default abcde)")
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument(
-        "--gateway-uvloop",
-        action="store_true",
-        help="what-if: run the gateway on uvloop (aigw serve uses asyncio's default loop)",
+        "--gateway-event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="AIGW_EVENT_LOOP for the gateway (default uvloop, as in production)",
     )
     p.add_argument(
         "--gateway-workers",

@@ -205,12 +205,16 @@ class Gateway(_Group):
     name = "gateway"
 
     def __init__(
-        self, triton_url: str, uvloop: bool = False, heap_census: bool = False, workers: int = 1
+        self,
+        triton_url: str,
+        event_loop: str = "uvloop",
+        heap_census: bool = False,
+        workers: int = 1,
     ) -> None:
         super().__init__()
         self.triton_url = triton_url
         self.workers = workers  # `aigw serve --workers N`: CPU and RSS count the whole group
-        self.uvloop = uvloop  # what-if: see launch_gateway.py
+        self.event_loop = event_loop  # AIGW_EVENT_LOOP: asyncio is the what-if
         self.heap_census_enabled = heap_census
         self.port = free_port()
         self.admin_port = free_port()
@@ -237,14 +241,14 @@ class Gateway(_Group):
             AIGW_POLICIES_DIR=str(REPO / "policies"),
             AIGW_FALLBACKS_DIR=str(REPO / "fallbacks"),
             AIGW_LOG_LEVEL="warning",
+            AIGW_EVENT_LOOP=self.event_loop,
         )
         return env
 
     def start(self, timeout: float = 60.0) -> None:
-        if self.uvloop or self.heap_census_enabled:
+        if self.heap_census_enabled:
             launcher = [str(Path(__file__).resolve().parent / "launch_gateway.py")]
-            launcher += ["--uvloop"] if self.uvloop else []
-            launcher += ["--heap-census", str(self.heap_file)] if self.heap_census_enabled else []
+            launcher += ["--heap-census", str(self.heap_file)]
         else:
             launcher = ["-m", "gateway.cli"]
         cmd = [sys.executable, *launcher, "serve", "--port", str(self.port)]
