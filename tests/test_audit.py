@@ -9,11 +9,14 @@ import os
 import random
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -36,6 +39,7 @@ from gateway.audit import (
     segment_files,
     verify,
 )
+from gateway.audit_index import INDEX_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = b"pseudonym-key"
@@ -340,8 +344,21 @@ def test_a_batch_is_split_where_a_checkpoint_seals_a_segment(seals, runs):
 # ---- the log on disk --------------------------------------------------------------------------
 
 
-async def test_concurrent_appends_are_all_written_in_order_and_verify(tmp_path):
-    """2,000 concurrent appends: 2,000 lines, seq 1..N, group-committed, the chain verifies."""
+@pytest.fixture(params=["inline", "queued"])
+def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the fast path ("inline": an idle writer thread lets append write itself)
+    and without it ("queued": every line goes through the writer thread, as before it)."""
+    if request.param == "queued":
+        monkeypatch.setattr(audit.SegmentWriter, "write_inline", lambda self, item: False)
+    else:  # a busy test machine preempting a write must not switch the fast path off
+        monkeypatch.setattr(audit, "INLINE_SLOW_S", 60.0)
+    return request.param
+
+
+async def test_concurrent_appends_are_all_written_in_order_and_verify(tmp_path, write_path):
+    """2,000 concurrent appends: 2,000 lines, seq 1..N, group-committed, the chain verifies.
+
+    They arrive in one turn of the loop, so at most the first is written inline."""
     count = 2000
     log = new_log(tmp_path)
     await log.open()
@@ -354,12 +371,18 @@ async def test_concurrent_appends_are_all_written_in_order_and_verify(tmp_path):
     assert [entry["hash"] for entry in written] == list(hashes)
     assert (log.written, log.write_errors, log.refused) == (count, 0, 0)
     assert 1 <= log.batches < count
+    assert log.inline_writes <= 1
     result = verify(tmp_path, CHECKPOINT_KEY)
     assert result.ok and result.records == count and result.last_hash == log.last_hash
 
 
-async def test_rotation_seals_each_segment_with_a_checkpoint_and_verifies_across_files(tmp_path):
-    """A tiny rotate_bytes gives several numbered files, each sealed; seq runs on across them."""
+async def test_rotation_seals_each_segment_with_a_checkpoint_and_verifies_across_files(
+    tmp_path, write_path
+):
+    """A tiny rotate_bytes gives several numbered files, each sealed; seq runs on across them.
+
+    On the fast path too: the record that fills a segment may go inline, its seal is queued
+    after it, and the rotation stays on the writer thread."""
     await write_log(tmp_path, 60, rotate_bytes=2000)
 
     segments = segment_files(tmp_path)
@@ -614,15 +637,20 @@ async def test_a_malformed_record_is_refused_and_the_chain_is_untouched(tmp_path
 
 
 class FailingFile:
-    """A segment file whose writes raise `failing` once it is set."""
+    """A segment file whose writes raise `failing` once it is set, after landing `torn` bytes
+    of the first failing write (a write cut short) when that is set."""
 
     failing: Exception | None = None
+    torn = 0
 
     def __init__(self, file: Any) -> None:
         self._file = file
 
     def write(self, data: bytes) -> int:
         if FailingFile.failing is not None:
+            if FailingFile.torn:
+                landed, FailingFile.torn = FailingFile.torn, 0
+                return self._file.write(bytes(data[:landed]))
             raise FailingFile.failing
         return self._file.write(data)
 
@@ -635,6 +663,7 @@ def failing_disk(monkeypatch: pytest.MonkeyPatch) -> type[FailingFile]:
     real_open = audit.open_segment
     monkeypatch.setattr(audit, "open_segment", lambda path: FailingFile(real_open(path)))
     monkeypatch.setattr(FailingFile, "failing", None)
+    monkeypatch.setattr(FailingFile, "torn", 0)
     return FailingFile
 
 
@@ -644,15 +673,25 @@ def failing_disk(monkeypatch: pytest.MonkeyPatch) -> type[FailingFile]:
     ids=["disk-full", "file-closed"],
 )
 async def test_a_failed_write_raises_audit_unavailable_until_reopened(
-    tmp_path, failing_disk, error
+    tmp_path, failing_disk, write_path, error
 ):
-    """A write error fails the append and every later one (counted); reopening resumes cleanly."""
+    """A write error fails the append and every later one (counted); reopening resumes cleanly.
+
+    The same on both paths: inline, the failing append raises without ever waiting."""
     log = new_log(tmp_path)
     await log.open()
-    await log.append(decision(0))
+    await log.append(decision(0))  # from here on the writer thread is running
+    inline = log.inline_writes
     failing_disk.failing = error
-    with pytest.raises(AuditUnavailable):
-        await log.append(decision(1))
+    step = log.append(decision(1))
+    if write_path == "inline":
+        assert step.send(None) is None  # refused then and there: a bare yield, no future
+        with pytest.raises(AuditUnavailable):
+            step.send(None)
+    else:
+        with pytest.raises(AuditUnavailable):
+            await step
+    assert log.inline_writes - inline == (write_path == "inline")
     with pytest.raises(AuditUnavailable):
         await log.append(decision(2))
     assert (log.written, log.write_errors, log.refused) == (1, 1, 2)
@@ -661,6 +700,23 @@ async def test_a_failed_write_raises_audit_unavailable_until_reopened(
     failing_disk.failing = None
     await write_log(tmp_path, 1, start=3)
     assert [entry["prediction_id"] for entry in records(tmp_path)] == ["p-00000", "p-00003"]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_a_write_cut_short_is_cut_back_on_either_path(tmp_path, failing_disk, write_path):
+    """Half a line lands, then the write fails: the file is cut back to the records that were
+    acknowledged, so none whose append failed stays on disk, and it verifies as it is."""
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(decision(0))
+    path = segment(tmp_path, -1)
+    before = path.read_bytes()
+    failing_disk.failing, failing_disk.torn = OSError(errno.EIO, "I/O error"), 100
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(1))
+    assert path.read_bytes() == before
+    assert (log.written, log.write_errors, log.refused) == (1, 1, 1)
+    await log.close()
     assert verify(tmp_path, CHECKPOINT_KEY).ok
 
 
@@ -699,16 +755,20 @@ async def test_appends_do_not_fsync_but_close_does(tmp_path, fsyncs):
     assert len(fsyncs) == 1
 
 
-async def test_written_records_are_fsynced_in_the_background(tmp_path, fsyncs):
-    """A segment with fresh writes is fsynced by the background thread within the interval."""
+async def test_written_records_are_fsynced_in_the_background(tmp_path, fsyncs, write_path):
+    """A segment with fresh writes is fsynced by the background thread within the interval,
+    whichever thread wrote them (the second append goes inline on the fast path)."""
     log = new_log(tmp_path, fsync_interval_s=0.01)
     await log.open()
     try:
-        await log.append(decision(0))
-        deadline = time.monotonic() + 5
-        while not fsyncs and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # the one wait here: the syncer runs on its own clock
-        assert fsyncs
+        for i in range(2):
+            fsyncs.clear()
+            await log.append(decision(i))
+            deadline = time.monotonic() + 5
+            while not fsyncs and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the one wait here: the syncer runs on its own clock
+            assert fsyncs
+        assert log.inline_writes >= (write_path == "inline")
     finally:
         await log.close()
 
@@ -719,6 +779,281 @@ async def test_find_record_looks_up_a_decision_across_segments(tmp_path):
     found = find_record(tmp_path, "p-00007")
     assert found is not None and found["seq"] == 8 and found["features"]["customer_id"] == "C7"
     assert find_record(tmp_path, "p-99999") is None
+
+
+# ---- the write path: inline while the writer thread is idle, group commit otherwise -----------
+
+
+def index_rows(directory: Path) -> tuple[set[str], tuple[int, int]]:
+    """The ids the log's index holds, and where its coverage ends (segment, offset)."""
+    with sqlite3.connect(directory / INDEX_NAME) as index:
+        ids = {row[0] for row in index.execute("SELECT id FROM records")}
+        end = index.execute("SELECT to_segment, to_offset FROM coverage").fetchone()
+    return ids, end
+
+
+def log_end(directory: Path) -> tuple[int, int]:
+    """(segment, size) of the newest segment holding a line: where the last write ended."""
+    return next(
+        (number, path.stat().st_size)
+        for number, path in reversed(segment_files(directory))
+        if path.stat().st_size
+    )
+
+
+async def test_one_append_at_a_time_is_written_inline_with_no_thread_to_wait_for(
+    tmp_path, monkeypatch
+):
+    """With the writer thread idle, each append is its own write(2), made by append itself:
+    written and counted at its first step, whose only suspension is one bare yield to the
+    loop (not a future waiting for the writer thread)."""
+    monkeypatch.setattr(audit, "INLINE_SLOW_S", 60.0)  # a preempted test must not switch it off
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(decision(0))  # from here on the writer thread is running
+    inline, batches = log.inline_writes, log.batches
+    for i in range(1, 51):
+        step = log.append(decision(i))
+        assert step.send(None) is None
+        assert (log.inline_writes - inline, log.batches - batches, log.written) == (i, i, i + 1)
+        with pytest.raises(StopIteration):
+            step.send(None)
+    assert (log.inline_writes - inline, log.batches - batches) == (50, 50)
+    await log.close()
+    assert [entry["prediction_id"] for entry in records(tmp_path)] == [
+        f"p-{i:05d}" for i in range(51)
+    ]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_a_task_looping_over_appends_lets_other_tasks_run(tmp_path, write_path):
+    """An append yields to the loop on either path, as it always has: a task appending in a
+    loop, with nothing else to wait for, does not starve the loop's other tasks."""
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(decision(0))
+    turns = 0
+    done = asyncio.Event()
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    try:
+        for i in range(1, 101):
+            await log.append(decision(i))
+    finally:
+        done.set()
+        await other
+        await log.close()
+    assert turns >= 100
+    if write_path == "inline":
+        assert log.inline_writes >= 100
+
+
+@pytest.mark.parametrize("rotate_bytes", [64 * 1024 * 1024, 20_000], ids=["one-file", "rotating"])
+async def test_single_appends_and_bursts_interleave_in_chain_order(
+    tmp_path, write_path, rotate_bytes
+):
+    """Single appends (inline) and bursts (queued) in turn: the file holds them in call order,
+    seals fall where the segments fill, the chain verifies and the index covers all of it."""
+    log = new_log(tmp_path, rotate_bytes=rotate_bytes)
+    await log.open()
+    hashes: list[str] = []
+    for start in range(0, 1000, 100):
+        hashes += [await log.append(decision(start + i)) for i in range(20)]
+        burst = (log.append(decision(start + i)) for i in range(20, 100))
+        hashes += await asyncio.gather(*burst)
+    await log.close()
+
+    assert [entry["hash"] for entry in records(tmp_path)] == hashes
+    assert [entry["prediction_id"] for entry in records(tmp_path)] == [
+        f"p-{i:05d}" for i in range(1000)
+    ]
+    result = verify(tmp_path, CHECKPOINT_KEY)
+    assert result.ok and result.records == 1000, result
+    assert (len(segment_files(tmp_path)) > 1) is (rotate_bytes < 1_000_000)
+    assert log.batches < 1000  # the bursts were group-committed
+    if write_path == "inline":
+        assert log.inline_writes >= 100  # most single appends, some first appends of a burst
+    ids, end = index_rows(tmp_path)
+    assert ids == {f"p-{i:05d}" for i in range(1000)}
+    assert end == log_end(tmp_path)
+
+
+async def test_the_index_takes_in_inline_writes_while_the_log_runs(tmp_path, monkeypatch):
+    """The writer thread wakes on its own to index what append wrote inline: the rows reach
+    the index while the log is open, not only at close."""
+    monkeypatch.setattr(audit, "INLINE_SLOW_S", 60.0)
+    monkeypatch.setattr(audit, "INDEX_DRAIN_S", 0.01)
+    log = new_log(tmp_path)
+    await log.open()
+    try:
+        await log.append(decision(0))
+        for i in range(1, 600):  # past the index's batch of 512 rows, so it commits them
+            await log.append(decision(i))
+        assert log.inline_writes >= 599
+        deadline = time.monotonic() + 5
+        while len(index_rows(tmp_path)[0]) < 512 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(index_rows(tmp_path)[0]) >= 512
+    finally:
+        await log.close()
+    assert index_rows(tmp_path)[0] == {f"p-{i:05d}" for i in range(600)}
+
+
+class GatedFile:
+    """A segment file whose writes from the writer thread wait at `gate` while it is closed."""
+
+    gate = threading.Event()
+    waiting = threading.Event()
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        if threading.current_thread().name == "audit-writer" and not GatedFile.gate.is_set():
+            GatedFile.waiting.set()
+            GatedFile.gate.wait(timeout=10)
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+async def test_a_line_taken_by_the_writer_thread_but_not_yet_written_keeps_its_place(
+    tmp_path, monkeypatch
+):
+    """With its queue empty but a line in hand, the writer thread is not idle: an append that
+    comes then is queued behind that line, not written inline ahead of it."""
+    monkeypatch.setattr(audit, "INLINE_SLOW_S", 60.0)
+    real_open = audit.open_segment
+    monkeypatch.setattr(audit, "open_segment", lambda path: GatedFile(real_open(path)))
+    monkeypatch.setattr(GatedFile, "gate", threading.Event())
+    monkeypatch.setattr(GatedFile, "waiting", threading.Event())
+    log = new_log(tmp_path)
+    await log.open()
+    try:
+        GatedFile.gate.set()
+        await log.append(decision(0))  # from here on the writer thread is running
+        GatedFile.gate.clear()
+        # Two in one turn: the first goes inline, the second to the writer thread, which
+        # takes it and then waits at the gate, mid-write.
+        together = asyncio.gather(log.append(decision(1)), log.append(decision(2)))
+        assert await asyncio.to_thread(GatedFile.waiting.wait, 10)
+        inline = log.inline_writes
+        late = asyncio.ensure_future(log.append(decision(3)))
+        await asyncio.sleep(0)  # it has chained its line and chosen its path
+        assert log.inline_writes == inline
+        GatedFile.gate.set()
+        await asyncio.gather(together, late)
+    finally:
+        GatedFile.gate.set()
+        await log.close()
+    assert [entry["prediction_id"] for entry in records(tmp_path)] == [
+        f"p-{i:05d}" for i in range(4)
+    ]
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+class Stopwatch:
+    """Stands in for the audit module's clock; a write through `ClockedFile` moves it on by
+    `write_takes`, so a slow disk needs no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.write_takes = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class ClockedFile:
+    def __init__(self, file: Any, clock: Stopwatch) -> None:
+        self._file, self._clock = file, clock
+
+    def write(self, data: bytes) -> int:
+        self._clock.now += self._clock.write_takes
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+@pytest.fixture
+def stopwatch(monkeypatch: pytest.MonkeyPatch) -> Stopwatch:
+    clock = Stopwatch()
+    real_open = audit.open_segment
+    monkeypatch.setattr(audit, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(audit, "open_segment", lambda path: ClockedFile(real_open(path), clock))
+    return clock
+
+
+async def test_a_slow_inline_write_leaves_writes_to_the_writer_thread_for_a_pause(
+    tmp_path, stopwatch
+):
+    """An inline write over INLINE_SLOW_S pauses the fast path: INLINE_OFF_MIN_S at first,
+    doubled when slow writes keep coming, back to the short pause after a quiet spell."""
+    shortest, longest = audit.INLINE_OFF_MIN_S, audit.INLINE_OFF_MAX_S
+    log = new_log(tmp_path)
+    await log.open()
+    counter = iter(range(100))
+
+    async def path_taken(write_takes: float = 0.0, after_s: float = 0.0) -> str:
+        stopwatch.now += after_s
+        stopwatch.write_takes = write_takes
+        inline = log.inline_writes
+        await log.append(decision(next(counter)))
+        stopwatch.write_takes = 0.0
+        return "inline" if log.inline_writes > inline else "queued"
+
+    slow = audit.INLINE_SLOW_S * 2
+    try:
+        await path_taken()  # from here on the writer thread is running
+        assert await path_taken() == "inline"
+        assert await path_taken(write_takes=slow) == "inline"  # found out only once it is done
+        assert await path_taken() == "queued"
+        assert await path_taken(after_s=shortest * 0.9) == "queued"
+        assert await path_taken(after_s=shortest * 0.2) == "inline"
+        assert await path_taken(write_takes=slow) == "inline"  # slow again, soon: twice as long
+        assert await path_taken(after_s=shortest * 1.5) == "queued"
+        assert await path_taken(after_s=shortest * 0.6) == "inline"
+        pause = shortest * 2
+        for _ in range(6):  # they keep coming: the pause doubles up to its longest
+            pause = min(pause * 2, longest)
+            assert await path_taken(write_takes=slow) == "inline"
+            assert await path_taken(after_s=pause * 0.9) == "queued"
+            assert await path_taken(after_s=pause * 0.2) == "inline"
+        assert pause == longest
+        assert await path_taken(write_takes=slow, after_s=longest * 2) == "inline"  # quiet
+        assert await path_taken(after_s=shortest * 1.1) == "inline"
+    finally:
+        await log.close()
+    assert (log.written, log.write_errors, log.refused) == (log.batches, 0, 0)
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
+
+
+async def test_close_writes_every_record_appended_before_it_and_nothing_after(tmp_path, write_path):
+    """Appends still waiting when close() is called are written and acknowledged; once
+    closed, appends are refused and the files stay as they are."""
+    log = new_log(tmp_path)
+    await log.open()
+    first = await log.append(decision(0))
+    waiting = [asyncio.ensure_future(log.append(decision(i))) for i in range(1, 101)]
+    await asyncio.sleep(0)  # each has chained its record, written inline or queued
+    await log.close()
+    hashes = [first, *await asyncio.gather(*waiting)]
+    on_disk = {path: path.read_bytes() for _, path in segment_files(tmp_path)}
+
+    with pytest.raises(AuditUnavailable):
+        await log.append(decision(101))
+    assert {path: path.read_bytes() for _, path in segment_files(tmp_path)} == on_disk
+    assert [entry["hash"] for entry in records(tmp_path)] == hashes
+    assert (log.written, log.refused) == (101, 1)
+    assert verify(tmp_path, CHECKPOINT_KEY).ok
 
 
 # ---- durability: a SIGKILL loses nothing that append acknowledged -----------------------------
