@@ -366,6 +366,12 @@ class _RuntimeCollector(Collector):
         if audit is not None:
             yield _counter("aigw_audit_records_written", "Audit records written.", audit.written)
             yield _counter("aigw_audit_write_errors", "Audit write failures.", audit.write_errors)
+            # Records per write call shows group commit at work; inline writes, the idle path.
+            yield _counter("aigw_audit_write_calls", "write(2) calls that took audit records.",
+                           getattr(audit, "batches", 0))  # fmt: skip
+            inline = getattr(audit, "inline_writes", 0)
+            yield _counter("aigw_audit_inline_writes", "Audit records written by their own "
+                           "request while the writer thread was idle.", inline)  # fmt: skip
             yield _counter("aigw_audit_refused", "Answers refused: no audit record possible.",
                            getattr(audit, "refused", 0))  # fmt: skip
         yield from _model_health(runtime)

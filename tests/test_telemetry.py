@@ -73,6 +73,10 @@ async def test_metrics_count_answers_fallbacks_cache_breakers_and_audit(gateway_
     assert value(m, "aigw_breaker_state", target="customer-churn/churn-gbm") == 2
     assert value(m, "aigw_breaker_state", target="customer-churn/churn-gbm-v2") == 0
     assert value(m, "aigw_audit_records_written_total") == 7
+    # One request after another: a write call each (inline, once the writer thread is up).
+    assert 1 <= value(m, "aigw_audit_write_calls_total") <= 7
+    assert ("aigw_audit_inline_writes_total", ()) in m
+    assert value(m, "aigw_audit_inline_writes_total") <= 7
     assert value(m, "aigw_rejected_requests_total", status="400") == 1
     assert value(m, "aigw_request_duration_seconds_count", model="customer-churn") == 7
     assert value(m, "aigw_ready") == 0
