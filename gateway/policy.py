@@ -135,7 +135,8 @@ class TritonTarget(_Strict):
     url: str = Field(
         pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", description="host:port of Triton HTTP"
     )
-    model: str = Field(min_length=1)
+    # The name goes into the request line to Triton: no spaces, slashes or control characters.
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     version: str = Field(pattern=r"^[0-9]+$")
     inputs: list[TensorInput] = Field(min_length=1)
     output: TensorOutput = TensorOutput()

@@ -161,6 +161,20 @@ BROKEN_POLICIES = [
     ),
     pytest.param(
         CHURN,
+        setting(*GBM, "model", value="churn gbm\r\nX-Injected: 1"),
+        "targets.churn-gbm.model",
+        "should match pattern",
+        id="model-name-that-would-split-the-request-line",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "model", value="../churn_gbm"),
+        "targets.churn-gbm.model",
+        "should match pattern",
+        id="model-name-with-a-path",
+    ),
+    pytest.param(
+        CHURN,
         setting(*GBM, "url", value="http://triton:8000"),
         "targets.churn-gbm.url",
         "should match pattern",

@@ -38,6 +38,9 @@ NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "INT32": np.int32,
     "INT64": np.int64,
 }
+# Fixed for every inference; tiny answers: compressing them would cost both sides.
+_INFER_HEADERS = b"Content-Type: application/octet-stream\r\nAccept-Encoding: identity\r\n"
+_MAX_HEADS = 256
 _DATATYPES = {np.dtype(numpy_type): name for name, numpy_type in NUMPY_DTYPES.items()}
 
 
@@ -213,6 +216,7 @@ class KServeClient:
         self._pool = _Pool(host, port, max_connections)
         shown = f"[{host}]" if ":" in host else host
         self._host_header = f"Host: {shown}:{port}\r\n".encode("ascii")
+        self._heads: dict[tuple[str, str, str, str], bytes] = {}
 
     async def infer(
         self,
@@ -224,30 +228,37 @@ class KServeClient:
         headers: Mapping[str, str] | None = None,
     ) -> np.ndarray:
         """The named output tensor for these input tensors; KServeError on an error status."""
-        path = f"/v2/models/{model}/versions/{version}/infer"
+        head = self._head("POST", model, version, "infer", _INFER_HEADERS)
         body, header_length = infer_request_body(inputs, output, timeout_us)
-        extra = {
-            "Content-Type": "application/octet-stream",
-            "Accept-Encoding": "identity",  # tiny answers: compressing them costs both sides
-            "Inference-Header-Content-Length": str(header_length),
-        }
-        response = await self._call("POST", path, body, {**extra, **(headers or {})})
+        per_call = {"Inference-Header-Content-Length": str(header_length), **(headers or {})}
+        response = await self._call(head, body, per_call)
         if response.status != 200:
             raise KServeError(response.status, error_message(response.body))
         return read_output(response, output)
 
     async def is_model_ready(self, model: str, version: str) -> bool:
         """Whether Triton reports this model version ready (HTTP 200 on its ready probe)."""
-        response = await self._call("GET", f"/v2/models/{model}/versions/{version}/ready", b"", {})
+        response = await self._call(self._head("GET", model, version, "ready"), b"", {})
         return response.status == 200
 
     async def close(self) -> None:
         self._pool.close()
 
-    async def _call(
-        self, method: str, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> _Response:
-        request = self._request_bytes(method, path, body, headers)
+    def _head(
+        self, method: str, model: str, version: str, action: str, static: bytes = b""
+    ) -> bytes:
+        """The request line and the headers that never change for it, encoded once."""
+        key = (method, model, version, action)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= _MAX_HEADS:  # policies name few models: a bound, not a cache
+                self._heads.clear()
+            line = f"{method} /v2/models/{model}/versions/{version}/{action} HTTP/1.1\r\n"
+            head = self._heads[key] = line.encode("ascii") + self._host_header + static
+        return head
+
+    async def _call(self, head: bytes, body: bytes, headers: Mapping[str, str]) -> _Response:
+        request = request_bytes(head, body, headers)
         while True:
             connection = await self._pool.acquire()
             reusable = False
@@ -262,15 +273,13 @@ class KServeClient:
             finally:
                 self._pool.release(connection, reusable)
 
-    def _request_bytes(
-        self, method: str, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1\r\n".encode("ascii"), self._host_header]
-        for name, value in headers.items():
-            lines.append(header_line(name, value))
-        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        lines.append(body)
-        return b"".join(lines)
+
+def request_bytes(head: bytes, body: bytes, headers: Mapping[str, str]) -> bytes:
+    """The whole request: the encoded head, the per-call headers, the length and the body."""
+    lines = [head, *(header_line(name, value) for name, value in headers.items())]
+    lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+    lines.append(body)
+    return b"".join(lines)
 
 
 def split_address(url: str) -> tuple[str, int]:
