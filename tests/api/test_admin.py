@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -131,15 +132,24 @@ async def test_malformed_admin_requests_are_problems(data_dirs):
     assert all(r.headers["content-type"] == "application/problem+json" for r in cases)
 
 
+def replace_atomically(path: Path, text: str) -> None:
+    """Write as a careful editor or a deploy does: a whole new file renamed over the old one.
+    (write_text truncates first: a poll in between reads a half-written file, a second,
+    different broken version, and counts a second refusal.)"""
+    staged = path.parent.parent / f"{path.name}.staged"  # outside the watched folder
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 async def test_edited_files_are_applied_and_broken_edits_refused(data_dirs):
     """The file watcher applies a valid edit and keeps the running version on a broken one."""
     policy = data_dirs / "policies" / "customer-churn.yaml"
     original = policy.read_text()
     async with gateway_and_admin(data_dirs, watch_interval_s=0.05) as (public, admin, _):
-        policy.write_text(original.replace(*ALL_TO_CHALLENGER))
+        replace_atomically(policy, original.replace(*ALL_TO_CHALLENGER))
         version = await until_version(admin, 2)
         moved = (await public.post("/v1/predictions", json=CHURN_REQUEST)).json()
-        policy.write_text(original.replace(*BROKEN_CHAIN))
+        replace_atomically(policy, original.replace(*BROKEN_CHAIN))
         await asyncio.sleep(0.3)  # several polls: the broken edit must not be applied
         kept = (await admin.get("/admin/policies")).json()
         metrics = (await public.get("/metrics")).text
