@@ -99,7 +99,9 @@ class Stack:
         gateway_event_loop: str = "uvloop",
         heap_census: bool = False,
         gateway_workers: int = 1,
+        policies: Path | None = None,
     ) -> None:
+        self.policies = policies
         self.with_nginx = with_nginx
         self.nginx_workers = nginx_workers
         self.gateway_event_loop = gateway_event_loop
@@ -123,6 +125,7 @@ class Stack:
             event_loop=self.gateway_event_loop,
             heap_census=self.heap_census,
             workers=self.gateway_workers,
+            policies=self.policies,
         )
         self.gateway.start()
         log(f"gateway ready at {self.gateway.base_url}")
@@ -481,7 +484,7 @@ def markdown(report: dict[str, object]) -> str:
         f"start {env['load_average_at_start']}; commit {env['git_commit']}"
         f"{' (+ uncommitted changes)' if env['git_dirty_files'] else ''}; "
         f"{env['wrk']}; nginx {env['nginx']}; Python {env['python']}; gateway workers "
-        f"{cfg.get('gateway_workers', 1)}.",
+        f"{cfg.get('gateway_workers', 1)}; policies {cfg.get('policies', 'policies/')}.",
         "",
         "| case | clients | req/s | p50 ms | p99 ms | peak RSS MB | RSS of | req/s ÷ (a) "
         "| server CPU ms/req | CPU % server / Triton / wrk / other | check |",
@@ -554,6 +557,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
         nginx_workers=args.nginx_workers,
         gateway_event_loop=args.gateway_event_loop,
         gateway_workers=args.gateway_workers,
+        policies=args.policies,
     )
     rows: list[dict[str, object]] = []
     profiles: list[dict[str, object]] = []
@@ -595,6 +599,7 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
             "nginx_workers": args.nginx_workers,
             "gateway_event_loop": args.gateway_event_loop,
             "gateway_workers": args.gateway_workers,
+            "policies": str(args.policies or "policies/"),
             "triton_body": json.loads(TRITON_BODY),
             "gateway_body_hit": json.loads(GATEWAY_BODY),
             "degraded": "control file: every model raises; breakers open; CEL rules answer",
@@ -969,6 +974,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="worker processes of the gateway (`aigw serve --workers N`; default 1)",
+    )
+    p.add_argument(
+        "--policies",
+        type=Path,
+        help="the gateway's policy directory (default: the repository's policies/): a what-if",
     )
     p.add_argument(
         "--profile",

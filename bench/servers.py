@@ -210,8 +210,10 @@ class Gateway(_Group):
         event_loop: str = "uvloop",
         heap_census: bool = False,
         workers: int = 1,
+        policies: Path | None = None,
     ) -> None:
         super().__init__()
+        self.policies = policies or REPO / "policies"  # another directory: a policy what-if
         self.triton_url = triton_url
         self.workers = workers  # `aigw serve --workers N`: CPU and RSS count the whole group
         self.event_loop = event_loop  # AIGW_EVENT_LOOP: asyncio is the what-if
@@ -238,7 +240,7 @@ class Gateway(_Group):
             AIGW_AUDIT_DIR=str(self.dir / "audit"),
             AIGW_WATCH_POLICIES="false",
             AIGW_CONTRACTS_DIR=str(REPO / "contracts"),
-            AIGW_POLICIES_DIR=str(REPO / "policies"),
+            AIGW_POLICIES_DIR=str(self.policies),
             AIGW_FALLBACKS_DIR=str(REPO / "fallbacks"),
             AIGW_LOG_LEVEL="warning",
             AIGW_EVENT_LOOP=self.event_loop,

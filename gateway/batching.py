@@ -4,8 +4,11 @@ A row that finds the target idle (no batch of this batcher in flight) is sent at
 its own caller (no task, no future to hand the answer over): one client never pays the
 window, nor the batching machinery. While a batch is in flight, rows gather, and go together when
 it returns, when `max_delay_s` has passed since the first of them, or at `max_batch` rows,
-whichever is first; the answer is split back, row by row. Load thus batches itself: the
-busier the target, the larger the batches, and an idle one adds no delay.
+whichever is first; the answer is split back, row by row. At most `max_in_flight` batches are
+on their way at once: past that, rows wait for a batch to return, because a backend that is
+already busy serves one large batch sooner than several small ones queued behind each other.
+Load thus batches itself: the busier the target, the larger the batches, and an idle one adds
+no delay.
 
 Each row keeps its own deadline: a batch that answers too late for one row is a timeout for
 that row only. When Triton refuses a batch as malformed, every row is sent again on its own,
@@ -44,10 +47,13 @@ def stack_rows(rows: list[Rows]) -> Rows:
 class MicroBatcher:
     """Collects rows for one target and sends them as batches."""
 
-    def __init__(self, send: Send, max_batch: int, max_delay_s: float) -> None:
+    def __init__(
+        self, send: Send, max_batch: int, max_delay_s: float, max_in_flight: int = 1
+    ) -> None:
         self._send = send
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.max_in_flight = max_in_flight
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -68,12 +74,13 @@ class MicroBatcher:
         self._pending.append(pending)
         if len(self._pending) >= self.max_batch or not self._in_flight:
             self._flush()
-        elif self._timer is None:
+        elif self._timer is None and self._in_flight < self.max_in_flight:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(pending.future)
         except TimeoutError:
+            pending.future.cancel()  # still waiting to be sent: it will not be
             raise BackendTimeout(f"no answer within {timeout_s * 1000:.0f} ms") from None
 
     async def _send_alone(
@@ -101,15 +108,19 @@ class MicroBatcher:
             self.on_batch(rows)
 
     def _send_gathered(self) -> None:
-        if self._pending and not self._in_flight:
-            self._flush()  # the target is free again: what gathered meanwhile goes now
+        if self._pending and self._in_flight < self.max_in_flight:
+            self._flush()  # a slot is free again: what gathered meanwhile goes now
 
     def _flush(self) -> None:
+        """Sends what gathered, `max_batch` rows a call, while a slot is free; the rest waits
+        for a batch to return."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
-        if batch:
+        self._pending = [p for p in self._pending if not p.future.done()]
+        while self._pending and self._in_flight < self.max_in_flight:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
             task = asyncio.ensure_future(self._send_batch(batch))
             self._tasks.add(task)
             self._in_flight += 1

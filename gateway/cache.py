@@ -17,8 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -31,15 +30,16 @@ KEY_PREFIX = "aigw:pred:"
 STALE_PREFIX = "aigw:stale:"
 
 
-@dataclass(frozen=True)
-class CachedPrediction:
+class CachedPrediction(NamedTuple):
+    """One kept answer."""
+
     prediction: str
     probability: float
     model_version: str
     served_by: str
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.__dict__)
+        return orjson.dumps(self._asdict())
 
     @classmethod
     def from_json(cls, data: bytes) -> CachedPrediction | None:
@@ -92,7 +92,10 @@ class MemoryCache:
     def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, CachedPrediction]] = OrderedDict()
+        # (expires_at, *answer) as a plain tuple of plain values, which the cyclic garbage
+        # collector stops tracking (a NamedTuple it never does): a hundred thousand entries
+        # would otherwise be walked by every full collection (see gateway/garbage.py).
+        self._entries: OrderedDict[str, tuple[float, str, float, str, str]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,15 +104,14 @@ class MemoryCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires_at, value = entry
-        if expires_at <= self._clock():
+        if entry[0] <= self._clock():
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return value
+        return CachedPrediction._make(entry[1:])
 
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
-        self._entries[key] = (self._clock() + ttl_s, value)
+        self._entries[key] = (self._clock() + ttl_s, *value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

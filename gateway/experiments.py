@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Z_95 = 1.959964
 
@@ -71,8 +72,7 @@ class ArmStats:
         }
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What the ledger keeps of one answer, to judge it when its outcome arrives."""
 
     model_id: str
@@ -88,7 +88,9 @@ class Experiments:
 
     def __init__(self, ledger_size: int = 100_000) -> None:
         self._stats: dict[str, dict[str, ArmStats]] = {}
-        self._ledger: OrderedDict[str, Decision] = OrderedDict()
+        # Decisions as plain tuples, which the cyclic garbage collector stops tracking (a
+        # NamedTuple it never does): see gateway/garbage.py.
+        self._ledger: OrderedDict[str, tuple[str, str, str, str, str, float]] = OrderedDict()
         self._judged: set[str] = set()
         self._ledger_size = ledger_size
 
@@ -106,7 +108,7 @@ class Experiments:
         stats.cached += cached
         stats.latency_ms_total += latency_ms
         stats.latency_ms_max = max(stats.latency_ms_max, latency_ms)
-        self._ledger[prediction_id] = decision
+        self._ledger[prediction_id] = tuple(decision)
         if len(self._ledger) > self._ledger_size:
             old_id, _ = self._ledger.popitem(last=False)
             self._judged.discard(old_id)
@@ -121,11 +123,12 @@ class Experiments:
         shadow.agreed += agreed
 
     def decision(self, prediction_id: str) -> Decision | None:
-        return self._ledger.get(prediction_id)
+        kept = self._ledger.get(prediction_id)
+        return Decision._make(kept) if kept is not None else None
 
     def record_outcome(self, prediction_id: str, outcome: str, positive_label: str) -> str:
         """Count a real outcome: `recorded`, `unknown` (not in the ledger) or `duplicate`."""
-        decision = self._ledger.get(prediction_id)
+        decision = self.decision(prediction_id)
         if decision is None:
             return "unknown"
         if prediction_id in self._judged:

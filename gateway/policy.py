@@ -122,10 +122,13 @@ class BreakerConfig(_Strict):
 
 class BatchingConfig(_Strict):
     """Micro-batching: rows arriving while a batch is in flight go together as the next batch,
-    at most `max_delay_ms` after the first of them; a row at an idle target goes at once."""
+    at most `max_delay_ms` after the first of them; a row at an idle target goes at once.
+    At most `max_in_flight` batches are on their way to the target at once; past that, rows
+    wait for one to return and go in the next (larger) batch."""
 
     max_delay_ms: float = Field(default=1.0, gt=0, le=10)
     max_batch: int = Field(default=32, ge=2, le=1024)
+    max_in_flight: int = Field(default=1, ge=1, le=1024)
 
 
 class TritonTarget(_Strict):

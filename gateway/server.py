@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
+from gateway.garbage import settle_startup_heap
 from gateway.logs import configure_logging
 from gateway.problems import FaultsError
 from gateway.settings import Settings
@@ -44,6 +45,16 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
+class _PublicServer(uvicorn.Server):
+    """The public listener; once the app is started, what start-up built leaves the cyclic
+    collector's sight (garbage.py: full collections otherwise walk it every second or two)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            settle_startup_heap()
+
+
 class _AdminServer(uvicorn.Server):
     """The admin listener; the public server owns signal handling and stops it."""
 
@@ -58,7 +69,7 @@ async def serve_apps(
     public_socket: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; `public_socket`, when given, is already bound and shared."""
-    public = uvicorn.Server(server_config(app, settings.host, settings.port))
+    public = _PublicServer(server_config(app, settings.host, settings.port))
     if admin_app is None:
         await public.serve(sockets=[public_socket] if public_socket else None)
         return

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from gateway.audit import AuditUnavailable
 from gateway.callbacks import CallbackSender, allowed_hosts, callback_sender, callback_url_error
+from gateway.garbage import settle_startup_heap
 from gateway.jobs import Job, JobRejected, run_job
 from gateway.monitoring import Baseline
 from gateway.policy_manager import PolicyManager
@@ -340,6 +341,7 @@ async def serve_streams(
     try:
         for worker in workers:
             await worker.start()
+        settle_startup_heap()
         log.info("stream workers started", extra={"models": list(models), "consumer": consumer})
         await stop.wait()
     finally:

@@ -25,10 +25,16 @@ class ScriptedSend:
     def __init__(self, delay_s: float = 0.0, fail: BaseException | None = None, bad: float = -1):
         self.batches: list[int] = []
         self.delay_s, self.fail, self.bad = delay_s, fail, bad
+        self.in_flight = self.most_in_flight = 0
 
     async def __call__(self, rows, timeout_s, headers):
         self.batches.append(len(rows["features"]))
-        await asyncio.sleep(self.delay_s)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
         if self.fail is not None:
             raise self.fail
         if self.bad in rows["features"][:, 0]:
@@ -84,6 +90,59 @@ async def test_rows_gather_while_a_batch_is_in_flight_and_go_when_it_returns():
     later = [batcher.submit(row(i), 60) for i in range(2, 6)]
     await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
     assert send.batches == [1, 4]
+
+
+async def arrive_while_in_flight(batcher: MicroBatcher, count: int) -> list[np.ndarray]:
+    """One row, then `count` more, one every millisecond, while the first is in flight."""
+    first = asyncio.ensure_future(batcher.submit(row(0), 5))
+    later = []
+    for i in range(1, count + 1):
+        await asyncio.sleep(0.001)
+        later.append(asyncio.ensure_future(batcher.submit(row(i), 5)))
+    return await asyncio.wait_for(asyncio.gather(first, *later), timeout=5)
+
+
+@pytest.mark.parametrize(("max_in_flight", "expected_most_in_flight"), [(1, 1), (2, 2), (4, 4)])
+async def test_no_more_than_max_in_flight_batches_are_on_their_way(
+    max_in_flight, expected_most_in_flight
+):
+    """A slow target (100 ms a call) and rows every millisecond: past the window, another
+    batch goes only while fewer than `max_in_flight` are on their way; the rest wait for
+    one to return, so fewer, larger calls are made."""
+    send = ScriptedSend(delay_s=0.1)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.005, max_in_flight=max_in_flight)
+    outputs = await arrive_while_in_flight(batcher, 30)
+    assert [float(o[0, 0]) for o in outputs] == pytest.approx([i / 100 for i in range(31)])
+    assert send.most_in_flight == expected_most_in_flight
+    assert sum(send.batches) == 31
+    if max_in_flight == 1:
+        assert send.batches == [1, 30]  # everything that arrived meanwhile went as one
+
+
+async def test_full_batches_also_wait_for_a_free_slot():
+    """Rows beyond `max_batch` make several batches, sent one after another when one is
+    allowed in flight, not all at once."""
+    send = ScriptedSend(delay_s=0.05)
+    batcher = MicroBatcher(send, max_batch=4, max_delay_s=0.001, max_in_flight=1)
+    outputs = await arrive_while_in_flight(batcher, 11)
+    assert len(outputs) == 12
+    assert send.batches == [1, 4, 4, 3]
+    assert send.most_in_flight == 1
+
+
+async def test_a_row_that_stopped_waiting_is_not_sent():
+    """A row whose deadline passed while it waited for a free slot is left out of the next
+    batch: Triton is not asked for an answer nobody will read."""
+    send = ScriptedSend(delay_s=0.1)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.001, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.submit(row(1), 5))
+    await asyncio.sleep(0.01)
+    impatient = asyncio.ensure_future(batcher.submit(row(2), 0.02))
+    patient = asyncio.ensure_future(batcher.submit(row(3), 5))
+    with pytest.raises(BackendTimeout):
+        await impatient
+    await asyncio.wait_for(asyncio.gather(first, patient), timeout=5)
+    assert send.batches == [1, 1]
 
 
 async def test_one_bad_row_never_fails_its_batch_mates():

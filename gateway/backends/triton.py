@@ -61,7 +61,12 @@ class TritonBackend:
         self._client = KServeClient(target.url, max_connections=target.max_concurrency)
         batching = target.batching
         self._batcher = (
-            MicroBatcher(self._infer, batching.max_batch, batching.max_delay_ms / 1000)
+            MicroBatcher(
+                self._infer,
+                batching.max_batch,
+                batching.max_delay_ms / 1000,
+                max_in_flight=batching.max_in_flight,
+            )
             if batching is not None
             else None
         )
