@@ -10,7 +10,6 @@ the HTTP surface uses; `MemoryJobs` (in-process) and `StreamJobs` (Redis streams
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from gateway.contracts import ContractSet
+from gateway.ids import new_uuid4
 from gateway.pipeline import Answer, PredictionInput, predict
 from gateway.problems import FieldError
 from gateway.runtime import Runtime
@@ -96,7 +96,7 @@ class JobBackend(Protocol):
 
 
 def new_prediction_id() -> str:
-    return str(uuid.uuid4())
+    return new_uuid4()
 
 
 def job_from_request(

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from typing import Any
 from gateway.cache import CachedPrediction, cache_key, stale_key
 from gateway.experiments import Decision
 from gateway.fallback import ChainContext, ChainResult, StaleAnswer, StepRecord, run_chain
+from gateway.ids import new_uuid4
 from gateway.monitoring import version_key
 from gateway.policy import Policy
 from gateway.resilience import Deadline, request_budget_ms
@@ -129,7 +129,7 @@ async def answer_first(runtime: Runtime, request: PredictionInput) -> tuple[Answ
     snapshot = runtime.snapshot  # this request runs on this configuration to the end
     policy = snapshot.policies.policies[request.model_id]
     model = snapshot.models[request.model_id]
-    prediction_id = request.prediction_id or str(uuid.uuid4())
+    prediction_id = request.prediction_id or new_uuid4()
     assignment = model.routes.assign(
         request.features, request.headers, request.tenant, prediction_id
     )

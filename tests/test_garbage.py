@@ -40,13 +40,12 @@ def test_the_decision_ledger_is_invisible_to_the_cyclic_collector():
 
 
 def test_a_started_public_server_has_frozen_its_start_up_heap(tmp_path):
-    """`aigw serve`'s listener freezes what start-up built and spaces out collections; run in
-    a child process, because freezing would keep this test process's objects forever."""
+    """`aigw serve`'s listener freezes what start-up built; run in a child process, because
+    freezing would keep this test process's objects forever."""
     script = textwrap.dedent(
         f"""
         import asyncio, gc
         from gateway.app import create_app
-        from gateway.garbage import YOUNG_THRESHOLD
         from gateway.server import _PublicServer, server_config
         from gateway.settings import Settings
 
@@ -64,7 +63,7 @@ def test_a_started_public_server_has_frozen_its_start_up_heap(tmp_path):
             serving = asyncio.create_task(server.serve())
             while not server.started:
                 await asyncio.sleep(0.01)
-            print(gc.get_freeze_count(), gc.get_threshold()[0] == YOUNG_THRESHOLD)
+            print(gc.get_freeze_count())
             server.should_exit = True
             await serving
 
@@ -75,6 +74,4 @@ def test_a_started_public_server_has_frozen_its_start_up_heap(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert done.returncode == 0, done.stderr
-    frozen, threshold_set = done.stdout.split()
-    assert int(frozen) > 10_000  # modules, contracts, policies: the whole start-up heap
-    assert threshold_set == "True"
+    assert int(done.stdout) > 10_000  # modules, contracts, policies: the whole start-up heap

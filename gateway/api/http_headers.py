@@ -7,10 +7,9 @@ Used by the app's middleware (app.py) and by the prediction route that answers a
 
 from __future__ import annotations
 
-import uuid
-
 from starlette.types import Message, Send
 
+from gateway.ids import new_hex_id
 from gateway.problems import Problem
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -36,7 +35,7 @@ def caller_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 def request_id_for(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The caller's request id, or a new one."""
-    return caller_request_id(headers) or uuid.uuid4().hex.encode()
+    return caller_request_id(headers) or new_hex_id()
 
 
 def with_exchange_headers(headers: list[tuple[bytes, bytes]], request_id: bytes) -> list:
