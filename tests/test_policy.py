@@ -175,6 +175,13 @@ BROKEN_POLICIES = [
     ),
     pytest.param(
         CHURN,
+        setting(*GBM, "batching", "max_in_flight", value=0),
+        "targets.churn-gbm.batching.max_in_flight",
+        "greater than or equal to 1",
+        id="batching-with-no-call-in-flight",
+    ),
+    pytest.param(
+        CHURN,
         setting(*GBM, "url", value="http://triton:8000"),
         "targets.churn-gbm.url",
         "should match pattern",
