@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from asgi_lifespan import LifespanManager  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
+from gateway.garbage import settle_startup_heap  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 LAYERS = (
@@ -134,6 +135,7 @@ async def run(
     app = create_app(settings, env={"AIGW_TRITON_URL": triton_url})
     async with LifespanManager(app) as manager:
         asgi = manager.app
+        settle_startup_heap()  # as `aigw serve` does once started (gateway/garbage.py)
         for i in range(warmup):
             _, answer = await one_request(asgi, body_for(case, -1 - i))
         check = orjson.loads(answer)
