@@ -367,6 +367,7 @@ class TritonProcess:
                     if comm == "tritonserver":
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGSTOP)
+                        _wait_until_stopped(pid)
                 self._frozen = True
 
     def thaw(self) -> None:
@@ -512,3 +513,17 @@ class TritonProcess:
         for proc in list(cls._live):
             with contextlib.suppress(Exception):
                 proc.stop()
+
+
+def _wait_until_stopped(pid: int, timeout_s: float = 2.0) -> None:
+    """Until the kernel reports `pid` stopped: SIGSTOP is delivered asynchronously, and a
+    request sent in between could still be answered by the process about to freeze."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return  # gone: nothing left to answer
+        if stat.rpartition(")")[2].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.005)
