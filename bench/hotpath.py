@@ -142,6 +142,7 @@ async def run(
         profiler = cProfile.Profile() if profile else None
         if callgrind:
             _callgrind("on")
+        threads0 = thread_cpu_seconds()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler:
             profiler.enable()
@@ -159,14 +160,41 @@ async def run(
         if profiler:
             profiler.disable()
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        threads = {
+            name: round((seconds - threads0.get(name, 0.0)) / n * 1000, 4)
+            for name, seconds in thread_cpu_seconds().items()
+        }
         if callgrind:
             _callgrind("off")
     return {
         "case": case, "n": n, "concurrency": concurrency,
         "cpu_ms_per_req": cpu / n * 1000, "wall_ms_per_req": wall / n * 1000,
+        "thread_cpu_ms_per_req": {k: v for k, v in threads.items() if v > 0},
         "statuses": {str(k): v for k, v in statuses.items()}, "served_by_sample": dict(served),
         "last_warmup": check, "profiler": profiler,
     }  # fmt: skip
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of each of this process's threads, by Python thread name.
+
+    Threads Python did not start (the executor's workers keep their names too) are
+    keyed by their kernel name, so the main loop's share and the audit threads' shares of a
+    request's CPU can be told apart.
+    """
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = defaultdict(float)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = names.get(int(task.name)) or (task / "comm").read_text().strip()
+        seconds[name] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return dict(seconds)
 
 
 def _callgrind(state: str) -> None:

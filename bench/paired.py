@@ -9,6 +9,11 @@ within 1 ms of direct Triton). Here each gateway request (a new customer, so a c
 follows a direct request to the same Triton at once, from one blocking client on two kept-alive
 sockets, so both see the same Triton state; the report is p50(gateway) - p50(direct) and the
 p50 of the per-pair differences. Starts its own Triton and gateway on 127.0.0.1, as run.py does.
+
+After each pair the client waits `--gap-ms` (default 10) before the next direct request: the
+shipped policy shadows a quarter of the gateway's requests to another model on the same Triton,
+after the answer, and the demo Triton serves one call at a time, so without the gap a quarter
+of the direct requests would queue behind a shadow call and flatter the gateway.
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ def gateway_request(run: int, i: int) -> bytes:
     return post("/v1/predictions", body)
 
 
-def measure(triton_port: int, gateway_port: int, pairs: int, warmup: int, run: int) -> dict:
+def measure(
+    triton_port: int, gateway_port: int, pairs: int, warmup: int, run: int, gap_s: float
+) -> dict:
     direct, through = connect("127.0.0.1", triton_port), connect("127.0.0.1", gateway_port)
     to_triton = post("/v2/models/churn_gbm/infer", TRITON_BODY)
     d_ms: list[float] = []
@@ -86,6 +93,7 @@ def measure(triton_port: int, gateway_port: int, pairs: int, warmup: int, run: i
             ended = time.perf_counter()
             if (status_d, status_g) != (200, 200):
                 raise RuntimeError(f"pair {i}: direct {status_d}, gateway {status_g}")
+            time.sleep(gap_s)  # the gateway's shadow call, if any, ends before the next pair
             if i >= warmup:
                 d_ms.append((middle - started) * 1000)
                 g_ms.append((ended - middle) * 1000)
@@ -116,6 +124,10 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=1, help="runs, one after another")
+    parser.add_argument(
+        "--gap-ms", type=float, default=10.0,
+        help="pause after each pair, so no shadow call is still running at the next one",
+    )  # fmt: skip
     args = parser.parse_args()
     triton = Triton()
     gateway = None
@@ -124,7 +136,7 @@ def main() -> int:
         gateway = Gateway(triton.http_url)
         gateway.start()
         runs = [
-            measure(triton.http_port, gateway.port, args.pairs, args.warmup, run)
+            measure(triton.http_port, gateway.port, args.pairs, args.warmup, run, args.gap_ms / 1000)
             for run in range(args.repeat)
         ]
     finally:
