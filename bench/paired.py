@@ -136,7 +136,9 @@ def main() -> int:
         gateway = Gateway(triton.http_url)
         gateway.start()
         runs = [
-            measure(triton.http_port, gateway.port, args.pairs, args.warmup, run, args.gap_ms / 1000)
+            measure(
+                triton.http_port, gateway.port, args.pairs, args.warmup, run, args.gap_ms / 1000
+            )
             for run in range(args.repeat)
         ]
     finally:

@@ -9,6 +9,9 @@ Cases, each at every --clients value, load from wrk in its own process:
   (a) direct Triton        POST /v2/models/churn_gbm/infer (KServe v2 JSON)
   (b) nginx -> Triton      the same request through nginx (upstream keep-alive)
   (c) gateway, cache miss  POST /v1/predictions, a new customer_id every request
+  (f) gateway, cache miss, one model   as (c), on a second gateway whose policy sends every
+                           request to churn_gbm alone (no 90/10 split, no shadows): like for
+                           like with (a)
   (d) gateway, cache hit   the same body every request
   (e) gateway, degraded    every model errors, breakers open, the CEL rules answer
 
@@ -26,12 +29,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import yaml
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `gateway` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -69,6 +75,7 @@ CASES = (
     Case("a", "direct Triton", "triton"),
     Case("b", "nginx → Triton", "nginx"),
     Case("c", "gateway, cache miss", "gateway"),
+    Case("f", "gateway, miss, one model", "gateway"),
     Case("d", "gateway, cache hit", "gateway"),
     Case("e", "gateway, degraded (rules)", "gateway"),
 )
@@ -136,6 +143,43 @@ class Stack:
                 with contextlib.suppress(Exception):
                     server.stop()
 
+    @contextlib.contextmanager
+    def one_model_gateway(self, log: Log) -> Iterator[None]:
+        """For case (f): a second gateway, started as the first, whose policy sends every
+        request to the primary model alone; `self.gateway` is it until the block ends."""
+        assert self.triton is not None
+        with tempfile.TemporaryDirectory(prefix="aigw-bench-one-model-") as tmp:
+            policies = one_model_policies(self.policies or REPO / "policies", Path(tmp))
+            second = Gateway(
+                self.triton.http_url,
+                event_loop=self.gateway_event_loop,
+                workers=self.gateway_workers,
+                policies=policies,
+            )
+            first, self.gateway = self.gateway, second
+            try:
+                second.start()
+                log(f"one-model gateway ready at {second.base_url}")
+                yield
+            finally:
+                self.gateway = first
+                with contextlib.suppress(Exception):
+                    second.stop()
+
+
+def one_model_policies(source: Path, into: Path) -> Path:
+    """A copy of the policy directory where each logical model's first arm takes all traffic
+    and nothing is shadowed, so the gateway puts exactly one model's calls on Triton, as (a)
+    does. The other arms stay (routes may name them) with weight 0."""
+    for path in sorted(source.glob("*.y*ml")):
+        policy = yaml.safe_load(path.read_text())
+        for n, arm in enumerate(policy.get("arms", [])):
+            arm["weight"] = 100 if n == 0 else 0
+        policy["routes"] = []
+        policy["shadows"] = []
+        (into / path.name).write_text(yaml.safe_dump(policy, sort_keys=False))
+    return into
+
 
 @contextlib.contextmanager
 def running(stack: Stack, log: Log) -> Iterator[Stack]:
@@ -178,7 +222,7 @@ def load_for(case: Case, stack: Stack, clients: int, tag: str) -> Load:
             "static.lua",
             {"BENCH_PATH": PREDICT_PATH, "BENCH_BODY": GATEWAY_BODY},
         )
-    tenure = DEGRADED_TENURE if case.key == "e" else 24
+    tenure = DEGRADED_TENURE if case.key == "e" else 24  # (c) and (f): a model answers
     # A prefix unique to this run, case, concurrency and phase: no request ever repeats one.
     prefix = f"{case.key}{clients}-{tag}-{os.getpid()}-{int(time.time())}"
     return Load(
@@ -271,7 +315,7 @@ def check_text(case: Case, row: dict[str, object]) -> str:
     def share(name: str) -> str:
         return f"{100 * served.get(name, 0) / total:.0f}%"
 
-    if case.key == "c":
+    if case.key in ("c", "f"):
         text = (
             f"{100 - ans['cached_pct']:.1f}% computed, {ans['degraded_pct']:.1f}% degraded;"  # type: ignore[index,operator]
             f" gbm {share('churn-gbm')}, gbm-v2 {share('churn-gbm-v2')}"
@@ -550,6 +594,25 @@ def write_report(report: dict[str, object], stem: str, latest: str) -> Path:
 # ----------------------------------------------------------------------------- the modes
 
 
+@contextlib.contextmanager
+def case_setting(case: Case, stack: Stack, log: Log) -> Iterator[None]:
+    """What a case needs around its rows: (e) failing models and open breakers, undone after;
+    (f) its own one-model gateway."""
+    if case.key == "f":
+        with stack.one_model_gateway(log):
+            yield
+        return
+    if case.key != "e":
+        yield
+        return
+    try:
+        open_breakers(stack, log)
+        yield
+    finally:
+        assert stack.triton is not None
+        stack.triton.set_control("ok")
+
+
 def compare(args: argparse.Namespace, log: Log) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     stack = Stack(
@@ -565,26 +628,16 @@ def compare(args: argparse.Namespace, log: Log) -> Path:
     selected = [c for c in CASES if c.key in args.cases]
     with running(stack, log):
         for case in selected:
-            if case.key == "e":
-                open_breakers(stack, log)
-            try:
+            with case_setting(case, stack, log):
                 for clients in args.clients:
                     rows.append(measure(case, stack, clients, args.duration, args.warmup, log))
-                    if (
-                        args.profile
-                        and case.key in ("c", "d", "e")
-                        and clients == max(args.clients)
-                    ):
+                    if args.profile and case.rss_of == "gateway" and clients == max(args.clients):
                         try:
                             profiles.append(
                                 profile_gateway(case, stack, clients, args.duration, stamp, log)
                             )
                         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                             log(f"profile of ({case.key}) skipped: {exc}")
-            finally:
-                if case.key == "e":
-                    assert stack.triton is not None
-                    stack.triton.set_control("ok")
     add_ratios(rows)
     report: dict[str, object] = {
         "started": stamp,
@@ -961,7 +1014,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[1, 64],
         help="concurrent clients (connections), comma-separated (default 1,64)",
     )
-    p.add_argument("--cases", default="abcde", help="which cases to run (default abcde)")
+    p.add_argument("--cases", default="abcfde", help="which cases to run (default abcfde)")
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument(
         "--gateway-event-loop",
@@ -1000,7 +1053,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.duration = args.duration or (5.0 if args.quick else 15.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
-    args.cases = "".join(c for c in args.cases.lower() if c in "abcde")
+    args.cases = "".join(c for c in args.cases.lower() if c in "abcdef")
     if "a" not in args.cases:
         args.cases = "a" + args.cases  # every ratio is to (a)
     return args
