@@ -211,13 +211,13 @@ class MemoryJobs:
             job = await self._queue.get()
             try:
                 await self._answer(job)
-            except Exception:
+            except Exception as error:
                 # A bug, not an outage (those are retried in _answer): the job cannot be
-                # answered; it is logged and forgotten rather than retried forever.
+                # answered; it is logged and kept as failed rather than retried forever, so
+                # its caller learns it will never be answered instead of finding it unknown.
                 log.exception("job failed", extra={"prediction_id": job.prediction_id})
-                self._pending.pop(job.prediction_id, None)
-                if self._siblings is not None:
-                    self._siblings.clear(job.prediction_id)
+                reason = f"failed: {error!r}"[:2000]
+                self._keep(JobOutcome(job.prediction_id, job.tenant, "failed", reason=reason))
             finally:
                 self._queue.task_done()
 
@@ -237,15 +237,17 @@ class MemoryJobs:
         self._finish(job, answer.envelope())
 
     def _finish(self, job: Job, envelope: Mapping[str, Any]) -> None:
-        # Kept before it stops being pending, with no await between: never seen as unknown.
-        done = JobOutcome(job.prediction_id, job.tenant, "done", envelope)
-        self._kept.put(done, self._clock())
-        self._pending.pop(job.prediction_id, None)
-        if self._siblings is not None:
-            self._siblings.clear(job.prediction_id)
+        self._keep(JobOutcome(job.prediction_id, job.tenant, "done", envelope))
         self.answered += 1
         if job.callback_url and self._callbacks is not None:
             self._callbacks.schedule(job.prediction_id, job.callback_url, envelope)
+
+    def _keep(self, outcome: JobOutcome) -> None:
+        # Kept before it stops being pending, with no await between: never seen as unknown.
+        self._kept.put(outcome, self._clock())
+        self._pending.pop(outcome.prediction_id, None)
+        if self._siblings is not None:
+            self._siblings.clear(outcome.prediction_id)
 
 
 def jobs_backend(settings: Settings) -> JobBackend:

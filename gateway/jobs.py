@@ -22,7 +22,7 @@ from gateway.pipeline import Answer, PredictionInput, predict
 from gateway.problems import FieldError
 from gateway.runtime import Runtime
 
-JobStatus = Literal["pending", "done"]
+JobStatus = Literal["pending", "done", "failed"]
 
 
 class JobRejected(Exception):
@@ -73,12 +73,14 @@ class Job:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What `GET /v1/predictions/{id}` reports: pending, or the envelope once answered."""
+    """What `GET /v1/predictions/{id}` reports: pending, the envelope once answered, or that
+    the job failed every attempt and will never be answered (`reason` says why, for logs)."""
 
     prediction_id: str
     tenant: str
     status: JobStatus
     envelope: Mapping[str, Any] | None = None
+    reason: str | None = None
 
 
 class JobBackend(Protocol):

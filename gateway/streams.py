@@ -10,6 +10,7 @@ Keys, per logical model `M` and prediction `P`:
     aigw:dead:M         entries that can never be answered, with the reason
     aigw:result:P       the stored outcome (JSON), kept `result_ttl_s`: what `outcome()` reads
     aigw:pending:P      a job submitted through `StreamJobs.submit` and not yet answered
+    aigw:failed:P       a job dead-lettered after every attempt failed, kept `result_ttl_s`
 
 A request entry has either a field `job` (the JSON of a `gateway.jobs.Job`, as `submit`
 writes it) or a field `request` (the body of `POST /v1/predictions`, as a business system
@@ -78,6 +79,10 @@ def result_key(prediction_id: str) -> str:
 
 def pending_key(prediction_id: str) -> str:
     return f"aigw:pending:{prediction_id}"
+
+
+def failed_key(prediction_id: str) -> str:
+    return f"aigw:failed:{prediction_id}"
 
 
 @dataclass(frozen=True)
@@ -281,15 +286,26 @@ def result_record(job: Job, envelope: Mapping[str, Any], entry_id: str) -> bytes
 
 
 def outcome_from(
-    prediction_id: str, stored: bytes | None, pending: bytes | None
+    prediction_id: str, stored: bytes | None, pending: bytes | None, failed: bytes | None = None
 ) -> JobOutcome | None:
-    """The outcome `outcome()` reports from the two keys' values."""
+    """The outcome `outcome()` reports from the three keys' values.
+
+    A stored result wins over a failure: a slow worker may still answer an entry after the
+    one that claimed it gave up on it."""
     if stored is not None:
         record = orjson.loads(stored)
         return JobOutcome(prediction_id, record["tenant"], "done", record["envelope"])
     if pending is not None:
         return JobOutcome(prediction_id, orjson.loads(pending)["tenant"], "pending")
+    if failed is not None:
+        record = orjson.loads(failed)
+        return JobOutcome(prediction_id, record["tenant"], "failed", reason=record["reason"])
     return None
+
+
+def failure_record(tenant: str, error: Mapping[str, Any]) -> bytes:
+    """What the failed marker keeps: whose job it was, and why it failed (for operators)."""
+    return orjson.dumps({"tenant": tenant, "reason": str(error.get("detail", ""))[:2000]})
 
 
 def stream_id(value: bytes | str) -> tuple[int, int]:
@@ -338,16 +354,20 @@ redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 return stored
 """
 
-# KEYS: dead-letter stream, request stream, [pending marker].
-# ARGV: group, entry id, error JSON, entry JSON, attempts, maxlen, consumer, prediction id.
+# KEYS: dead-letter stream, request stream, [pending marker, failed marker].
+# ARGV: group, entry id, error JSON, entry JSON, attempts, maxlen, consumer, prediction id,
+#       [failure record JSON, ttl_s].
 # Only an entry still pending is dead-lettered: two workers holding one entry (a slow one and
-# the one that claimed it) write one dead letter. Returns 1 when this call wrote it.
+# the one that claimed it) write one dead letter. The job's pending marker becomes a failed
+# one in the same step, so a caller polling its id never finds it unknown. Returns 1 when
+# this call wrote it.
 DEAD_LETTER = """
 if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*',
            'entry_id', ARGV[2], 'error', ARGV[3], 'entry', ARGV[4], 'attempts', ARGV[5],
            'consumer', ARGV[7], 'prediction_id', ARGV[8])
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[10]) end
 return 1
 """
 
@@ -402,10 +422,10 @@ class StreamStore:
         return entry_id.decode()
 
     async def outcome(self, prediction_id: str) -> JobOutcome | None:
-        stored, pending = await self.redis.mget(
-            result_key(prediction_id), pending_key(prediction_id)
+        stored, pending, failed = await self.redis.mget(
+            result_key(prediction_id), pending_key(prediction_id), failed_key(prediction_id)
         )
-        return outcome_from(prediction_id, stored, pending)
+        return outcome_from(prediction_id, stored, pending, failed)
 
     async def has_result(self, prediction_id: str) -> bool:
         return bool(await self.redis.exists(result_key(prediction_id)))
@@ -463,19 +483,21 @@ class StreamStore:
         delivery: Delivery,
         error: Mapping[str, Any],
         consumer: str,
-        prediction_id: str | None = None,
+        job: Job | None = None,
     ) -> bool:
-        """Move the entry to the dead-letter stream with its error, and ack it, at once.
+        """Move the entry to the dead-letter stream with its error, and ack it, at once; the
+        job, when the entry parsed as one, is then reported failed for the result TTL.
 
         False when the entry was no longer pending (another worker had settled it)."""
         keys = [dead_stream(model_id), request_stream(model_id)]
-        if prediction_id:
-            keys.append(pending_key(prediction_id))
         args = [
             GROUP, delivery.entry_id, orjson.dumps(dict(error)),
             entry_copy(delivery.fields, self.config.max_entry_bytes), delivery.deliveries,
-            DEAD_LETTER_MAXLEN, consumer, prediction_id or "",
+            DEAD_LETTER_MAXLEN, consumer, job.prediction_id if job else "",
         ]  # fmt: skip
+        if job is not None:
+            keys += [pending_key(job.prediction_id), failed_key(job.prediction_id)]
+            args += [failure_record(job.tenant, error), self.config.result_ttl_s]
         return bool(await self._dead(keys=keys, args=args))
 
     async def backlog(self, model_id: str) -> tuple[int, int]:

@@ -268,8 +268,7 @@ class StreamWorker:
             log.error("stream worker: entry failed every attempt; dead letter", extra=extra)
             detail = f"failed {delivery.deliveries} times; last error: {error!r}"[:2000]
             error_doc = {"detail": detail, "errors": []}
-            prediction_id = job.prediction_id if job else None
-            return await self._dead_letter(delivery, error_doc, prediction_id, "dead")
+            return await self._dead_letter(delivery, error_doc, job, "dead")
         log.warning("stream worker: job failed; left pending for a retry", extra=extra)
         if is_transient(error):
             # The audit log or Redis is down: stop taking entries that would fail the same way.
@@ -281,12 +280,12 @@ class StreamWorker:
         self,
         delivery: Delivery,
         error: Mapping[str, Any],
-        prediction_id: str | None,
+        job: Job | None,
         outcome: str,
     ) -> str:
         try:
             written = await self.store.dead_letter(
-                self.model_id, delivery, error, self.consumer, prediction_id
+                self.model_id, delivery, error, self.consumer, job
             )
         except Exception as failure:  # the entry stays pending: dead-lettered on a later try
             log.warning("stream worker: dead letter not written", extra=self._extra(failure))

@@ -19,6 +19,8 @@ from gateway.streams import (
     StreamStore,
     dead_stream,
     derived_prediction_id,
+    failed_key,
+    failure_record,
     outcome_from,
     parse_entry,
     pending_key,
@@ -172,23 +174,36 @@ def test_how_often_abandoned_entries_are_looked_for(idle_ms, interval_s):
     assert claim_interval_s(idle_ms) == interval_s
 
 
+FAILED = failure_record("acme", {"detail": "failed 3 times; last error: KeyError()"})
+
+
 @pytest.mark.parametrize(
-    ("stored", "pending", "expected"),
+    ("stored", "pending", "failed", "expected"),
     [
-        (None, None, None),
-        (None, b'{"tenant": "acme"}', ("pending", "acme", None)),
-        (orjson.dumps({"tenant": "acme", "envelope": ENVELOPE}), None, ("done", "acme", ENVELOPE)),
-        (orjson.dumps({"tenant": "t", "envelope": ENVELOPE}), b'{"tenant":"t"}',
+        (None, None, None, None),
+        (None, b'{"tenant": "acme"}', None, ("pending", "acme", None)),
+        (orjson.dumps({"tenant": "acme", "envelope": ENVELOPE}), None, None,
+         ("done", "acme", ENVELOPE)),
+        (orjson.dumps({"tenant": "t", "envelope": ENVELOPE}), b'{"tenant":"t"}', None,
          ("done", "t", ENVELOPE)),
+        (None, None, FAILED, ("failed", "acme", None)),
+        # A slow worker answered after another gave the entry up: the answer is what counts.
+        (orjson.dumps({"tenant": "acme", "envelope": ENVELOPE}), None, FAILED,
+         ("done", "acme", ENVELOPE)),
     ],
 )  # fmt: skip
-def test_outcome_from_the_stored_keys(stored, pending, expected):
-    """A stored result wins over the pending marker; neither means an unknown id."""
-    outcome = outcome_from(PID, stored, pending)
+def test_outcome_from_the_stored_keys(stored, pending, failed, expected):
+    """A stored result wins over the pending and failed markers; none means an unknown id."""
+    outcome = outcome_from(PID, stored, pending, failed)
     if expected is None:
         assert outcome is None
     else:
         assert (outcome.status, outcome.tenant, outcome.envelope) == expected
+
+
+def test_a_failure_record_keeps_the_tenant_and_a_bounded_reason():
+    record = orjson.loads(failure_record("acme", {"detail": "x" * 5000, "errors": []}))
+    assert record["tenant"] == "acme" and record["reason"] == "x" * 2000
 
 
 @pytest.mark.parametrize(
@@ -291,6 +306,24 @@ async def test_a_dead_letter_is_written_and_acknowledged_at_once(store, model_id
     assert orjson.loads(fields[b"entry"]) == {"request": BODY.decode()}
     assert fields[b"entry_id"] == delivery.entry_id.encode() and fields[b"attempts"] == b"1"
     assert (await store.redis.xpending(request_stream(model_id), GROUP))["pending"] == 0
+    assert not await store.redis.keys("aigw:failed:*")  # no job parsed from it: none failed
+
+
+async def test_a_dead_lettered_job_reads_as_failed_never_as_unknown(store, model_id):
+    """A job given up on turns from pending into failed in the same step, for its tenant."""
+    await store.ensure_group(model_id)
+    pid = str(uuid.uuid4())
+    job = Job(pid, model_id, {}, tenant="acme")
+    await store.submit(job)
+    assert (await store.outcome(pid)).status == "pending"
+    [delivery] = await store.read(model_id, "c1", 10, None)
+    error = {"detail": "failed 3 times; last error: RuntimeError('boom')", "errors": []}
+    assert await store.dead_letter(model_id, delivery, error, "c1", job)
+    outcome = await store.outcome(pid)
+    assert (outcome.status, outcome.tenant, outcome.envelope) == ("failed", "acme", None)
+    assert "boom" in outcome.reason
+    assert await store.redis.ttl(failed_key(pid)) > 0  # kept as long as a result would be
+    assert not await store.redis.exists(pending_key(pid))
 
 
 async def test_claiming_takes_over_idle_entries_with_their_delivery_counts(redis_server, model_id):

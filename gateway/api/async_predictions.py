@@ -130,6 +130,8 @@ async def get_prediction(request: Request, prediction_id: str) -> Response:
             raise _unknown()  # another tenant's job: not found, as though it did not exist
         if outcome.status == "pending":
             return json_response({"prediction_id": prediction_id, "status": "pending"}, 202)
+        if outcome.status == "failed":
+            raise _failed()
         return json_response(envelope_of(outcome.envelope or {}))
     # A scan of the log files: off the event loop, as it reads disk.
     record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
@@ -155,6 +157,17 @@ def _store_unavailable() -> Problem:
     return Problem(
         503, "jobs-unavailable", "Job store unavailable", "retry later",
         headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+def _failed() -> Problem:
+    # 404 as the contract has always said for an id with no answer, typed so a caller can tell
+    # "never answered, resubmit" from "wrong id". Why it failed is for operators (the logs and
+    # the dead-letter stream), not callers.
+    return Problem(
+        404, "prediction-failed", "Prediction failed",
+        "the request was accepted but failed every attempt and will not be answered; "
+        "submit it again",
     )  # fmt: skip
 
 

@@ -154,6 +154,26 @@ async def test_a_job_whose_record_cannot_be_written_is_retried_not_dropped(tmp_p
     assert [r["prediction_id"] for r in audit_records(tmp_path)] == [accepted["prediction_id"]]
 
 
+async def test_a_job_that_fails_with_a_bug_reads_as_failed_not_unknown(tmp_path):
+    """Not an outage, a bug: the job is not retried forever, and its id says it failed."""
+    async with gateway(audit_dir=tmp_path) as (app, client):
+
+        async def broken_append(record: Any, **options: Any) -> str:
+            raise RuntimeError("boom")  # stands in for a bug on the job's path
+
+        app.state.runtime.audit.append = broken_append
+        accepted = (await client.post("/v1/predictions:async", json=CHURN_REQUEST)).json()
+        result = await answered(client, accepted["status_url"])
+        unknown = await client.get(f"/v1/predictions/{'0' * 8}-0000-4000-8000-{'0' * 12}")
+    assert result.status_code == 404
+    assert result.headers["content-type"] == "application/problem+json"
+    problem = result.json()
+    assert problem["type"].endswith(":prediction-failed")
+    assert "submit it again" in problem["detail"] and "boom" not in json.dumps(problem)
+    assert unknown.json()["type"].endswith(":unknown-prediction")
+    assert audit_records(tmp_path) == []
+
+
 async def test_a_full_queue_refuses_with_503_and_retry_after():
     """Queue of one, one worker held: later submits get 503 problem+json; accepted ones finish."""
     async with gateway(jobs_queue_max=1, jobs_workers=1) as (app, client):

@@ -396,9 +396,12 @@ async def test_an_entry_failing_every_attempt_becomes_a_dead_letter_with_its_err
         [(_, letter)] = await client.xrange(DEAD)
         assert letter[b"entry_id"] == entry_id and letter[b"attempts"] == b"3"
         assert "failed 3 times" in orjson.loads(letter[b"error"])["detail"]
-        assert letter[b"prediction_id"] == derived_prediction_id(MODEL, entry_id.decode()).encode()
+        prediction_id = derived_prediction_id(MODEL, entry_id.decode())
+        assert letter[b"prediction_id"] == prediction_id.encode()
         assert await pending_count(client) == 0 and await client.xlen(RESULTS) == 0
         assert worker.counts["retry"] == 2 and worker.counts["dead"] == 1
+        outcome = await worker.store.outcome(prediction_id)  # what GET /v1/predictions/{id} reads
+        assert outcome.status == "failed" and "failed 3 times" in outcome.reason
 
 
 async def _dead_at_least(client: aioredis.Redis, n: int) -> bool:
