@@ -11,9 +11,15 @@ Connection errors, timeouts, 5xx and 429 are retried with capped exponential bac
 jitter up to a bound of attempts; any other status is final. Redirects are not followed: a
 redirect could lead past the host allow-list.
 
-The URL is the caller's, so it can point anywhere the gateway can reach (SSRF: cloud metadata
-addresses, the admin port, internal services). Production deployments should set
-`AIGW_CALLBACK_ALLOWED_HOSTS` and egress rules; the check here runs at submit time.
+The URL is the caller's, so it could point anywhere the gateway can reach (SSRF: cloud
+metadata addresses, the admin port, internal services). Two checks stand in the way. At
+submit, a host outside `AIGW_CALLBACK_ALLOWED_HOSTS` (when set) or an address literal that is
+not public is refused, naming the field. At delivery, a host the allow-list does not name is
+resolved by the gateway itself and connected to only at a public address, the one checked
+(`PublicDestinations`): a name that resolves to loopback, a private network, link-local (the
+metadata service) and the like is refused, also when its DNS answer changes between the
+submit and the delivery (DNS rebinding). Hosts the operator lists are trusted wherever they
+resolve: that is how internal receivers are allowed. Egress rules are still worth having.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import random
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 import orjson
 
@@ -59,7 +68,9 @@ CALLBACK_URL_PATTERN = (
 )
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 
-Outcome = str  # delivered | retry | rejected | exhausted | dropped: the metric's label values
+# delivered | retry | rejected | refused | exhausted | dropped: the metric's label values
+# (refused: the destination is not a public address and the allow-list does not name it).
+Outcome = str
 
 
 # ---- signatures: pure functions ------------------------------------------------------------
@@ -139,6 +150,31 @@ def host_allowed(host: str, allowed: Collection[str]) -> bool:
     return any(host == a or (a.startswith(".") and host.endswith(a)) for a in allowed)
 
 
+def is_public_address(text: str) -> bool:
+    """An address on the public internet: not loopback, private, link-local, shared (CGNAT),
+    multicast, reserved or unspecified, also when written as IPv4-mapped IPv6."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # a zone index is link-local anyway
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def is_address_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def host_listed(host: str, allowed: Collection[str]) -> bool:
+    """The operator names this host in the allow-list (an empty list names none)."""
+    return bool(allowed) and host_allowed(host, allowed)
+
+
 def callback_url_error(value: Any, *, enabled: bool, allowed: Collection[str]) -> FieldError | None:
     """Why `callback_url` cannot be accepted, naming the field; None when it can."""
     pointer = "/callback_url"
@@ -150,9 +186,78 @@ def callback_url_error(value: Any, *, enabled: bool, allowed: Collection[str]) -
         return FieldError(pointer, "must be an http or https URL with a host name, no user info")
     if not enabled:
         return FieldError(pointer, "callbacks are not enabled on this gateway")
-    if not host_allowed(httpx.URL(value).host, allowed):
+    host = httpx.URL(value).host
+    if not host_allowed(host, allowed):
         return FieldError(pointer, "this host is not allowed to receive callbacks")
+    if is_address_literal(host) and not is_public_address(host) and not host_listed(host, allowed):
+        return FieldError(pointer, "this address is not public; an operator may allow it by name")
     return None
+
+
+# ---- where a delivery may connect ----------------------------------------------------------
+
+
+class DestinationRefused(httpcore.ConnectError):
+    """The callback host resolved to no public address and the allow-list does not name it."""
+
+
+class PublicDestinations(httpcore.AsyncNetworkBackend):
+    """Connects callbacks only to public addresses, except to hosts the operator listed.
+
+    The gateway resolves the name itself and connects to the very address it checked, so a
+    DNS answer cannot change between the check and the connection; TLS still verifies the
+    certificate against the host name (httpcore passes the URL's host as server_hostname).
+    """
+
+    def __init__(self, listed: Collection[str], inner: httpcore.AsyncNetworkBackend) -> None:
+        self._listed = listed
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if not host_listed(host, self._listed):
+            host = await self._public_address(host, port, timeout)
+        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+
+    async def _public_address(self, host: str, port: int, timeout: float | None) -> str:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as error:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {error!r}") from error
+        for _family, _type, _proto, _name, sockaddr in found:
+            if is_public_address(str(sockaddr[0])):
+                return str(sockaddr[0])
+        raise DestinationRefused(f"{host} resolves to no public address")
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise DestinationRefused("callbacks go over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport with its connection pool built on `PublicDestinations`."""
+
+    def __init__(self, listed: Collection[str], limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        # httpx (0.18 to 0.28 at least) keeps its httpcore pool here and offers no option for
+        # a network backend; tests/test_callbacks.py fails if that ever stops applying.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PublicDestinations(listed, httpcore.AnyIOBackend()),
+        )
 
 
 # ---- delivery ------------------------------------------------------------------------------
@@ -188,7 +293,7 @@ class CallbackSender:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
-        transport: httpx.AsyncBaseTransport | None = None,
+        allowed: Collection[str] = (),
     ) -> None:
         self._key = key
         self._max_attempts = max_attempts
@@ -200,8 +305,11 @@ class CallbackSender:
         self._client = httpx.AsyncClient(
             timeout=timeout_s,
             follow_redirects=False,
-            transport=transport,
+            transport=_GuardedTransport(allowed, httpx.Limits()),
             headers={"User-Agent": "aigw-callbacks/1"},
+            # No proxy or netrc from the environment: a proxy would make the connection the
+            # destination check sees (the proxy's), not the receiver's.
+            trust_env=False,
         )
         self._tasks: set[asyncio.Task[Delivery]] = set()
 
@@ -236,7 +344,12 @@ class CallbackSender:
     async def _deliver(self, prediction_id: str, url: str, body: bytes) -> Delivery:
         status: int | None = None
         for attempt in range(1, self._max_attempts + 1):
-            status, wait_hint = await self._attempt(prediction_id, url, body, attempt)
+            try:
+                status, wait_hint = await self._attempt(prediction_id, url, body, attempt)
+            except DestinationRefused as refused:
+                log.warning("callback refused", extra={"prediction_id": prediction_id,
+                                                       "reason": str(refused)})  # fmt: skip
+                return self._end("refused", attempt, None)
             if status is not None and 200 <= status < 300:
                 return self._end("delivered", attempt, status)
             if not is_retryable(status):
@@ -256,6 +369,8 @@ class CallbackSender:
         try:
             response = await self._client.post(url, content=body, headers=headers)
         except (httpx.HTTPError, httpx.InvalidURL) as error:  # refused, DNS, timeouts, bad URL
+            if isinstance(error.__cause__, DestinationRefused):
+                raise error.__cause__ from None  # final: the address will not become public
             log.info("callback attempt failed", extra={"prediction_id": prediction_id,
                                                        "error": type(error).__name__})  # fmt: skip
             return None, None
@@ -294,4 +409,5 @@ def callback_sender(
         backoff_max_s=settings.callback_backoff_max_s,
         max_pending=settings.callback_max_pending,
         observe=observe,
+        allowed=allowed_hosts(settings.callback_allowed_hosts),
     )

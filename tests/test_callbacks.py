@@ -14,6 +14,7 @@ from gateway.callbacks import (
     allowed_hosts,
     callback_url_error,
     host_allowed,
+    is_public_address,
     is_retryable,
     retry_after_s,
     retry_delay,
@@ -149,8 +150,12 @@ def test_hosts_must_be_listed_or_under_a_listed_domain(host, allowed, ok):
     ("value", "enabled", "allowed", "error"),
     [
         ("https://hooks.example.com/aigw?x=1", True, (), None),
-        ("http://127.0.0.1:8443/cb", True, (), None),
-        ("http://localhost/cb", True, (), None),
+        ("http://127.0.0.1:8443/cb", True, (), "not public"),
+        ("http://127.0.0.1:8443/cb", True, ("127.0.0.1",), None),
+        ("http://10.0.0.5/hook", True, (), "not public"),
+        ("http://169.254.169.254/latest", True, (), "not public"),  # cloud metadata
+        ("http://8.8.8.8/hook", True, (), None),
+        ("http://localhost/cb", True, (), None),  # a name: checked where it resolves, at delivery
         ("https://hooks.example.com/cb", True, ("hooks.example.com",), None),
         ("https://evil.example.net/cb", True, ("hooks.example.com",), "not allowed"),
         ("https://hooks.example.com/cb", False, (), "not enabled"),
@@ -197,9 +202,9 @@ def test_the_contract_declares_the_pattern_the_gateway_enforces():
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.from_regex(CALLBACK_URL_PATTERN, fullmatch=True).filter(lambda u: len(u) <= 2048))
 def test_every_url_the_contract_allows_is_accepted_and_parses(url):
-    """No URL the contract accepts is refused at submit or unreadable for the HTTP client."""
-    assert callback_url_error(url, enabled=True, allowed=()) is None
-    httpx.URL(url)
+    """No URL the contract accepts is refused at submit to a host the operator allows (an
+    address literal must also be public unless listed), or unreadable for the HTTP client."""
+    assert callback_url_error(url, enabled=True, allowed=(httpx.URL(url).host,)) is None
 
 
 # ---- delivery to a real receiver ---------------------------------------------------------------
@@ -220,7 +225,10 @@ class Recorder:
 
 
 def sender(recorder: Recorder, **options: object) -> CallbackSender:
-    defaults: dict[str, object] = {"max_attempts": 4, "timeout_s": 2.0, "backoff_s": 0.5}
+    # The receivers listen on loopback, which only a listed host may reach.
+    defaults: dict[str, object] = {
+        "max_attempts": 4, "timeout_s": 2.0, "backoff_s": 0.5, "allowed": ("127.0.0.1",),
+    }  # fmt: skip
     return CallbackSender(
         KEY,
         sleep=recorder.sleep,
@@ -307,7 +315,9 @@ async def test_close_cancels_deliveries_still_retrying():
         await asyncio.sleep(60)
 
     async with Receiver([503] * 10) as receiver:
-        callbacks = CallbackSender(KEY, sleep=long_sleep, observe=recorder.observe)
+        callbacks = CallbackSender(
+            KEY, sleep=long_sleep, observe=recorder.observe, allowed=("127.0.0.1",)
+        )
         callbacks.schedule("p-7", receiver.url, {"prediction_id": "p-7"})
         for _ in range(200):
             if receiver.received:
@@ -316,3 +326,49 @@ async def test_close_cancels_deliveries_still_retrying():
         await callbacks.close(timeout_s=0.1)
     assert callbacks.pending == 0
     assert recorder.outcomes == ["retry", "dropped"]
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True), ("1.1.1.1", True), ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False), ("127.8.9.10", False), ("::1", False), ("0.0.0.0", False),
+        ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # shared address space (CGNAT)
+        ("fe80::1", False), ("fe80::1%eth0", False), ("fc00::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
+        ("224.0.0.1", False), ("ff02::1", False), ("240.0.0.1", False),
+        ("not-an-address", False), ("", False),
+    ],
+)  # fmt: skip
+def test_which_addresses_count_as_public(address, public):
+    assert is_public_address(address) is public
+
+
+async def test_an_unlisted_loopback_receiver_is_refused_without_a_connection():
+    """No allow-list: 127.0.0.1 and names resolving to it are refused at once, never retried."""
+    recorder = Recorder()
+    async with Receiver() as receiver:
+        callbacks = sender(recorder, allowed=())
+        by_address = await callbacks.deliver("p-8", receiver.url, BODY)
+        by_name = await callbacks.deliver(
+            "p-9", receiver.url.replace("127.0.0.1", "localhost"), BODY
+        )
+        await callbacks.close()
+    assert (by_address.outcome, by_address.attempts) == ("refused", 1)
+    assert (by_name.outcome, by_name.attempts) == ("refused", 1)
+    assert receiver.received == [] and recorder.waits == []
+    assert recorder.outcomes == ["refused", "refused"]
+
+
+async def test_a_listed_name_is_trusted_wherever_it_resolves():
+    """`localhost` listed: the operator allowed it, so its loopback address is fine."""
+    recorder = Recorder()
+    async with Receiver() as receiver:
+        callbacks = sender(recorder, allowed=("localhost",))
+        delivery = await callbacks.deliver(
+            "p-10", receiver.url.replace("127.0.0.1", "localhost"), BODY
+        )
+        await callbacks.close()
+    assert delivery.outcome == "delivered" and len(receiver.received) == 1

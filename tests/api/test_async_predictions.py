@@ -429,7 +429,10 @@ async def test_the_explanation_moved_and_still_needs_audit_read(tenant_keys, tmp
 
 async def test_a_job_with_a_callback_url_posts_its_signed_envelope_there():
     """The receiver gets the polled envelope, once, signed with AIGW_CALLBACK_KEY; counted."""
-    async with Receiver([503]) as receiver, gateway(callback_backoff_s=0.01) as (_, client):
+    async with (
+        Receiver([503]) as receiver,
+        gateway(callback_backoff_s=0.01, callback_allowed_hosts="127.0.0.1") as (_, client),
+    ):
         submitted = await client.post(
             "/v1/predictions:async", json={**CHURN_REQUEST, "callback_url": receiver.url}
         )
@@ -499,3 +502,21 @@ def test_the_async_request_schema_is_the_sync_one_plus_callback_url():
         assert properties.pop("callback_url") == {"$ref": "#/components/schemas/CallbackUrl"}
         assert properties == plain["properties"]
         assert with_callback == {k: v for k, v in plain.items() if k != "properties"}
+
+
+async def test_a_callback_to_an_unlisted_loopback_name_is_refused_at_delivery():
+    """`localhost` passes the submit check (a name), but resolves to loopback: never sent."""
+    async with Receiver() as receiver, gateway() as (_, client):
+        url = receiver.url.replace("127.0.0.1", "localhost")
+        submitted = await client.post(
+            "/v1/predictions:async", json={**CHURN_REQUEST, "callback_url": url}
+        )
+        assert submitted.status_code == 202
+        assert (await answered(client, submitted.json()["status_url"])).status_code == 200
+        for _ in range(200):
+            metrics = (await client.get("/metrics")).text
+            if 'outcome="refused"' in metrics:
+                break
+            await asyncio.sleep(0.01)
+    assert 'aigw_callback_deliveries_total{outcome="refused"} 1.0' in metrics
+    assert receiver.received == []

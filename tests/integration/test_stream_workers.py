@@ -433,7 +433,7 @@ async def test_a_jobs_callback_is_sent_once_its_result_is_stored(redis_db, trito
 
     url, client = redis_db
     env = {"AIGW_TRITON_URL": triton.http_url}
-    sender = CallbackSender(b"k" * 32, max_attempts=2, backoff_s=0.05)
+    sender = CallbackSender(b"k" * 32, max_attempts=2, backoff_s=0.05, allowed=("127.0.0.1",))
     hook = callback_hook(sender, settings_for(REPO, callback_allowed_hosts="127.0.0.1"))
     try:
         async with Receiver() as receiver, in_process_worker(url, env, StreamConfig(), hook):
