@@ -54,6 +54,9 @@ class Job:
     callback_url: str | None = None
     timeout_ms: int | None = None
     submitted_at: float = field(default_factory=time.time)
+    # The request's `x-` headers route conditions may read (routing.routing_headers), so a
+    # job is routed as the same request made synchronously would be.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -67,6 +70,7 @@ class Job:
                 "callback_url": self.callback_url,
                 "timeout_ms": self.timeout_ms,
                 "submitted_at": self.submitted_at,
+                "headers": dict(self.headers),
             }
         )
 
@@ -111,6 +115,7 @@ def job_from_request(
     trace_id: str | None = None,
     callback_url: str | None = None,
     timeout_ms: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Job:
     """A job from a prediction request body, checked against the contract (JobRejected else)."""
     violations = contracts.violations(payload)
@@ -126,6 +131,7 @@ def job_from_request(
         trace_id=trace_id,
         callback_url=callback_url,
         timeout_ms=timeout_ms,
+        headers=dict(headers or {}),
     )
 
 
@@ -138,7 +144,7 @@ async def run_job(runtime: Runtime, job: Job) -> Answer:
     request = PredictionInput(
         model_id=job.model_id,
         features=job.features,
-        headers={},
+        headers=job.headers,
         tenant=job.tenant,
         caller_timeout_ms=job.timeout_ms,
         use_cache=True,

@@ -11,7 +11,7 @@ hands. Routes, CEL conditions over features, headers and tenant, override the sp
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,20 @@ from gateway.policy import Arm, Policy
 
 BUCKETS = 10_000
 ROUTE_VARIABLES = ("features", "headers", "tenant")
+PRIVATE_HEADERS = frozenset({"x-api-key"})  # never offered to route conditions
+
+
+def routing_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The headers route conditions may read: `x-` headers, lower-cased, bounded in size.
+
+    `pairs` are (lower-case name, value) in request order; of a repeated header the last one
+    counts. A synchronous request, a job submitted over HTTP and a stream entry all carry
+    exactly these, so a route picks the same arm for the same request however it came."""
+    return {
+        name: value[:256]
+        for name, value in pairs
+        if name.startswith("x-") and len(name) <= 64 and name not in PRIVATE_HEADERS
+    }
 
 
 def bucket_of(model_id: str, sticky_value: str) -> int:

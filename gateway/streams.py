@@ -14,7 +14,8 @@ Keys, per logical model `M` and prediction `P`:
 
 A request entry has either a field `job` (the JSON of a `gateway.jobs.Job`, as `submit`
 writes it) or a field `request` (the body of `POST /v1/predictions`, as a business system
-publishes it), with optional `prediction_id` (a UUID) and `tenant`. Without a prediction id
+publishes it), with optional `prediction_id` (a UUID), `tenant` and `headers` (a JSON object
+of the `x-` headers route conditions read, as they would over HTTP). Without a prediction id
 one is derived from the stream and the entry id, so a redelivered entry keeps its id.
 
 Delivery is at least once; results are exactly once per prediction id. `STORE_RESULT` writes
@@ -48,6 +49,7 @@ from gateway.body import parse_json
 from gateway.contracts import ContractSet
 from gateway.jobs import Backpressure, Job, JobOutcome, JobRejected, job_from_request
 from gateway.problems import FieldError, Problem
+from gateway.routing import routing_headers
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
@@ -171,7 +173,12 @@ def _request_entry(
         else _uuid_field(given_id, "/prediction_id")
     )
     tenant = _tenant_field(text.get("tenant", "default"), "/tenant")
-    job = _validated(contracts, body, "/request", prediction_id=prediction_id, tenant=tenant)
+    headers: dict[str, str] = {}
+    if "headers" in text:  # optional: the x- headers the request would have had over HTTP
+        headers = _headers_field(_json_field(text, "headers", config), "/headers")
+    job = _validated(
+        contracts, body, "/request", prediction_id=prediction_id, tenant=tenant, headers=headers
+    )
     _check_model(job, model_id, "/request/model_id")
     return job
 
@@ -187,6 +194,7 @@ def _job_entry(contracts: ContractSet, model_id: str, raw: str, config: StreamCo
         "trace_id": _text_option(data, "trace_id", None),
         "callback_url": _text_option(data, "callback_url", None),
         "timeout_ms": _timeout(data.get("timeout_ms")),
+        "headers": _headers_field(data.get("headers"), "/job/headers"),
     }
     body = {"model_id": data.get("model_id"), "features": data.get("features")}
     job = _validated(contracts, body, "/job", **options)
@@ -244,6 +252,15 @@ def _text_option(data: dict, name: str, default: str | None) -> str | None:
     if isinstance(value, str) and len(value) <= 2048:
         return value
     return _refuse(f"/job/{name}", "a string of at most 2048 characters, or null")
+
+
+def _headers_field(value: Any, pointer: str) -> dict[str, str]:
+    """An entry's request headers (a JSON object of strings, or absent): those routes read."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        return _refuse(pointer, "an object of header names to string values")
+    return routing_headers((name.lower(), text) for name, text in value.items())
 
 
 def _timeout(value: Any) -> int | None:

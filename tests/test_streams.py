@@ -92,8 +92,27 @@ def test_a_job_survives_the_round_trip_through_its_json():
     """`Job.to_json()` as `submit` publishes it parses back to the same job."""
     job = Job(PID, MODEL, CHURN_REQUEST["features"], tenant="acme", request_id="r-1",
               trace_id="ab" * 16, callback_url="https://example.invalid/cb", timeout_ms=300,
-              submitted_at=1700000000.5)  # fmt: skip
+              submitted_at=1700000000.5, headers={"x-customer-tier": "premium"})  # fmt: skip
     assert parse_entry(CONTRACTS, MODEL, "1-0", {b"job": job.to_json()}) == job
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"X-Customer-Tier": "premium"}, {"x-customer-tier": "premium"}),
+        ({"x-a": "1", "content-type": "text/plain"}, {"x-a": "1"}),  # routes read x- only
+        ({"x-api-key": "secret"}, {}),  # never offered to route conditions
+        ({"x-long": "v" * 1000}, {"x-long": "v" * 256}),
+        ({}, {}),
+    ],
+)
+def test_an_entrys_headers_are_the_ones_routes_read_over_http(headers, expected):
+    """A stream entry may carry the request's headers; routes see what HTTP would give them."""
+    fields = {b"request": BODY, b"headers": orjson.dumps(headers)}
+    assert parse_entry(CONTRACTS, MODEL, "5-0", fields).headers == expected
+    assert parse_entry(CONTRACTS, MODEL, "5-0", {b"job": job_json(headers=headers)}).headers == (
+        expected
+    )
 
 
 def features(**changes: object) -> bytes:
@@ -130,6 +149,11 @@ def features(**changes: object) -> bytes:
         ({b"job": job_json(tenant=["a"])}, "/job/tenant"),
         ({b"job": job_json(model_id="nope")}, "/job/model_id"),
         ({b"job": job_json(features={"tenure_months": 1})}, "/job/features"),
+        ({b"request": BODY, b"headers": b"not json"}, "/headers"),
+        ({b"request": BODY, b"headers": b'["x-a"]'}, "/headers"),
+        ({b"request": BODY, b"headers": b'{"x-a": 1}'}, "/headers"),
+        ({b"job": job_json(headers="x-a: 1")}, "/job/headers"),
+        ({b"job": job_json(headers={"x-a": None})}, "/job/headers"),
     ],
 )
 def test_invalid_entries_are_rejected_naming_the_field(fields, pointer):

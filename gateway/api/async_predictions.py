@@ -26,6 +26,7 @@ from gateway.body import check_declared_length, check_media_type, parse_json, re
 from gateway.callbacks import allowed_hosts, callback_url_error
 from gateway.jobs import Backpressure, Job, JobBackend, JobRejected, job_from_request
 from gateway.problems import FieldError, Problem
+from gateway.routing import routing_headers
 from gateway.runtime import Runtime
 from gateway.tracing import current_trace_id
 
@@ -60,7 +61,10 @@ async def _submit(request: Request) -> Response:
     body = await read_limited(request.stream(), settings.max_body_bytes)
     payload = parse_json(body, settings.max_json_depth)
     state = request.scope.get("state", {})
-    job = _job(runtime, payload, principal.tenant, state.get("request_id", ""), timeout_ms)
+    job = _job(
+        runtime, payload, tenant=principal.tenant, request_id=state.get("request_id", ""),
+        timeout_ms=timeout_ms, headers=routing_headers(request.headers.items()),
+    )  # fmt: skip
     if runtime.policies.get(job.model_id) is None:
         detail = f"{job.model_id} has no policy"
         raise Problem(503, "model-unavailable", "Model unavailable", detail)
@@ -81,7 +85,13 @@ async def _submit(request: Request) -> Response:
 
 
 def _job(
-    runtime: Runtime, payload: Any, tenant: str, request_id: str, timeout_ms: int | None
+    runtime: Runtime,
+    payload: Any,
+    *,
+    tenant: str,
+    request_id: str,
+    timeout_ms: int | None,
+    headers: dict[str, str],
 ) -> Job:
     """The job in `payload`, or one 422 naming every bad field (the callback's included)."""
     errors: list[FieldError] = []
@@ -101,7 +111,7 @@ def _job(
             job = job_from_request(
                 runtime.contracts, payload, tenant=tenant,
                 request_id=request_id, trace_id=current_trace_id(),
-                callback_url=callback_url, timeout_ms=timeout_ms,
+                callback_url=callback_url, timeout_ms=timeout_ms, headers=headers,
             )  # fmt: skip
     except JobRejected as rejected:
         errors.extend(rejected.errors)

@@ -47,6 +47,7 @@ from gateway.body import (
 )
 from gateway.pipeline import Learning, PredictionInput, answer_first
 from gateway.problems import FieldError, Problem
+from gateway.routing import routing_headers
 from gateway.runtime import Runtime
 from gateway.tracing import current_trace_id
 
@@ -56,7 +57,6 @@ router = APIRouter()
 PATH = "/v1/predictions"
 SPAN_NAME = "POST /v1/predictions"
 TIMEOUT_HEADER = "x-request-timeout-ms"
-_PRIVATE_HEADERS = frozenset({"x-api-key"})  # never offered to route conditions
 MAX_CALLER_TIMEOUT_MS = 600_000
 _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -222,17 +222,6 @@ def bypasses_cache(cache_control: str | None) -> bool:
         return False
     directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
     return bool(directives & {"no-cache", "no-store"})
-
-
-def routing_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The headers route conditions may read: `x-` headers, lower-cased, bounded in size.
-
-    `pairs` are (name, value) in request order; of a repeated header the last one counts."""
-    return {
-        name: value[:256]
-        for name, value in pairs
-        if name.startswith("x-") and len(name) <= 64 and name not in _PRIVATE_HEADERS
-    }
 
 
 def caller_timeout(raw: str | None) -> int | None:

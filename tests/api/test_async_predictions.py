@@ -154,6 +154,27 @@ async def test_a_job_whose_record_cannot_be_written_is_retried_not_dropped(tmp_p
     assert [r["prediction_id"] for r in audit_records(tmp_path)] == [accepted["prediction_id"]]
 
 
+async def test_a_job_is_routed_by_its_headers_as_the_synchronous_request_is():
+    """`X-Customer-Tier: premium` takes the premium route whether asked now or later."""
+    premium = {"X-Customer-Tier": "premium", "X-API-Key": "not-a-route-input"}
+    async with gateway() as (_, client):
+        now = (await client.post("/v1/predictions", json=CHURN_REQUEST, headers=premium)).json()
+        submitted = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=premium)
+        later = (await answered(client, submitted.json()["status_url"])).json()
+        plain = await client.post("/v1/predictions:async", json=CHURN_REQUEST)
+        await answered(client, plain.json()["status_url"])
+        explained = {
+            name: (await client.get(f"/v1/predictions/{pid}/explanation")).json()
+            for name, pid in (
+                ("now", now["prediction_id"]), ("later", later["prediction_id"]),
+                ("plain", plain.json()["prediction_id"]),
+            )
+        }  # fmt: skip
+    assert explained["now"]["route"] == explained["later"]["route"] == "premium-tier"
+    assert explained["now"]["arm"] == explained["later"]["arm"] == "challenger"
+    assert explained["plain"]["route"] is None
+
+
 async def test_a_job_that_fails_with_a_bug_reads_as_failed_not_unknown(tmp_path):
     """Not an outage, a bug: the job is not retried forever, and its id says it failed."""
     async with gateway(audit_dir=tmp_path) as (app, client):
