@@ -388,6 +388,27 @@ if KEYS[4] then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[10]) end
 return 1
 """
 
+# KEYS: request stream. ARGV: group, minimum idle ms, a consumer name to forget regardless of
+# idleness ("" for none).
+# Consumers are named per process (host-pid), so every restart adds one to the group. This
+# deletes those that hold no pending entry: XGROUP DELCONSUMER would drop a consumer's pending
+# entries, which must stay claimable, and inside the script no read can hand one an entry
+# between the check and the delete. A live consumer deleted here is re-made by its next read.
+# Returns the number deleted.
+FORGET_CONSUMERS = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  local wanted = info['name'] == ARGV[3] or info['idle'] >= tonumber(ARGV[2])
+  if wanted and info['pending'] == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -414,6 +435,7 @@ class StreamStore:
         self._submit = self.redis.register_script(SUBMIT)
         self._store = self.redis.register_script(STORE_RESULT)
         self._dead = self.redis.register_script(DEAD_LETTER)
+        self._forget = self.redis.register_script(FORGET_CONSUMERS)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -538,6 +560,12 @@ class StreamStore:
         if not floors:
             return 0
         return await self.redis.xtrim(stream, minid=min(floors, key=stream_id), approximate=True)
+
+    async def forget_consumers(self, model_id: str, idle_ms: int, also: str = "") -> int:
+        """Delete the group's consumers idle `idle_ms` or more, and `also`, that hold no
+        pending entry; how many were deleted."""
+        args = [GROUP, idle_ms, also]
+        return int(await self._forget(keys=[request_stream(model_id)], args=args))
 
 
 def _text(value: bytes | str) -> str:

@@ -51,6 +51,8 @@ log = logging.getLogger("gateway.worker")
 OUTCOMES = ("answered", "duplicate", "rejected", "dead", "retry")
 BLOCK_MS = 500  # a blocking read returns this often, so a stop is noticed within it
 MAINTAIN_EVERY_S = 1.0  # backlog metrics and trimming of acknowledged entries
+FORGET_EVERY_S = 60.0  # how often a worker looks for consumers long gone
+FORGOTTEN_AFTER_MS = 3_600_000  # a consumer with nothing pending, silent this long, is deleted
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
 STOP_TIMEOUT_S = 30.0
 
@@ -111,7 +113,7 @@ class StreamWorker:
         self._task: asyncio.Task | None = None
         self._claim_cursor = "0-0"
         self._claim_every_s = claim_interval_s(self.config.claim_idle_ms)
-        self._next_claim = self._next_maintenance = 0.0
+        self._next_claim = self._next_maintenance = self._next_forget = 0.0
         self._hold_until = 0.0
         self._hold_s = MIN_BACKOFF_S
 
@@ -122,12 +124,16 @@ class StreamWorker:
         self._task = asyncio.create_task(self._run(), name=f"stream-worker-{self.model_id}")
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop reading, finish the jobs in flight (within the timeout), and return."""
+        """Stop reading, finish the jobs in flight (within the timeout), leave the group."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stopping.set()
         await task
+        await self._finish_inflight(timeout_s)
+        await self._leave_group()
+
+    async def _finish_inflight(self, timeout_s: float) -> None:
         inflight = list(self._inflight.values())
         if not inflight:
             return
@@ -136,6 +142,14 @@ class StreamWorker:
             job.cancel()
         if late:
             log.warning("stream worker: jobs cut off at stop", extra={"jobs": len(late)})
+
+    async def _leave_group(self) -> None:
+        """Delete this consumer from the group if it holds nothing (else a later worker's
+        clean-up does, once its entries were claimed): restarts must not pile up consumers."""
+        try:
+            await self.store.forget_consumers(self.model_id, FORGOTTEN_AFTER_MS, self.consumer)
+        except Exception as error:
+            log.debug("stream worker: leaving the group failed", extra=self._extra(error))
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -218,6 +232,9 @@ class StreamWorker:
             lag, pending = await self.store.backlog(self.model_id)
             self.runtime.metrics.observe_stream_backlog(self.model_id, lag, pending)
             await self.store.trim_acknowledged(self.model_id)
+            if time.monotonic() >= self._next_forget:
+                self._next_forget = time.monotonic() + FORGET_EVERY_S
+                await self.store.forget_consumers(self.model_id, FORGOTTEN_AFTER_MS)
         except Exception as error:
             log.debug("stream worker: maintenance failed", extra=self._extra(error))
 

@@ -350,6 +350,28 @@ async def test_a_dead_lettered_job_reads_as_failed_never_as_unknown(store, model
     assert not await store.redis.exists(pending_key(pid))
 
 
+async def consumer_names(store: StreamStore, model_id: str) -> list[str]:
+    consumers = await store.redis.xinfo_consumers(request_stream(model_id), GROUP)
+    return sorted(c["name"].decode() for c in consumers)
+
+
+async def test_consumers_holding_nothing_are_forgotten_and_holders_kept(store, model_id):
+    """Restarts leave consumers behind; those with no pending entry go, the others stay."""
+    await store.ensure_group(model_id)
+    await publish(store, model_id, 2)
+    [answered] = await store.read(model_id, "answered-all", 1, None)
+    await store.ack(model_id, answered.entry_id)
+    [held] = await store.read(model_id, "holds-one", 1, None)
+    await store.redis.xgroup_createconsumer(request_stream(model_id), GROUP, "got-nothing")
+    assert await store.forget_consumers(model_id, idle_ms=3_600_000) == 0  # all active now
+    assert await store.forget_consumers(model_id, idle_ms=3_600_000, also="got-nothing") == 1
+    assert await consumer_names(store, model_id) == ["answered-all", "holds-one"]
+    assert await store.forget_consumers(model_id, idle_ms=0, also="holds-one") == 1
+    assert await consumer_names(store, model_id) == ["holds-one"]
+    pending = await store.redis.xpending_range(request_stream(model_id), GROUP, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [held.entry_id]  # still claimable
+
+
 async def test_claiming_takes_over_idle_entries_with_their_delivery_counts(redis_server, model_id):
     """XAUTOCLAIM hands a dead consumer's entries to another, counting each delivery."""
     store = StreamStore(redis_server.url, StreamConfig(claim_idle_ms=100))

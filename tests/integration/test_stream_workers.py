@@ -404,6 +404,19 @@ async def test_an_entry_failing_every_attempt_becomes_a_dead_letter_with_its_err
         assert outcome.status == "failed" and "failed 3 times" in outcome.reason
 
 
+async def test_a_stopped_worker_leaves_the_consumer_group(redis_db):
+    """Consumers are named per process: a worker that stops with nothing pending deletes its
+    own, so restarts do not pile them up in the group."""
+    url, client = redis_db
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}  # rules answer
+    async with in_process_worker(url, env, StreamConfig()) as worker:
+        await client.xadd(REQUESTS, {"request": orjson.dumps(body(1))})
+        assert await until(lambda: _results_at_least(client, 1), 20)
+        consumers = await client.xinfo_consumers(REQUESTS, GROUP)
+        assert [c["name"] for c in consumers] == [worker.consumer.encode()]
+    assert await client.xinfo_consumers(REQUESTS, GROUP) == []
+
+
 async def _dead_at_least(client: aioredis.Redis, n: int) -> bool:
     return await client.xlen(DEAD) >= n
 
