@@ -15,12 +15,17 @@ output) and one probe (`.../ready`), so it speaks exactly those.
 - A call that finds its reused connection closed by the server before any answer byte
   arrived is sent once more on a new connection; that is the keep-alive race every HTTP
   client handles, not a retry of a failed inference.
+- A connection idle for `keepalive_s` (30 s) is closed rather than reused: a load balancer or
+  NAT between the gateway and Triton may drop an idle connection without a word (AWS's and
+  most others' idle timeouts are 60 s or more), and a call sent on it would wait out its
+  deadline instead of failing fast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ import numpy as np
 import orjson
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a model answer is bytes to kilobytes; more is a fault
+KEEPALIVE_S = 30.0  # below the idle timeouts of the load balancers that may sit in between
 
 NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "FP32": np.float32,
@@ -71,6 +77,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False  # has answered a call before: a close may be the keep-alive race
+        self.idle_since = 0.0  # time.monotonic() when it was last put back in the pool
         self.received_any = False
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[_Response] | None = None
@@ -147,13 +154,15 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """At most `limit` connections to one address; callers queue for a free one."""
 
-    def __init__(self, host: str, port: int, limit: int) -> None:
+    def __init__(self, host: str, port: int, limit: int, keepalive_s: float) -> None:
         self.host, self.port, self.limit = host, port, limit
-        self._idle: list[_Connection] = []
+        self.keepalive_s = keepalive_s
+        self._idle: list[_Connection] = []  # oldest first: put back in order of release
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self) -> _Connection:
+        self._close_idle_since(time.monotonic() - self.keepalive_s)
         while True:
             while self._idle:
                 connection = self._idle.pop()  # most recently used: warm, least likely closed
@@ -185,9 +194,16 @@ class _Pool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
+    def _close_idle_since(self, cutoff: float) -> None:
+        """Close the connections put back before `cutoff` (they sit at the front)."""
+        while self._idle and self._idle[0].idle_since < cutoff:
+            self._idle.pop(0).close()
+            self._open -= 1
+
     def release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not connection.closed:
             connection.used = True
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()
@@ -211,9 +227,11 @@ class _Pool:
 class KServeClient:
     """Calls one Triton server (`host:port`) over the KServe v2 HTTP protocol."""
 
-    def __init__(self, url: str, max_connections: int = 8) -> None:
+    def __init__(
+        self, url: str, max_connections: int = 8, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
         host, port = split_address(url)
-        self._pool = _Pool(host, port, max_connections)
+        self._pool = _Pool(host, port, max_connections, keepalive_s)
         shown = f"[{host}]" if ":" in host else host
         self._host_header = f"Host: {shown}:{port}\r\n".encode("ascii")
         self._heads: dict[tuple[str, str, str, str], bytes] = {}

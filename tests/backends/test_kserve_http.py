@@ -226,6 +226,24 @@ async def test_calls_reuse_one_keep_alive_connection() -> None:
     assert len(triton.requests) == 5
 
 
+async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused() -> None:
+    """A connection idle longer than keepalive_s may have been dropped silently on the way."""
+    async with FakeTriton(await always(binary_answer(np.array([[0.1]])))) as triton:
+        client = KServeClient(triton.url, keepalive_s=0.05)
+        await client.infer("m", "1", ROWS, "probability")
+        await client.infer("m", "1", ROWS, "probability")  # at once: the same connection
+        await asyncio.sleep(0.1)
+        await client.infer("m", "1", ROWS, "probability")  # idle too long: a new one
+        for _ in range(100):  # the stale one's close reaches the server a moment later
+            if triton.open_now == 1:
+                break
+            await asyncio.sleep(0.01)
+        still_open = triton.open_now
+        await client.close()
+    assert triton.connections == 2
+    assert still_open == 1  # the stale one was closed, not left open beside the new one
+
+
 async def test_concurrent_calls_never_open_more_than_the_limit() -> None:
     async def slow(start: bytes, headers: dict[bytes, bytes], body: bytes, nth: int) -> bytes:
         await asyncio.sleep(0.02)
