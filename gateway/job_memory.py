@@ -218,6 +218,8 @@ class MemoryJobs:
                 log.exception("job failed", extra={"prediction_id": job.prediction_id})
                 reason = f"failed: {error!r}"[:2000]
                 self._keep(JobOutcome(job.prediction_id, job.tenant, "failed", reason=reason))
+                if self._runtime is not None:
+                    self._runtime.metrics.observe_job_failed()
             finally:
                 self._queue.task_done()
 

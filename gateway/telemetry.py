@@ -151,7 +151,8 @@ class Metrics:
             ["outcome"], registry=r,
         )  # fmt: skip
         # Callbacks of asynchronous predictions (gateway/callbacks.py), by outcome: delivered,
-        # retry (an attempt that will be repeated), rejected, exhausted, dropped.
+        # retry (an attempt that will be repeated), rejected, refused (not a public address),
+        # exhausted, dropped.
         self.callbacks = Counter(
             "aigw_callback_deliveries", "Callback deliveries and retried attempts, by outcome.",
             ["outcome"], registry=r,
@@ -181,6 +182,13 @@ class Metrics:
             "aigw_stream_jobs", "Stream entries handled by this worker, by outcome.",
             ["model", "outcome"], registry=r,
         )  # fmt: skip
+        # Jobs of the in-process backend (gateway/job_memory.py) given up on: a bug, since
+        # outages are retried. Stream jobs given up on are aigw_stream_dead_letters.
+        self.jobs_failed = Counter(
+            "aigw_jobs_failed",
+            "In-process jobs that failed and will never be answered.",
+            registry=r,
+        )
         self._cache_children()
 
     def _cache_children(self) -> None:
@@ -233,6 +241,9 @@ class Metrics:
     def observe_stream_backlog(self, model_id: str, lag: int, pending: int) -> None:
         self._stream_lag(model_id).set(lag)
         self._stream_pending(model_id).set(pending)
+
+    def observe_job_failed(self) -> None:
+        self.jobs_failed.inc()
 
     def observe_callback(self, outcome: str) -> None:
         """`outcome` is one of the fixed outcomes of gateway.callbacks."""

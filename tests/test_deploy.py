@@ -494,6 +494,9 @@ def test_alerts_match_what_a_gateway_without_triton_shows(live: LivePrometheus) 
         "AigwAuditRefusingAnswers",
         "AigwLatencySLOFastBurn",
         "AigwLatencySLOSlowBurn",
+        "AigwJobsFailed",
+        "AigwStreamBacklogGrowing",
+        "AigwCallbacksFailing",
     ):
         assert labels[healthy] == [], healthy
     (slo,) = live.series("aigw:request_latency_slo_errors:ratio_rate5m")

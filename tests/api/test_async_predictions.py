@@ -186,6 +186,8 @@ async def test_a_job_that_fails_with_a_bug_reads_as_failed_not_unknown(tmp_path)
         accepted = (await client.post("/v1/predictions:async", json=CHURN_REQUEST)).json()
         result = await answered(client, accepted["status_url"])
         unknown = await client.get(f"/v1/predictions/{'0' * 8}-0000-4000-8000-{'0' * 12}")
+        metrics = (await client.get("/metrics")).text
+    assert "aigw_jobs_failed_total 1.0" in metrics  # what AigwJobsFailed watches
     assert result.status_code == 404
     assert result.headers["content-type"] == "application/problem+json"
     problem = result.json()
