@@ -101,10 +101,6 @@ class JobBackend(Protocol):
     async def close(self) -> None: ...
 
 
-def new_prediction_id() -> str:
-    return new_uuid4()
-
-
 def job_from_request(
     contracts: ContractSet,
     payload: Any,
@@ -123,7 +119,7 @@ def job_from_request(
         raise JobRejected(f"{len(violations)} field(s) are invalid", violations)
     model_id = payload["model_id"]
     return Job(
-        prediction_id=prediction_id or new_prediction_id(),
+        prediction_id=prediction_id or new_uuid4(),
         model_id=model_id,
         features=contracts.models[model_id].canonical_features(payload["features"]),
         tenant=tenant,
