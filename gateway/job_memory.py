@@ -75,7 +75,9 @@ class PendingMarks:
 
     A poll may reach any worker: each pending job leaves a small file named by its id,
     holding its tenant and the holding worker's pid, removed when answered. A mark whose
-    worker died is not pending (the in-memory job died with it).
+    worker died is not pending (the in-memory job died with it). A job that failed leaves
+    `failed <tenant>` instead, read as failed for as long as outcomes are kept, then removed:
+    its answer will never be in the audit log, where siblings find answered jobs.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -88,13 +90,38 @@ class PendingMarks:
     def clear(self, prediction_id: str) -> None:
         (self._directory / prediction_id).unlink(missing_ok=True)
 
+    def mark_failed(self, prediction_id: str, tenant: str) -> None:
+        path = self._directory / prediction_id
+        temporary = path.with_name(f".{prediction_id}.{os.getpid()}")
+        temporary.write_text(f"{FAILED_MARK} {tenant}")
+        os.replace(temporary, path)  # never seen half-written: as unknown, not even briefly
+
     def holder_tenant(self, prediction_id: str) -> str | None:
         """The job's tenant while a live worker holds it, else None."""
-        try:
-            pid, tenant = (self._directory / prediction_id).read_text().split(" ", 1)
-        except (OSError, ValueError):
+        pid, tenant = self._read(prediction_id)
+        return tenant if pid.isdigit() and _alive(int(pid)) else None
+
+    def failed_tenant(self, prediction_id: str, keep_s: float) -> str | None:
+        """The job's tenant if it failed within the last `keep_s` seconds, else None."""
+        state, tenant = self._read(prediction_id)
+        if state != FAILED_MARK:
             return None
-        return tenant if _alive(int(pid)) else None
+        path = self._directory / prediction_id
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime <= keep_s:
+                return tenant
+            path.unlink(missing_ok=True)  # kept as long as an outcome in memory would be
+        return None
+
+    def _read(self, prediction_id: str) -> tuple[str, str | None]:
+        try:
+            state, tenant = (self._directory / prediction_id).read_text().split(" ", 1)
+        except (OSError, ValueError):
+            return "", None
+        return state, tenant
+
+
+FAILED_MARK = "failed"
 
 
 def _alive(pid: int) -> bool:
@@ -127,6 +154,7 @@ class MemoryJobs:
         self._drain_s = drain_s
         self._clock = clock
         self._kept = KeptOutcomes(keep, keep_s)
+        self._keep_s = keep_s
         self._pending: dict[str, str] = {}  # queued or running: prediction_id → tenant
         self._queue: asyncio.Queue[Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -185,6 +213,9 @@ class MemoryJobs:
             tenant = self._siblings.holder_tenant(prediction_id)
             if tenant is not None:
                 return JobOutcome(prediction_id, tenant, "pending")
+            tenant = self._siblings.failed_tenant(prediction_id, self._keep_s)
+            if tenant is not None:
+                return JobOutcome(prediction_id, tenant, "failed", reason="failed in a sibling")
         return kept
 
     async def close(self) -> None:
@@ -248,7 +279,11 @@ class MemoryJobs:
         # Kept before it stops being pending, with no await between: never seen as unknown.
         self._kept.put(outcome, self._clock())
         self._pending.pop(outcome.prediction_id, None)
-        if self._siblings is not None:
+        if self._siblings is None:
+            return
+        if outcome.status == "failed":  # replaces the pending mark in one step
+            self._siblings.mark_failed(outcome.prediction_id, outcome.tenant)
+        else:
             self._siblings.clear(outcome.prediction_id)
 
 
