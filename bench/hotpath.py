@@ -125,10 +125,11 @@ async def run(
     profile: bool,
     concurrency: int,
     callgrind: bool = False,
+    policies: Path = REPO / "policies",
 ) -> dict:
     audit_dir = Path(tempfile.mkdtemp(prefix="aigw-hotpath-"))
     settings = Settings(
-        contracts_dir=REPO / "contracts", policies_dir=REPO / "policies",
+        contracts_dir=REPO / "contracts", policies_dir=policies,
         fallbacks_dir=REPO / "fallbacks", baselines_dir=REPO / "baselines",
         audit_dir=audit_dir, watch_policies=False, log_level="warning",
     )  # fmt: skip
@@ -246,6 +247,10 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--save", help="also write the raw cProfile stats to this file")
     parser.add_argument(
+        "--policies", type=Path, default=REPO / "policies",
+        help="the policy directory (default: the repository's): a what-if, as run.py's",
+    )  # fmt: skip
+    parser.add_argument(
         "--callgrind", action="store_true",
         help="under valgrind --tool=callgrind --instr-atstart=no: count only the measured loop",
     )  # fmt: skip
@@ -264,7 +269,16 @@ def main() -> int:
         url = triton.http_url
     try:
         result = asyncio.run(
-            run(args.case, args.n, args.warmup, url, args.profile, args.concurrency, args.callgrind)
+            run(
+                args.case,
+                args.n,
+                args.warmup,
+                url,
+                args.profile,
+                args.concurrency,
+                args.callgrind,
+                args.policies,
+            )
         )
     finally:
         if triton is not None:
