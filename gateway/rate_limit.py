@@ -4,16 +4,29 @@ A bucket holds up to `burst` tokens and refills at `rate_per_s`; each request ta
 In Redis one Lua script updates a tenant's bucket atomically, so every replica draws from
 the same bucket. With Redis unreachable a replica falls back to its own in-memory bucket
 (each replica then allows the full rate: limits loosen, requests are never refused for it).
+
+The worker processes of one `aigw serve --workers N` share their buckets without Redis, in a
+small memory-mapped file in the workers' directory (`SharedRateLimiter`), so a tenant gets
+its rate from the gateway, not N times it. A worker never waits for another's lock: if it
+cannot take it at once (a sibling stopped while holding it), that request is counted against
+the worker's own bucket instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import hashlib
 import logging
 import math
+import mmap
+import os
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -69,6 +82,90 @@ class MemoryRateLimiter:
 
     async def close(self) -> None:
         return None
+
+
+# One slot per tenant: a 16-byte digest of its name (all zeros: free), tokens, updated at.
+_SLOT = struct.Struct("16sdd")
+SHARED_SLOTS = 4096  # tenants; far more than a keys file names (128 KiB)
+# Waits between tries for a sibling's lock: it holds it for microseconds, unless the scheduler
+# took its core meanwhile. At most ~2 ms in all, then this request uses the local bucket.
+_LOCK_WAITS_S = (0.0, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3)
+
+
+class SharedRateLimiter:
+    """Buckets shared by the worker processes of one machine, in a memory-mapped file.
+
+    Every worker maps the same file and updates a tenant's slot under an exclusive `flock`,
+    with `time.monotonic()` (one clock for every process of the machine). A tenant that finds
+    no free slot, or a lock held too long, is limited by this worker's own bucket.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._local = MemoryRateLimiter(clock)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        size = SHARED_SLOTS * _SLOT.size
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # zero-filled: every slot free
+        self._map = mmap.mmap(self._fd, size)
+        self._slots: dict[str, int] = {}  # tenant → its slot, once found
+        self.fallbacks = 0
+
+    async def check(self, tenant: str, limits: TenantLimits) -> Verdict:
+        with self._locked() as locked:
+            if locked:
+                offset = self._slot_of(tenant)
+                if offset is not None:
+                    return self._take(offset, limits)
+        self.fallbacks += 1
+        return await self._local.check(tenant, limits)
+
+    def _take(self, offset: int, limits: TenantLimits) -> Verdict:
+        key, tokens, updated_at = _SLOT.unpack_from(self._map, offset)
+        now = self._clock()
+        if updated_at == 0.0 or updated_at > now:  # a new bucket (or another boot's clock)
+            tokens, updated_at = float(limits.burst), now
+        tokens, verdict = take_token(tokens, updated_at, now, limits)
+        _SLOT.pack_into(self._map, offset, key, tokens, now)
+        return verdict
+
+    def _slot_of(self, tenant: str) -> int | None:
+        """The tenant's slot (claimed if new; open addressing), or None when all are taken."""
+        known = self._slots.get(tenant)
+        if known is not None:
+            return known
+        key = hashlib.blake2b(tenant.encode(), digest_size=16).digest()
+        start = int.from_bytes(key[:4], "little") % SHARED_SLOTS
+        for probe in range(SHARED_SLOTS):
+            offset = (start + probe) % SHARED_SLOTS * _SLOT.size
+            found = self._map[offset : offset + 16]
+            if found == key or found == bytes(16):
+                if found != key:
+                    _SLOT.pack_into(self._map, offset, key, 0.0, 0.0)
+                self._slots[tenant] = offset
+                return offset
+        log.warning("shared rate limits: no free slot; this worker limits the tenant alone")
+        return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[bool]:
+        for wait_s in _LOCK_WAITS_S:
+            if wait_s:
+                time.sleep(wait_s)  # on the event loop, but bounded, and only when contended
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                yield True
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            return
+        yield False
+
+    async def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
 
 
 # KEYS[1] bucket; ARGV: rate, burst, now (s). Returns {allowed, tokens*1000, wait*1000}.

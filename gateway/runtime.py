@@ -25,7 +25,7 @@ from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
 from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
-from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter
+from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter
 from gateway.resilience import Breaker, Bulkhead, RetryBudget
 from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
@@ -120,7 +120,9 @@ class Runtime:
     audit_forwarder: Any = None  # AuditForwarder when the audit log is shipped to a stream
     tracing: Tracing = field(default_factory=lambda: tracing_from(Settings()))
     monitor: Monitor = field(default_factory=lambda: Monitor({}))
-    rate_limiter: MemoryRateLimiter | RedisRateLimiter = field(default_factory=MemoryRateLimiter)
+    rate_limiter: MemoryRateLimiter | RedisRateLimiter | SharedRateLimiter = field(
+        default_factory=MemoryRateLimiter
+    )
     _retired: list[ModelRuntime] = field(default_factory=list)
 
     @property
@@ -228,6 +230,8 @@ def start_runtime(
         if not settings.redis_url:
             raise ValueError("AIGW_RATE_LIMIT_BACKEND=redis needs AIGW_REDIS_URL")
         runtime.rate_limiter = RedisRateLimiter(settings.redis_url)
+    elif settings.workers_dir is not None:  # one of several workers: share their buckets
+        runtime.rate_limiter = SharedRateLimiter(settings.workers_dir / "rate-limits")
     return runtime
 
 

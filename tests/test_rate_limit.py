@@ -1,11 +1,21 @@
-"""Token buckets per tenant: the pure rule, in memory, and shared through a real Redis."""
+"""Token buckets per tenant: the pure rule, in memory, shared by the workers of one machine,
+and shared through a real Redis."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from gateway import rate_limit
 from gateway.auth import TenantLimits
-from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, take_token
+from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter, take_token
+from gateway.runtime import load_configuration, start_runtime
+from tests.conftest import REPO, settings_for
 
 LIMITS = TenantLimits(rate_per_s=2, burst=3)
 
@@ -79,3 +89,110 @@ async def test_unreachable_redis_falls_back_to_a_local_bucket(unreachable_redis_
         await limiter.close()
     assert verdicts == [True, True, True, False]
     assert limiter.errors == 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_workers_draw_from_one_shared_bucket(tmp_path):
+    """Two workers' limiters on one file: the tenant's burst is the gateway's, not each's."""
+    clock = Clock()
+    first = SharedRateLimiter(tmp_path / "buckets", clock)
+    second = SharedRateLimiter(tmp_path / "buckets", clock)
+    verdicts = [await limiter.check("acme", LIMITS) for limiter in (first, second) * 3]
+    assert [v.allowed for v in verdicts] == [True, True, True, False, False, False]
+    assert (await second.check("other", LIMITS)).allowed  # each tenant has its own slot
+    clock.now += 0.5  # one token refilled, seen by both
+    assert (await second.check("acme", LIMITS)).allowed
+    assert not (await first.check("acme", LIMITS)).allowed
+    assert first.fallbacks == second.fallbacks == 0
+    await first.close()
+    await second.close()
+
+
+CHILD = """
+import asyncio, sys
+from gateway.auth import TenantLimits
+from gateway.rate_limit import SharedRateLimiter
+
+async def main():
+    limiter = SharedRateLimiter(__import__("pathlib").Path(sys.argv[1]))
+    limits = TenantLimits(rate_per_s=0.001, burst=25)
+    shared = 0
+    for _ in range(200):
+        before = limiter.fallbacks
+        if (await limiter.check("acme", limits)).allowed and limiter.fallbacks == before:
+            shared += 1
+    print(shared, limiter.fallbacks)
+
+asyncio.run(main())
+"""
+
+
+def test_worker_processes_together_allow_one_burst(tmp_path):
+    """Four real processes take tokens at once from one file: 25 allowed in all, not 100."""
+    children = [
+        subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "buckets")],
+                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+        for _ in range(4)
+    ]  # fmt: skip
+    results = [child.communicate(timeout=60)[0].split() for child in children]
+    assert all(child.returncode == 0 for child in children)
+    assert sum(int(shared) for shared, _ in results) == 25  # the one bucket's burst, exactly
+    fallbacks = sum(int(f) for _, f in results)
+    assert fallbacks <= 8, fallbacks  # rare: a lock holder descheduled for over 2 ms
+
+
+async def test_a_lock_held_elsewhere_falls_back_to_the_workers_own_bucket(tmp_path):
+    """A sibling stopped while holding the lock must not stop this worker's event loop."""
+    limiter = SharedRateLimiter(tmp_path / "buckets")
+    holder = os.open(tmp_path / "buckets", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        verdict = await limiter.check("acme", LIMITS)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    assert verdict.allowed and limiter.fallbacks == 1
+    assert (await limiter.check("acme", LIMITS)).allowed and limiter.fallbacks == 1
+    await limiter.close()
+
+
+async def test_a_tenant_finding_no_free_slot_is_limited_locally(tmp_path, monkeypatch):
+    monkeypatch.setattr(rate_limit, "SHARED_SLOTS", 2)
+    limiter = SharedRateLimiter(tmp_path / "buckets")
+    for tenant in ("a", "b", "c"):
+        assert (await limiter.check(tenant, LIMITS)).allowed
+    assert limiter.fallbacks == 1  # the third tenant
+    await limiter.close()
+
+
+async def test_a_bucket_from_another_boot_starts_full(tmp_path):
+    """CLOCK_MONOTONIC restarts at boot: a slot updated "in the future" is a new bucket."""
+    clock = Clock()
+    limiter = SharedRateLimiter(tmp_path / "buckets", clock)
+    for _ in range(3):
+        await limiter.check("acme", LIMITS)
+    assert not (await limiter.check("acme", LIMITS)).allowed
+    clock.now = 5.0  # after a reboot, the file still there
+    assert (await limiter.check("acme", LIMITS)).allowed
+    await limiter.close()
+
+
+@pytest.mark.parametrize(
+    ("workers_dir", "expected"), [(True, SharedRateLimiter), (False, MemoryRateLimiter)]
+)
+async def test_the_workers_of_one_gateway_share_buckets_and_a_lone_process_keeps_its_own(
+    tmp_path, workers_dir, expected
+):
+    settings = settings_for(REPO, workers_dir=tmp_path if workers_dir else None)
+    runtime = start_runtime(settings, load_configuration(settings, {}), baselines={})
+    try:
+        assert type(runtime.rate_limiter) is expected
+    finally:
+        await runtime.close()

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit import find_record, log_directories, segment_files
+from gateway.auth import add_key
 from gateway.cli import main
 from gateway.demo.triton_process import TritonProcess, free_port
 from gateway.policy_store import read_bundle
@@ -200,3 +201,44 @@ def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
     assert len(pids) == 2
     assert workers.process.stop() == 0
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_tenants_rate_limit_holds_across_workers(tmp_path: Path):
+    """Two workers, one bucket: a burst of 12 lets 12 requests through in all, not 24."""
+    keys = tmp_path / "keys.yaml"
+    add_key(keys, "acme", ["predict"], key="acme_rate_key_0123456789")
+    keys.write_text(keys.read_text().replace("rate_per_s: 100.0", "rate_per_s: 0.01")
+                    .replace("burst: 200", "burst: 12"))  # fmt: skip
+    env = {
+        "AIGW_TRITON_URL": f"127.0.0.1:{free_port()}",  # nothing listens: the rules answer
+        "AIGW_KEYS_FILE": str(keys),
+        "AIGW_AUDIT_DIR": str(tmp_path / "audit"),
+        "AIGW_WATCH_POLICIES": "false",
+    }
+    process = GatewayProcess(env, tmp_path / "gateway.log", args=("--workers", "2"))
+    try:
+        process.wait_until_live(timeout=60)
+        gateway = Workers(process, "", tmp_path / "audit")
+        assert wait_for(lambda: len(gateway.worker_pids()) == 2)
+        headers = {"Authorization": "Bearer acme_rate_key_0123456789"}
+
+        def predict(i: int) -> int:  # a new connection each time: either worker may take it
+            url = f"{process.base_url}/v1/predictions"
+            return httpx.post(url, json=churn(f"rate-{i}"), headers=headers).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(predict, range(60)))
+    finally:
+        process.stop()
+    assert sorted(statuses) == [200] * 12 + [429] * 48
+    answers = {d.name: predictions_in(d) for d in log_directories(tmp_path / "audit")}
+    assert sum(answers.values()) == 12
+    assert all(answers.get(name) for name in ("worker-0", "worker-1")), answers  # both served
+
+
+def predictions_in(directory: Path) -> int:
+    return sum(
+        line.count(b'"type":"prediction"')
+        for _, segment in segment_files(directory)
+        for line in segment.read_bytes().splitlines()
+    )
