@@ -70,6 +70,9 @@ class KeptOutcomes:
             self._entries.popitem(last=False)
 
 
+FAILED_MARK = "failed"  # a mark's first word: a failed job, not a holder's pid
+
+
 class PendingMarks:
     """Jobs pending in one worker, visible to its siblings (`aigw serve --workers N`).
 
@@ -119,9 +122,6 @@ class PendingMarks:
         except (OSError, ValueError):
             return "", None
         return state, tenant
-
-
-FAILED_MARK = "failed"
 
 
 def _alive(pid: int) -> bool:
