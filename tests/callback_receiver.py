@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,13 @@ class Received:
 class Receiver:
     """`async with Receiver([503, 503]) as receiver:` answers 503 twice, then 200 ever after."""
 
-    def __init__(self, statuses: Sequence[int] = (), retry_after: str | None = None) -> None:
+    def __init__(
+        self,
+        statuses: Sequence[int] = (),
+        retry_after: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._tls = tls  # serve https with this context
         self._statuses = list(statuses)
         self._retry_after = retry_after
         self.received: list[Received] = []
@@ -42,10 +49,10 @@ class Receiver:
         app.router.add_post("/hook", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hook"
+        self.url = f"{'https' if self._tls else 'http'}://127.0.0.1:{port}/hook"
         return self
 
     async def __aexit__(self, *exc: object) -> None:

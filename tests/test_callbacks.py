@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
+import subprocess
+from pathlib import Path
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import callbacks
 from gateway.callbacks import (
     CALLBACK_URL_PATTERN,
     MAX_URL_LENGTH,
@@ -372,3 +377,52 @@ async def test_a_listed_name_is_trusted_wherever_it_resolves():
         )
         await callbacks.close()
     assert delivery.outcome == "delivered" and len(receiver.received) == 1
+
+
+def certificate_for(directory: Path, name: str) -> tuple[ssl.SSLContext, Path]:
+    """A TLS context serving a certificate for `name` only (no IP in it), and its CA's file."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    (directory / "san.ext").write_text(f"subjectAltName=DNS:{name}\n")
+    key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=aigw CA")
+    openssl("req", *key[:3], "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={name}")
+    signed_by_ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1"]
+    openssl("x509", "-req", "-in", "server.csr", *signed_by_ca, "-out", "server.pem",
+            "-extfile", "san.ext")  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.pem", directory / "server.key")
+    return context, directory / "ca.pem"
+
+
+@pytest.mark.parametrize(("certified", "outcome"), [("localhost", "delivered"),
+                                                    ("elsewhere.test", "exhausted")])  # fmt: skip
+async def test_https_to_the_checked_address_still_verifies_the_host_name(
+    tmp_path, monkeypatch, certified, outcome
+):
+    """The connection goes to the address the gateway resolved and checked, while TLS checks
+    the certificate against the URL's host name (a certificate for the IP would not do)."""
+    tls, ca = certificate_for(tmp_path, certified)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # trust the test CA (httpx reads it)
+    checked: list[str] = []
+
+    def public_in_this_sandbox(text: str) -> bool:
+        # Stands in for a public address: this machine has none but loopback.
+        checked.append(text)
+        return text == "127.0.0.1"
+
+    monkeypatch.setattr(callbacks, "is_public_address", public_in_this_sandbox)
+    recorder = Recorder()
+    async with Receiver(tls=tls) as receiver:
+        callbacks_sender = sender(recorder, allowed=(), max_attempts=1)
+        url = receiver.url.replace("127.0.0.1", "localhost")
+        delivery = await callbacks_sender.deliver("p-11", url, BODY)
+        await callbacks_sender.close()
+    assert delivery.outcome == outcome
+    assert "127.0.0.1" in checked  # the name was resolved and its address checked
+    if outcome == "delivered":
+        assert receiver.received[0].headers["Host"].startswith("localhost:")
+    else:
+        assert receiver.received == []  # the handshake failed: nothing was sent
