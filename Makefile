@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := redis-server prometheus curl
+APT_PACKAGES := redis-server prometheus curl openssl
 
 .PHONY: demo test bench install install-test system-packages lint
 
