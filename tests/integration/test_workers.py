@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit import find_record, log_directories, segment_files
@@ -206,9 +207,11 @@ def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
 def test_a_tenants_rate_limit_holds_across_workers(tmp_path: Path):
     """Two workers, one bucket: a burst of 12 lets 12 requests through in all, not 24."""
     keys = tmp_path / "keys.yaml"
+    add_key(keys, "warm", ["predict"], key="warm_rate_key_0123456789")
     add_key(keys, "acme", ["predict"], key="acme_rate_key_0123456789")
-    keys.write_text(keys.read_text().replace("rate_per_s: 100.0", "rate_per_s: 0.01")
-                    .replace("burst: 200", "burst: 12"))  # fmt: skip
+    document = yaml.safe_load(keys.read_text())
+    document["tenants"]["acme"] = {"rate_per_s": 0.01, "burst": 12}
+    keys.write_text(yaml.safe_dump(document))
     env = {
         "AIGW_TRITON_URL": f"127.0.0.1:{free_port()}",  # nothing listens: the rules answer
         "AIGW_KEYS_FILE": str(keys),
@@ -216,29 +219,40 @@ def test_a_tenants_rate_limit_holds_across_workers(tmp_path: Path):
         "AIGW_WATCH_POLICIES": "false",
     }
     process = GatewayProcess(env, tmp_path / "gateway.log", args=("--workers", "2"))
-    try:
-        process.wait_until_live(timeout=60)
-        gateway = Workers(process, "", tmp_path / "audit")
-        assert wait_for(lambda: len(gateway.worker_pids()) == 2)
-        headers = {"Authorization": "Bearer acme_rate_key_0123456789"}
+
+    def predict_as(tenant: str, count: int) -> list[int]:
+        headers = {"Authorization": f"Bearer {tenant}_rate_key_0123456789"}
 
         def predict(i: int) -> int:  # a new connection each time: either worker may take it
             url = f"{process.base_url}/v1/predictions"
-            return httpx.post(url, json=churn(f"rate-{i}"), headers=headers).status_code
+            return httpx.post(url, json=churn(f"{tenant}-{i}"), headers=headers).status_code
 
         with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(predict, range(60)))
+            return list(pool.map(predict, range(count)))
+
+    def both_workers_answer() -> bool:
+        predict_as("warm", 16)
+        answers = [predictions_in(d, "warm") for d in log_directories(tmp_path / "audit")]
+        return len(answers) == 2 and all(answers)
+
+    try:
+        process.wait_until_live(timeout=60)
+        # Both workers serving first (a worker still starting takes no connection), so the
+        # limited requests below are spread over both.
+        assert wait_for(both_workers_answer, 30), "one worker never took a connection"
+        statuses = predict_as("acme", 60)
     finally:
         process.stop()
     assert sorted(statuses) == [200] * 12 + [429] * 48
-    answers = {d.name: predictions_in(d) for d in log_directories(tmp_path / "audit")}
-    assert sum(answers.values()) == 12
-    assert all(answers.get(name) for name in ("worker-0", "worker-1")), answers  # both served
+    answered = [predictions_in(d, "acme") for d in log_directories(tmp_path / "audit")]
+    assert sum(answered) == 12
 
 
-def predictions_in(directory: Path) -> int:
+def predictions_in(directory: Path, tenant: str) -> int:
+    """Prediction records of `tenant` in one worker's audit log."""
+    marks = (b'"type":"prediction"', f'"tenant":"{tenant}"'.encode())
     return sum(
-        line.count(b'"type":"prediction"')
+        all(mark in line for mark in marks)
         for _, segment in segment_files(directory)
         for line in segment.read_bytes().splitlines()
     )
