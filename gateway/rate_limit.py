@@ -7,15 +7,14 @@ the same bucket. With Redis unreachable a replica falls back to its own in-memor
 
 The worker processes of one `aigw serve --workers N` share their buckets without Redis, in a
 small memory-mapped file in the workers' directory (`SharedRateLimiter`), so a tenant gets
-its rate from the gateway, not N times it. A worker never waits for another's lock: if it
-cannot take it at once (a sibling stopped while holding it), that request is counted against
-the worker's own bucket instead.
+its rate from the gateway, not N times it. A worker never blocks on another's lock: it tries
+a few times over a few milliseconds, and if a sibling still holds it (stopped while holding
+it, say), that request is counted against the worker's own bucket instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import logging
@@ -24,7 +23,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +87,8 @@ class MemoryRateLimiter:
 _SLOT = struct.Struct("16sdd")
 SHARED_SLOTS = 4096  # tenants; far more than a keys file names (128 KiB)
 # Waits between tries for a sibling's lock: it holds it for microseconds, unless the scheduler
-# took its core meanwhile. At most ~2 ms in all, then this request uses the local bucket.
+# took its core meanwhile. A few milliseconds in all (the loop's timers are coarser than these),
+# awaited, never blocking the loop; then this request uses the worker's own bucket.
 _LOCK_WAITS_S = (0.0, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3)
 
 
@@ -112,13 +112,27 @@ class SharedRateLimiter:
         self.fallbacks = 0
 
     async def check(self, tenant: str, limits: TenantLimits) -> Verdict:
-        with self._locked() as locked:
-            if locked:
+        for wait_s in _LOCK_WAITS_S:
+            if wait_s:
+                await asyncio.sleep(wait_s)  # the loop serves others meanwhile
+            if not self._try_lock():
+                continue
+            try:  # nothing awaits while the lock is held
                 offset = self._slot_of(tenant)
                 if offset is not None:
                     return self._take(offset, limits)
+                break
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.fallbacks += 1
         return await self._local.check(tenant, limits)
+
+    def _try_lock(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     def _take(self, offset: int, limits: TenantLimits) -> Verdict:
         key, tokens, updated_at = _SLOT.unpack_from(self._map, offset)
@@ -146,22 +160,6 @@ class SharedRateLimiter:
                 return offset
         log.warning("shared rate limits: no free slot; this worker limits the tenant alone")
         return None
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[bool]:
-        for wait_s in _LOCK_WAITS_S:
-            if wait_s:
-                time.sleep(wait_s)  # on the event loop, but bounded, and only when contended
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            try:
-                yield True
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            return
-        yield False
 
     async def close(self) -> None:
         self._map.close()
