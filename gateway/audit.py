@@ -51,10 +51,10 @@ order is call order. The line then takes one of two paths:
 
 - Fast path. When the writer thread is idle (nothing queued, nothing taken but not yet
   written, no seal pending), `append` makes the write(2) itself, on the event loop, through
-  the writer thread's own code (`SegmentWriter._write_batch_or_refuse`: the same failure
-  handling, truncation and counters) and settles its future inline; it then yields to the
-  loop once (`asyncio.sleep(0)`, as an append always suspended: a caller looping over
-  appends must not starve other tasks) and returns, with no thread to wait for. At one
+  the writer thread's own write (`SegmentWriter.write_inline`: the same failure handling,
+  truncation and counters), with no future to settle; it then yields to the loop once
+  (`asyncio.sleep(0)`, as an append always suspended: a caller looping over appends must
+  not starve other tasks) and returns, with no thread to wait for. At one
   request in flight that saves the two thread wake-ups (record to the writer, completion
   back to the loop) that cost far more than the write. One append per turn of the loop
   goes inline: another append in the same turn means load, and its record is queued.
@@ -88,6 +88,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import hashlib
 import hmac
 import logging
@@ -626,6 +627,14 @@ def open_segment(path: Path) -> BinaryIO:
     return path.open("ab", buffering=0)
 
 
+class InlineWrite(enum.Enum):
+    """What became of a line the event loop wrote itself (`SegmentWriter.write_inline`)."""
+
+    WRITTEN = "written"
+    FAILED = "failed"  # write(2) failed: the log has failed
+    REFUSED = "refused"  # the log had failed already: nothing was tried
+
+
 class Outcome(NamedTuple):
     """What writing one batch came to."""
 
@@ -692,27 +701,38 @@ class SegmentWriter:
         self._queued += 1
         self._inbox.put(item)
 
-    def write_inline(self, item: Item) -> bool:
-        """Write a record (never a seal: rotation fsyncs) on the calling thread, the event loop's,
-        and settle its append at once; False, having done nothing, unless the writer thread is
-        idle and the fast path is on."""
+    def write_inline(self, line: bytes) -> InlineWrite | None:
+        """Write one record's line (never a seal: rotation fsyncs) on the calling thread, the
+        event loop's; None, having done nothing, unless the writer thread is idle and the fast
+        path is on."""
         # Never wait for the lock: the writer thread holds it only to count a batch done, and
         # then it is not idle anyway.
         if not self._idle_lock.acquire(blocking=False):
-            return False
+            return None
         try:
             if not self._started or self._done != self._queued:
-                return False  # something is queued, being written, or a seal is pending
+                return None  # something is queued, being written, or a seal is pending
             began = time.perf_counter()
             if began < self._inline_off_until:
-                return False
-            outcome = self._write_batch_or_refuse([item])  # the writer thread's own code path
+                return None
+            if self.failure is not None:  # once failed, later lines would chain onto lost ones
+                return InlineWrite.REFUSED
+            segment, offset = self._segment, self._size
+            written = self._write_or_fail(line)
             self._note_inline_time(began)
         finally:
             self._idle_lock.release()
-        self._settle(*outcome.settlement)  # on the loop already: no call_soon_threadsafe
-        self._inline_indexed.extend(outcome.indexed)  # the index is the writer thread's
-        return True
+        if not written:
+            return InlineWrite.FAILED
+        self._inline_indexed.append((segment, offset, [line]))  # the index is the writer thread's
+        return InlineWrite.WRITTEN
+
+    def _write_or_fail(self, data: bytes) -> bool:
+        try:
+            return self._write(data)
+        except Exception as error:  # e.g. a closed file's ValueError: the log has failed
+            self._fail(error)
+            return False
 
     def _note_inline_time(self, began: float) -> None:
         ended = time.perf_counter()
@@ -919,7 +939,7 @@ class AuditLog:
         self._writer: SegmentWriter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inline_this_turn = False  # see _append_line
+        self._inline_this_turn = False  # see append
 
     @property
     def seq(self) -> int:
@@ -975,27 +995,37 @@ class AuditLog:
         if pii_fields:
             record = {**record, "features": pseudonymise(record["features"], pii_fields, self._key)}
         line, digest = self._chain(record)
-        future = self._loop.create_future()
-        inline = self._append_line((line, future, False))
-        if self._tail.segment_bytes >= self._rotate_bytes:
-            self._seal_segment()  # queued after the record, whichever path the record took
-        if inline:
-            await self._yield_turn()
-        await future  # already settled when written inline
-        return digest
-
-    def _append_line(self, item: Item) -> bool:
-        """Write the record inline when the writer thread is idle, else queue it (group
-        commit); True when written (or refused) inline."""
         # One inline write per turn of the event loop: another append in the same turn means
         # appends are arriving together. Written inline, each would cost the loop a write(2)
         # of its own; queued, they share one on the writer thread, which then stays busy, so
         # the queue goes on batching them while the load lasts.
-        if not self._inline_this_turn and self._writer.write_inline(item):
-            self.inline_writes += 1
-            return True
-        self._writer.enqueue(item)
-        return False
+        inline = None if self._inline_this_turn else self._writer.write_inline(line)
+        if inline is None:
+            future = self._loop.create_future()
+            self._writer.enqueue((line, future, False))
+            self._seal_segment_when_full()
+            await future
+            return digest
+        self._count_inline(inline)
+        self._seal_segment_when_full()
+        await self._yield_turn()
+        if inline is not InlineWrite.WRITTEN:
+            raise AuditUnavailable("the audit record could not be written")
+        return digest
+
+    def _seal_segment_when_full(self) -> None:
+        if self._tail.segment_bytes >= self._rotate_bytes:
+            self._seal_segment()  # queued after the record, whichever path the record took
+
+    def _count_inline(self, inline: InlineWrite) -> None:
+        """The counters `_settle` keeps, for one line the loop wrote itself."""
+        self.inline_writes += 1
+        if inline is InlineWrite.WRITTEN:
+            self.batches += 1
+            self.written += 1
+            return
+        self.write_errors += inline is InlineWrite.FAILED
+        self.refused += 1
 
     async def _yield_turn(self) -> None:
         """Let the loop run its other ready tasks once, as an append always has: a caller

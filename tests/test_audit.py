@@ -349,7 +349,7 @@ def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """Run a test with the fast path ("inline": an idle writer thread lets append write itself)
     and without it ("queued": every line goes through the writer thread, as before it)."""
     if request.param == "queued":
-        monkeypatch.setattr(audit.SegmentWriter, "write_inline", lambda self, item: False)
+        monkeypatch.setattr(audit.SegmentWriter, "write_inline", lambda self, line: None)
     else:  # a busy test machine preempting a write must not switch the fast path off
         monkeypatch.setattr(audit, "INLINE_SLOW_S", 60.0)
     return request.param
