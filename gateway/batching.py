@@ -10,6 +10,12 @@ already busy serves one large batch sooner than several small ones queued behind
 Load thus batches itself: the busier the target, the larger the batches, and an idle one adds
 no delay.
 
+Shadow copies (shadow.py) use a batcher that gathers first (`gather_first`): even at an idle
+target a row waits `max_delay_s` for others, and rows that arrive while a batch is in flight
+wait a window of their own once it returns (or until `max_batch` gathered). Copies, whose
+answers nobody waits for, so go as few, large calls, and take as few turns as they can from
+serving calls on the same backend.
+
 Each row keeps its own deadline: a batch that answers too late for one row is a timeout for
 that row only. When Triton refuses a batch as malformed, every row is sent again on its own,
 so one bad row never fails its batch-mates; any other failure (a timeout, a 5xx) is the
@@ -48,12 +54,19 @@ class MicroBatcher:
     """Collects rows for one target and sends them as batches."""
 
     def __init__(
-        self, send: Send, max_batch: int, max_delay_s: float, max_in_flight: int = 1
+        self,
+        send: Send,
+        max_batch: int,
+        max_delay_s: float,
+        max_in_flight: int = 1,
+        gather_first: bool = False,
     ) -> None:
         self._send = send
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_in_flight = max_in_flight
+        # A row at an idle target waits `max_delay_s` for others instead of going at once.
+        self.gather_first = gather_first
         self._pending: list[_Pending] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -67,12 +80,13 @@ class MicroBatcher:
         self, row: Rows, timeout_s: float, headers: Mapping[str, str] | None = None
     ) -> np.ndarray:
         """This row's output, once its batch answers; BackendTimeout past `timeout_s`."""
-        if not self._in_flight and not self._pending:
+        idle = not self._in_flight
+        if idle and not self._pending and not self.gather_first:
             return await self._send_alone(row, timeout_s, headers)
         loop = asyncio.get_running_loop()
         pending = _Pending(row, loop.create_future(), time.monotonic() + timeout_s, headers)
         self._pending.append(pending)
-        if len(self._pending) >= self.max_batch or not self._in_flight:
+        if len(self._pending) >= self.max_batch or (idle and not self.gather_first):
             self._flush()
         elif self._timer is None and self._in_flight < self.max_in_flight:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
@@ -108,8 +122,13 @@ class MicroBatcher:
             self.on_batch(rows)
 
     def _send_gathered(self) -> None:
-        if self._pending and self._in_flight < self.max_in_flight:
-            self._flush()  # a slot is free again: what gathered meanwhile goes now
+        if not self._pending or self._in_flight >= self.max_in_flight:
+            return
+        if self.gather_first and len(self._pending) < self.max_batch:
+            if self._timer is None:  # what gathered meanwhile waits a window of its own
+                self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._flush)
+            return
+        self._flush()  # a slot is free again: what gathered meanwhile goes now
 
     def _flush(self) -> None:
         """Sends what gathered, `max_batch` rows a call, while a slot is free; the rest waits

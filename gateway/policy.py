@@ -208,7 +208,11 @@ class Policy(_Strict):
     sticky_by: str | None = None
     routes: list[Route] = []
     shadows: list[Shadow] = []
-    shadow_max_concurrency: int = Field(default=8, ge=1, le=1024)
+    # Copies in flight per model, gathering ones included; beyond that copies are dropped.
+    shadow_max_concurrency: int = Field(default=64, ge=1, le=1024)
+    # Copies to a target that batches gather this long and go as one call (0: each goes as a
+    # serving call would), so shadows take few turns from serving calls on a shared backend.
+    shadow_batch_window_ms: float = Field(default=50.0, ge=0, le=10_000)
     cache: CacheConfig = CacheConfig()
     retry: RetryConfig = RetryConfig()
 
@@ -277,6 +281,11 @@ def traffic_faults(policy: Policy) -> list[str]:
         for i, shadow in enumerate(policy.shadows)
         if shadow.target not in policy.targets
     )
+    if policy.shadows and policy.shadow_batch_window_ms >= policy.timeout_ms:
+        faults.append(
+            f"shadow_batch_window_ms: {policy.shadow_batch_window_ms:g} must be below "
+            f"timeout_ms ({policy.timeout_ms}), which bounds each shadow copy"
+        )
     return faults
 
 

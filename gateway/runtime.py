@@ -250,8 +250,9 @@ def build_snapshot(
             )
         # Shadows get clients and breakers of their own: they must not touch serving's.
         shadow_guards = _guards(
-            f"{model_id}/shadow", policy, listeners, reusable, only=_shadow_names(policy)
-        )
+            f"{model_id}/shadow", policy, listeners, reusable, only=_shadow_names(policy),
+            gather_s=policy.shadow_batch_window_ms / 1000,
+        )  # fmt: skip
         for guard in (*guards.values(), *shadow_guards.values()):
             if isinstance(guard.backend, TritonBackend):
                 guard.backend.report_batches(metrics.observe_batch)
@@ -273,13 +274,17 @@ def _reusable_guards(previous: Snapshot | None) -> dict[tuple, TargetGuard]:
     reusable = {}
     for model in previous.models.values():
         for guard in _all_guards(model):
-            target = guard.backend.target  # type: ignore[attr-defined]
-            reusable[_guard_key(guard.breaker.name, target, guard.retry_budget.ratio)] = guard
+            backend: TritonBackend = guard.backend  # type: ignore[assignment]
+            ratio = guard.retry_budget.ratio
+            key = _guard_key(guard.breaker.name, backend.target, ratio, backend.gather_s)
+            reusable[key] = guard
     return reusable
 
 
-def _guard_key(breaker_name: str, target: TritonTarget, retry_ratio: float) -> tuple:
-    return (breaker_name, target.model_dump_json(), retry_ratio)
+def _guard_key(
+    breaker_name: str, target: TritonTarget, retry_ratio: float, gather_s: float
+) -> tuple:
+    return (breaker_name, target.model_dump_json(), retry_ratio, gather_s)
 
 
 def _all_guards(model: ModelRuntime) -> list[TargetGuard]:
@@ -321,6 +326,7 @@ def _guards(
     listeners: tuple[pybreaker.CircuitBreakerListener, ...],
     reusable: Mapping[tuple, TargetGuard],
     only: set | None = None,
+    gather_s: float = 0.0,
 ) -> dict[str, TargetGuard]:
     retry_ratio = policy.retry.budget_ratio if policy.retry.max_retries else 0.0
     guards = {}
@@ -328,8 +334,10 @@ def _guards(
         if only is not None and name not in only:
             continue
         breaker_name = f"{prefix}/{name}"
-        kept = reusable.get(_guard_key(breaker_name, target, retry_ratio))
-        guards[name] = kept or _new_guard(breaker_name, name, target, retry_ratio, listeners)
+        kept = reusable.get(_guard_key(breaker_name, target, retry_ratio, gather_s))
+        guards[name] = kept or _new_guard(
+            breaker_name, name, target, retry_ratio, listeners, gather_s
+        )
     return guards
 
 
@@ -339,12 +347,13 @@ def _new_guard(
     target: TritonTarget,
     retry_ratio: float,
     listeners: tuple[pybreaker.CircuitBreakerListener, ...],
+    gather_s: float,
 ) -> TargetGuard:
     breaker = Breaker(breaker_name, target.breaker)
     for listener in listeners:
         breaker.add_listener(listener)
     return TargetGuard(
-        backend=TritonBackend(name, target),
+        backend=TritonBackend(name, target, gather_s),
         breaker=breaker,
         bulkhead=Bulkhead(target.max_concurrency),
         retry_budget=RetryBudget(retry_ratio),

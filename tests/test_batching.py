@@ -233,3 +233,44 @@ async def test_a_lone_rows_failure_is_its_own_and_the_target_is_free_after(send,
         await lone
     output = await asyncio.wait_for(behind, timeout=5)
     assert float(output[0, 0]) == pytest.approx(0.06)
+
+
+async def test_gathering_first_holds_a_lone_row_for_the_window():
+    """A shadow's batcher sends nothing at once, even at an idle target: a row waits the
+    window, and the rows of that window go as one call."""
+    send = ScriptedSend()
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.05, gather_first=True)
+    first = asyncio.ensure_future(batcher.submit(row(1), 1.0))
+    await asyncio.sleep(0.02)
+    assert send.batches == []  # an idle target, and still the row waits
+    rest = [asyncio.ensure_future(batcher.submit(row(i), 1.0)) for i in (2, 3)]
+    outputs = await asyncio.gather(first, *rest)
+    assert send.batches == [3]
+    assert [float(o[0, 0]) for o in outputs] == pytest.approx([0.01, 0.02, 0.03])
+
+
+async def test_gathering_first_gives_rows_that_came_during_a_call_a_window_of_their_own():
+    """Rows arriving while a gathered call is in flight do not go the moment it returns:
+    they wait a window from then, so a steady trickle makes one call per window."""
+    send = ScriptedSend(delay_s=0.01)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.05, gather_first=True)
+    first = asyncio.ensure_future(batcher.submit(row(1), 1.0))
+    await asyncio.sleep(0.055)  # the window has passed: the first call is in flight
+    assert send.batches == [1]
+    late = asyncio.ensure_future(batcher.submit(row(2), 1.0))
+    await first
+    await asyncio.sleep(0.02)  # the first call returned 10 ms ago: the late row still waits
+    assert send.batches == [1]
+    await late
+    assert send.batches == [1, 1]
+
+
+async def test_gathering_first_sends_a_full_batch_without_waiting():
+    """`max_batch` rows go at once, window or not."""
+    send = ScriptedSend()
+    batcher = MicroBatcher(send, max_batch=4, max_delay_s=10.0, gather_first=True)
+    outputs = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(row(i), 20.0) for i in range(4))), timeout=1.0
+    )
+    assert send.batches == [4]
+    assert len(outputs) == 4

@@ -287,6 +287,20 @@ BROKEN_POLICIES = [
     ),
     pytest.param(
         CHURN,
+        setting("shadow_batch_window_ms", value=400),
+        "shadow_batch_window_ms",
+        "must be below timeout_ms (400)",
+        id="shadow-window-not-below-the-timeout",
+    ),
+    pytest.param(
+        CHURN,
+        setting("shadow_batch_window_ms", value=-1),
+        "shadow_batch_window_ms",
+        "greater than or equal to 0",
+        id="shadow-window-negative",
+    ),
+    pytest.param(
+        CHURN,
         "model_id: customer-churn\ntimeout_ms: [400,\n",
         "",
         "line 3",

@@ -55,17 +55,21 @@ def read_probability(output: np.ndarray | None, target: TritonTarget) -> float:
 class TritonBackend:
     """Calls one pinned model version on one Triton server."""
 
-    def __init__(self, name: str, target: TritonTarget) -> None:
+    def __init__(self, name: str, target: TritonTarget, gather_s: float = 0.0) -> None:
+        """`gather_s` > 0 (shadow copies): with batching on, rows always gather this long
+        before a call, instead of `batching.max_delay_ms` while a call is in flight."""
         self.name = name
         self.target = target
+        self.gather_s = gather_s
         self._client = KServeClient(target.url, max_connections=target.max_concurrency)
         batching = target.batching
         self._batcher = (
             MicroBatcher(
                 self._infer,
                 batching.max_batch,
-                batching.max_delay_ms / 1000,
+                gather_s or batching.max_delay_ms / 1000,
                 max_in_flight=batching.max_in_flight,
+                gather_first=gather_s > 0,
             )
             if batching is not None
             else None

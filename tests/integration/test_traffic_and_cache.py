@@ -182,3 +182,41 @@ async def test_concurrent_misses_are_micro_batched_into_few_triton_calls(gateway
     assert all(b["served_by"] in ("churn-gbm", "churn-gbm-v2") for b in bodies)
     assert len({b["probability"] for b in bodies}) > 10  # each row got its own answer back
     assert calls < 20, f"{calls} Triton calls for 40 requests"
+
+
+@pytest.mark.parametrize("window_ms", [0, 300])
+async def test_shadow_copies_gather_into_few_triton_calls(
+    gateway_client, triton, shadow_everything, window_ms: int
+):
+    """Twenty requests one after another, each shadowed: with a 300 ms window their copies
+    reach Triton as a few batched calls, every one still compared; with none, a copy goes
+    alone whenever no other is in flight, so about one call each."""
+    policy = shadow_everything / "policies" / "customer-churn.yaml"
+    text = policy.read_text().replace(
+        "shadow_batch_window_ms: 50", f"shadow_batch_window_ms: {window_ms}"
+    )
+    assert f"shadow_batch_window_ms: {window_ms}" in text
+    policy.write_text(text)
+    async with gateway_client(
+        env={"AIGW_TRITON_URL": triton.http_url}, root=shadow_everything
+    ) as client:
+        before = triton_successes(triton, "churn_logreg")
+        for i in range(20):
+            response = await client.post(
+                "/v1/predictions", json=request_for(f"gather-{uuid.uuid4()}-{i}")
+            )
+            assert response.json()["served_by"] != "churn-logreg"
+        for _ in range(100):
+            report = (await client.get("/v1/experiments/customer-churn")).json()
+            shadows = [
+                a.get("shadows", {}).get("churn-logreg", {}) for a in report["arms"].values()
+            ]
+            if sum(s.get("compared", 0) + s.get("failed", 0) for s in shadows) >= 20:
+                break
+            await asyncio.sleep(0.05)
+    assert sum(s.get("compared", 0) for s in shadows) == 20
+    calls = settled_successes(triton, ("churn_logreg",), before + 1) - before
+    if window_ms:
+        assert calls <= 4, f"{calls} Triton calls for 20 gathered copies"
+    else:
+        assert calls >= 10, f"{calls} Triton calls for 20 copies sent as they came"

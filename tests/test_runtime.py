@@ -1,0 +1,66 @@
+"""Live parts built from a configuration: what a policy reload keeps and what it rebuilds.
+
+No Triton is called: building a snapshot creates clients but connects nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.backends.triton import TritonBackend
+from gateway.runtime import Configuration, Snapshot, build_snapshot, load_configuration
+from gateway.telemetry import Metrics
+from tests.conftest import settings_for
+
+MODEL = "customer-churn"
+WINDOW = "shadow_batch_window_ms: 50"
+
+
+def configuration(root: Path, replace: tuple[str, str] | None = None) -> Configuration:
+    policy = root / "policies" / f"{MODEL}.yaml"
+    if replace is not None:
+        text = policy.read_text()
+        assert replace[0] in text
+        policy.write_text(text.replace(*replace))
+    return load_configuration(settings_for(root), {})
+
+
+def serving_guards(snapshot: Snapshot) -> dict:
+    return dict(snapshot.models[MODEL].guards)
+
+
+def shadow_guards(snapshot: Snapshot) -> dict:
+    return dict(snapshot.models[MODEL].shadows.guards)
+
+
+def identities(guards: dict) -> dict[str, int]:
+    return {name: id(guard) for name, guard in guards.items()}
+
+
+def test_shadow_guards_gather_for_the_policys_window_and_serving_guards_never_do(data_dirs):
+    """Shadow copies wait the policy's window (batching.py's `gather_first`); serving rows
+    keep the target's own batching, which sends a row at an idle target at once."""
+    snapshot = build_snapshot(configuration(data_dirs), Metrics())
+    [shadow] = shadow_guards(snapshot).values()
+    assert isinstance(shadow.backend, TritonBackend)
+    assert shadow.backend.gather_s == 0.05
+    assert shadow.backend._batcher.gather_first and shadow.backend._batcher.max_delay_s == 0.05
+    for guard in serving_guards(snapshot).values():
+        assert not guard.backend._batcher.gather_first
+        assert guard.backend._batcher.max_delay_s == 0.001  # the target's own batching
+
+
+def test_a_reload_keeps_unchanged_guards_and_rebuilds_those_whose_window_changed(data_dirs):
+    """Same policy: every guard (breaker state, connection pool) is kept. A new shadow window:
+    the shadow's guard is new, the serving guards are still the same objects."""
+    first = build_snapshot(configuration(data_dirs), Metrics())
+    again = build_snapshot(configuration(data_dirs), Metrics(), previous=first)
+    assert identities(serving_guards(again)) == identities(serving_guards(first))
+    assert identities(shadow_guards(again)) == identities(shadow_guards(first))
+
+    changed = configuration(data_dirs, (WINDOW, "shadow_batch_window_ms: 20"))
+    after = build_snapshot(changed, Metrics(), previous=again)
+    assert identities(serving_guards(after)) == identities(serving_guards(first))
+    [(name, shadow)] = shadow_guards(after).items()
+    assert shadow is not shadow_guards(first)[name]
+    assert shadow.backend.gather_s == 0.02
