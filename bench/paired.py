@@ -6,11 +6,15 @@
 The 1-client rows of `run.py` come minutes apart, and the demo Triton's own latency at one
 client drifts by 1-2 ms over minutes, which is more than the goal being checked (a cache miss
 within 1 ms of direct Triton). Here each gateway request (a new customer, so a cache miss)
-follows a direct request to the same Triton at once, from one blocking client on two kept-alive
-sockets, so both see the same Triton state; the report is p50(gateway) - p50(direct) and the
-p50 of the per-pair differences. Starts its own Triton and gateway on 127.0.0.1, as run.py does.
+and a direct request to the same Triton go one right after the other, from one blocking client
+on two kept-alive sockets, so both see the same Triton state; the report is p50(gateway) -
+p50(direct) and the p50 of the per-pair differences. Which goes first alternates from pair to
+pair: the first meets a Triton that idled through the gap, the second one that has just
+served, and before Round 7 the direct request was always first, which flattered the gateway
+(the report shows each order's p50 difference apart). Starts its own Triton and gateway on
+127.0.0.1, as run.py does.
 
-After each pair the client waits `--gap-ms` (default 10) before the next direct request: the
+After each pair the client waits `--gap-ms` (default 10) before the next pair: the
 shipped policy shadows a quarter of the gateway's requests to another model on the same Triton,
 after the answer, and the demo Triton serves one call at a time, so without the gap a quarter
 of the direct requests would queue behind a shadow call and flatter the gateway.
@@ -84,30 +88,57 @@ def measure(
     to_triton = post("/v2/models/churn_gbm/infer", TRITON_BODY)
     d_ms: list[float] = []
     g_ms: list[float] = []
+    firsts: list[bool] = []
     try:
         for i in range(warmup + pairs):
-            started = time.perf_counter()
-            status_d = exchange(direct, to_triton)
-            middle = time.perf_counter()
-            status_g = exchange(through, gateway_request(run, i))
-            ended = time.perf_counter()
+            # The first of a pair meets a Triton idle for the gap, the second one just used:
+            # the order alternates, so each side gets each place in half the pairs.
+            gateway_first = i % 2 == 1
+            status_d, status_g, d_s, g_s = (
+                _gateway_then_direct(direct, through, to_triton, gateway_request(run, i))
+                if gateway_first
+                else _direct_then_gateway(direct, through, to_triton, gateway_request(run, i))
+            )
             if (status_d, status_g) != (200, 200):
                 raise RuntimeError(f"pair {i}: direct {status_d}, gateway {status_g}")
             time.sleep(gap_s)  # the gateway's shadow call, if any, ends before the next pair
             if i >= warmup:
-                d_ms.append((middle - started) * 1000)
-                g_ms.append((ended - middle) * 1000)
+                d_ms.append(d_s * 1000)
+                g_ms.append(g_s * 1000)
+                firsts.append(gateway_first)
     finally:
         direct.close()
         through.close()
-    return summary(d_ms, g_ms)
+    return summary(d_ms, g_ms, firsts)
 
 
-def summary(d_ms: list[float], g_ms: list[float]) -> dict:
+def _direct_then_gateway(
+    direct: socket.socket, through: socket.socket, to_triton: bytes, to_gateway: bytes
+) -> tuple[int, int, float, float]:
+    started = time.perf_counter()
+    status_d = exchange(direct, to_triton)
+    middle = time.perf_counter()
+    status_g = exchange(through, to_gateway)
+    return status_d, status_g, middle - started, time.perf_counter() - middle
+
+
+def _gateway_then_direct(
+    direct: socket.socket, through: socket.socket, to_triton: bytes, to_gateway: bytes
+) -> tuple[int, int, float, float]:
+    started = time.perf_counter()
+    status_g = exchange(through, to_gateway)
+    middle = time.perf_counter()
+    status_d = exchange(direct, to_triton)
+    return status_d, status_g, time.perf_counter() - middle, middle - started
+
+
+def summary(d_ms: list[float], g_ms: list[float], gateway_first: list[bool]) -> dict:
     def q(values: list[float], p: float) -> float:
         return round(sorted(values)[int(len(values) * p)], 3)
 
     diffs = [g - d for d, g in zip(d_ms, g_ms, strict=True)]
+    first = [d for d, f in zip(diffs, gateway_first, strict=True) if f]
+    second = [d for d, f in zip(diffs, gateway_first, strict=True) if not f]
     return {
         "pairs": len(d_ms),
         "direct_p50_ms": q(d_ms, 0.5),
@@ -116,6 +147,9 @@ def summary(d_ms: list[float], g_ms: list[float]) -> dict:
         "gateway_p90_ms": q(g_ms, 0.9),
         "p50_gateway_minus_p50_direct_ms": round(q(g_ms, 0.5) - q(d_ms, 0.5), 3),
         "p50_of_pair_differences_ms": round(statistics.median(diffs), 3),
+        # Each order alone, to show how much the place in the pair moves the difference.
+        "p50_difference_gateway_first_ms": round(statistics.median(first), 3) if first else None,
+        "p50_difference_gateway_second_ms": round(statistics.median(second), 3) if second else None,
     }
 
 
