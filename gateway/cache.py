@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
@@ -55,6 +55,9 @@ class CachedPrediction(NamedTuple):
             return None
 
 
+Entry = tuple[str, CachedPrediction, float]  # key, value, TTL in seconds
+
+
 def cache_key(
     model_id: str,
     target: str,
@@ -82,6 +85,10 @@ class PredictionCache(Protocol):
     async def get(self, key: str) -> CachedPrediction | None: ...
 
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None: ...
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """Each (key, value, ttl_s), in one round trip where the store has round trips."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -115,6 +122,10 @@ class MemoryCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        for key, value, ttl_s in entries:
+            await self.set(key, value, ttl_s)
 
     async def close(self) -> None:
         self._entries.clear()
@@ -153,7 +164,15 @@ class RedisCache:
         return CachedPrediction.from_json(data) if data else None
 
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
-        await self._call(self._redis.set(key, value.to_json(), px=max(1, int(ttl_s * 1000))))
+        await self._call(self._redis.set(key, value.to_json(), px=_milliseconds(ttl_s)))
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        # A miss keeps its answer and its stale copy: one round trip on the request's path,
+        # not one per key. Not a transaction: either write alone is a valid cache state.
+        pipe = self._redis.pipeline(transaction=False)
+        for key, value, ttl_s in entries:
+            pipe.set(key, value.to_json(), px=_milliseconds(ttl_s))
+        await self._call(pipe.execute())
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -170,6 +189,10 @@ class RedisCache:
             self._resting_until = self._clock() + self._retry_after_s
             log.warning("redis cache unavailable", extra={"error": type(error).__name__})
             return None
+
+
+def _milliseconds(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))
 
 
 def _discard(operation: Awaitable[Any]) -> None:

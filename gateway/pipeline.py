@@ -245,9 +245,10 @@ async def _walk(
         kept = CachedPrediction(
             result.prediction, result.probability, result.model_version, result.served_by
         )
-        await runtime.cache.set(key, kept, policy.cache.ttl_s)
+        entries = [(key, kept, policy.cache.ttl_s)]
         if policy.cache.stale_ttl_s > 0:
-            await runtime.cache.set(stale_key(key), kept, policy.cache.stale_ttl_s)
+            entries.append((stale_key(key), kept, policy.cache.stale_ttl_s))
+        await runtime.cache.set_many(entries)
     return result
 
 

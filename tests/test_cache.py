@@ -171,6 +171,15 @@ async def test_an_overwrite_restarts_the_ttl(store):
     assert await store.cache.get(store.prefix + "k") == OTHER
 
 
+async def test_set_many_keeps_each_entry_with_its_own_ttl(store):
+    """A miss's answer and its stale copy go together, each with its TTL."""
+    short, long = store.prefix + "fresh", store.prefix + "stale"
+    await store.cache.set_many([(short, ANSWER, 0.2), (long, OTHER, 60)])
+    assert [await store.cache.get(short), await store.cache.get(long)] == [ANSWER, OTHER]
+    assert await store.expire(short, 0.2)
+    assert await store.cache.get(long) == OTHER
+
+
 # --- MemoryCache ------------------------------------------------------------------------------
 
 
@@ -231,6 +240,7 @@ async def test_unreachable_redis_is_a_miss_that_counts_errors_and_then_rests(
         for _ in range(10):
             assert await cache.get("k") is None
             await cache.set("k", ANSWER, ttl_s=60)
+            await cache.set_many([("k", ANSWER, 60), ("s", ANSWER, 600)])
         clock.advance(4.9)
         assert await cache.get("k") is None
         assert cache.errors == 1
@@ -239,6 +249,11 @@ async def test_unreachable_redis_is_a_miss_that_counts_errors_and_then_rests(
         assert cache.available
         await cache.set("k", ANSWER, ttl_s=60)
         assert cache.errors == 2
+        assert not cache.available
+
+        clock.advance(5.0)
+        await cache.set_many([("k", ANSWER, 60), ("s", ANSWER, 600)])  # one failure, not two
+        assert cache.errors == 3
         assert not cache.available
     finally:
         await cache.close()
