@@ -94,11 +94,11 @@ def measure(
             # The first of a pair meets a Triton idle for the gap, the second one just used:
             # the order alternates, so each side gets each place in half the pairs.
             gateway_first = i % 2 == 1
-            status_d, status_g, d_s, g_s = (
-                _gateway_then_direct(direct, through, to_triton, gateway_request(run, i))
-                if gateway_first
-                else _direct_then_gateway(direct, through, to_triton, gateway_request(run, i))
-            )
+            to_gateway = gateway_request(run, i)
+            if gateway_first:
+                status_g, status_d, g_s, d_s = _timed_pair(through, to_gateway, direct, to_triton)
+            else:
+                status_d, status_g, d_s, g_s = _timed_pair(direct, to_triton, through, to_gateway)
             if (status_d, status_g) != (200, 200):
                 raise RuntimeError(f"pair {i}: direct {status_d}, gateway {status_g}")
             time.sleep(gap_s)  # the gateway's shadow call, if any, ends before the next pair
@@ -112,24 +112,15 @@ def measure(
     return summary(d_ms, g_ms, firsts)
 
 
-def _direct_then_gateway(
-    direct: socket.socket, through: socket.socket, to_triton: bytes, to_gateway: bytes
+def _timed_pair(
+    first: socket.socket, first_request: bytes, second: socket.socket, second_request: bytes
 ) -> tuple[int, int, float, float]:
+    """Both exchanges one right after the other: their statuses and seconds, in that order."""
     started = time.perf_counter()
-    status_d = exchange(direct, to_triton)
+    status_first = exchange(first, first_request)
     middle = time.perf_counter()
-    status_g = exchange(through, to_gateway)
-    return status_d, status_g, middle - started, time.perf_counter() - middle
-
-
-def _gateway_then_direct(
-    direct: socket.socket, through: socket.socket, to_triton: bytes, to_gateway: bytes
-) -> tuple[int, int, float, float]:
-    started = time.perf_counter()
-    status_g = exchange(through, to_gateway)
-    middle = time.perf_counter()
-    status_d = exchange(direct, to_triton)
-    return status_d, status_g, time.perf_counter() - middle, middle - started
+    status_second = exchange(second, second_request)
+    return status_first, status_second, middle - started, time.perf_counter() - middle
 
 
 def summary(d_ms: list[float], g_ms: list[float], gateway_first: list[bool]) -> dict:
