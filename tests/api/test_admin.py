@@ -150,13 +150,28 @@ async def test_edited_files_are_applied_and_broken_edits_refused(data_dirs):
         version = await until_version(admin, 2)
         moved = (await public.post("/v1/predictions", json=CHURN_REQUEST)).json()
         replace_atomically(policy, original.replace(*BROKEN_CHAIN))
-        await asyncio.sleep(0.3)  # several polls: the broken edit must not be applied
+        # Until the watcher has read and refused the edit (a busy machine may take a while),
+        # then a few more polls: the broken edit must never be applied.
+        metrics = await until_metric(public, REFUSED_ONCE)
+        await asyncio.sleep(0.2)
         kept = (await admin.get("/admin/policies")).json()
-        metrics = (await public.get("/metrics")).text
     assert version["source"] == "files"
     assert moved["arm"] == "challenger"
     assert kept["version"] == 2
-    assert 'aigw_policy_reloads_total{outcome="refused"} 1.0' in metrics
+    assert REFUSED_ONCE in metrics
+
+
+REFUSED_ONCE = 'aigw_policy_reloads_total{outcome="refused"} 1.0'
+
+
+async def until_metric(public: httpx.AsyncClient, line: str, within_s: float = 10.0) -> str:
+    """The metrics text once it holds `line`; AssertionError after `within_s`."""
+    for _ in range(int(within_s / 0.05)):
+        text = (await public.get("/metrics")).text
+        if line in text:
+            return text
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{line!r} did not appear within {within_s} s")
 
 
 async def until_version(admin: httpx.AsyncClient, number: int, within_s: float = 5.0) -> dict:
