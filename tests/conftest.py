@@ -102,6 +102,23 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    def subscribers(self, channel: str) -> int:
+        """How many connections are subscribed to `channel` (PUBSUB NUMSUB)."""
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            [(_, count)] = client.pubsub_numsub(channel)
+        return int(count)
+
+    def wait_for_subscribers(self, channel: str, count: int, within_s: float = 10.0) -> None:
+        """Until `count` connections listen on `channel`: a replica that publishes before its
+        peers subscribed would be heard by nobody (a fixed sleep is a guess at how long)."""
+        deadline = time.monotonic() + within_s
+        while self.subscribers(channel) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} subscribers on {channel!r}")
+            time.sleep(0.02)
+
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and nothing answers, as in a network partition."""
         assert self._process is not None

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.breaker_sync import BreakerSync, remaining_open_s
+from gateway.breaker_sync import CHANNEL, BreakerSync, remaining_open_s
 from gateway.demo.triton_process import free_port
 from gateway.policy import BreakerConfig
 from gateway.resilience import CLOSED, OPEN, Breaker, Outcome
@@ -111,15 +111,26 @@ async def test_gateways_sharing_redis_share_breaker_openings(gateway_client, red
     """Two gateway replicas: one finds Triton dead, the other skips it without trying."""
     env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
     shared = {"redis_url": redis_server.url, "share_breaker_state": True}
+    already = redis_server.subscribers(CHANNEL)
     async with (
         gateway_client(env=env, **shared) as first,
         gateway_client(env=env, **shared) as second,
     ):
-        await asyncio.sleep(0.3)  # both subscribed
+        await asyncio.to_thread(redis_server.wait_for_subscribers, CHANNEL, already + 2)
         for _ in range(6):
             body = (await first.post("/v1/predictions", json=CHURN_REQUEST)).json()
         assert body["fallback_reason"] == "breaker_open"
-        await asyncio.sleep(0.5)
+        await until_breaker_open(second, NAME)  # adopted, not tried: no request has gone there
         other = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
     assert other["degraded"] is True
     assert other["fallback_reason"] == "breaker_open"
+
+
+async def until_breaker_open(client, name: str, within_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Until the gateway behind `client` reports `name`'s breaker open (state 2)."""
+    line = f'aigw_breaker_state{{target="{name}"}} 2.0'
+    deadline = time.monotonic() + within_s
+    while line not in (await client.get("/metrics")).text:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} was not reported open within {within_s} s")
+        await asyncio.sleep(0.02)

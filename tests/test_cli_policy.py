@@ -11,6 +11,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.demo.triton_process import free_port
+from gateway.policy_sync import CHANNEL
 from tests.integration.conftest import GatewayProcess
 
 
@@ -122,6 +123,7 @@ def test_apply_on_one_gateway_process_reaches_another_through_redis(
         "AIGW_WATCH_POLICIES": "false",
     }
     admin_a = free_port()
+    already = redis_server.subscribers(CHANNEL)  # before either process starts
     a = GatewayProcess({**common, "AIGW_ADMIN_PORT": str(admin_a),
                         "AIGW_AUDIT_DIR": str(tmp_path / "a")}, tmp_path / "a.log")  # fmt: skip
     b = GatewayProcess({**common, "AIGW_ADMIN_PORT": str(free_port()),
@@ -129,7 +131,7 @@ def test_apply_on_one_gateway_process_reaches_another_through_redis(
     try:
         a.wait_until_live()
         b.wait_until_live()
-        time.sleep(0.5)  # both subscribed to the policy channel
+        redis_server.wait_for_subscribers(CHANNEL, already + 2)
         before = httpx.get(b.base_url + "/readyz").json()["checks"]["policies"]
         proposed = proposed_copy(data_dirs, tmp_path)
         args = ["--admin-url", f"http://127.0.0.1:{admin_a}", "--policies", str(proposed)]

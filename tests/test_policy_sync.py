@@ -15,6 +15,7 @@ from asgi_lifespan import LifespanManager
 from gateway.app import create_admin_app, create_app
 from gateway.demo.triton_process import free_port
 from gateway.policy_store import read_bundle
+from gateway.policy_sync import CHANNEL
 from gateway.settings import Settings
 from tests.conftest import CHURN_REQUEST, settings_for
 
@@ -59,11 +60,12 @@ async def test_an_apply_on_one_replica_is_served_by_the_other_within_a_second(
     bundle = read_bundle(data_dirs / "policies", data_dirs / "fallbacks").to_dict()
     text = bundle["policies"]["customer-churn.yaml"]
     bundle["policies"]["customer-churn.yaml"] = text.replace("weight: 90", "weight: 0")
+    already = redis_server.subscribers(CHANNEL)
     async with (
         replica(data_dirs, redis_server.url) as (public_a, admin_a),
         replica(data_dirs, redis_server.url) as (public_b, _),
     ):
-        await asyncio.sleep(0.3)  # both subscribed
+        await asyncio.to_thread(redis_server.wait_for_subscribers, CHANNEL, already + 2)
         before = await policy_hash(public_b)
         applied = await admin_a.post("/admin/policies", json={"author": "ops", "bundle": bundle})
         started = time.monotonic()
