@@ -12,9 +12,10 @@ no delay.
 
 Shadow copies (shadow.py) use a batcher that gathers first (`gather_first`): even at an idle
 target a row waits `max_delay_s` for others, and rows that arrive while a batch is in flight
-wait a window of their own once it returns (or until `max_batch` gathered). Copies, whose
-answers nobody waits for, so go as few, large calls, and take as few turns as they can from
-serving calls on the same backend.
+go when the window that began with the first of them ends, or when the batch returns if that
+is later (or at `max_batch` rows). Copies, whose answers nobody waits for, so go as few,
+large calls, and take as few turns as they can from serving calls on the same backend; none
+waits longer than the window plus one call in flight.
 
 Each row keeps its own deadline: a batch that answers too late for one row is a timeout for
 that row only. When Triton refuses a batch as malformed, every row is sent again on its own,
@@ -43,6 +44,7 @@ class _Pending:
     future: asyncio.Future
     expires_at: float
     headers: Mapping[str, str] | None
+    arrived_at: float
 
 
 def stack_rows(rows: list[Rows]) -> Rows:
@@ -84,7 +86,8 @@ class MicroBatcher:
         if idle and not self._pending and not self.gather_first:
             return await self._send_alone(row, timeout_s, headers)
         loop = asyncio.get_running_loop()
-        pending = _Pending(row, loop.create_future(), time.monotonic() + timeout_s, headers)
+        now = time.monotonic()
+        pending = _Pending(row, loop.create_future(), now + timeout_s, headers, now)
         self._pending.append(pending)
         if len(self._pending) >= self.max_batch or (idle and not self.gather_first):
             self._flush()
@@ -125,9 +128,12 @@ class MicroBatcher:
         if not self._pending or self._in_flight >= self.max_in_flight:
             return
         if self.gather_first and len(self._pending) < self.max_batch:
-            if self._timer is None:  # what gathered meanwhile waits a window of its own
-                self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self._flush)
-            return
+            # What gathered meanwhile goes when its window ends: a window from the first of it.
+            wait_s = self._pending[0].arrived_at + self.max_delay_s - time.monotonic()
+            if wait_s > 0:
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(wait_s, self._flush)
+                return
         self._flush()  # a slot is free again: what gathered meanwhile goes now
 
     def _flush(self) -> None:

@@ -7,6 +7,7 @@ own logic; batching against the real Triton is pinned in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -249,9 +250,9 @@ async def test_gathering_first_holds_a_lone_row_for_the_window():
     assert [float(o[0, 0]) for o in outputs] == pytest.approx([0.01, 0.02, 0.03])
 
 
-async def test_gathering_first_gives_rows_that_came_during_a_call_a_window_of_their_own():
-    """Rows arriving while a gathered call is in flight do not go the moment it returns:
-    they wait a window from then, so a steady trickle makes one call per window."""
+async def test_gathering_first_sends_rows_that_came_during_a_call_when_their_window_ends():
+    """Rows arriving while a gathered call is in flight do not go the moment it returns: they
+    go when the window begun by the first of them ends, so a trickle makes one call a window."""
     send = ScriptedSend(delay_s=0.01)
     batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.05, gather_first=True)
     first = asyncio.ensure_future(batcher.submit(row(1), 1.0))
@@ -263,6 +264,22 @@ async def test_gathering_first_gives_rows_that_came_during_a_call_a_window_of_th
     assert send.batches == [1]
     await late
     assert send.batches == [1, 1]
+
+
+async def test_gathering_first_sends_at_once_when_a_call_outlasted_the_window():
+    """A row whose window ended while a call was in flight goes the moment that call returns:
+    no copy waits longer than its window plus one call."""
+    send = ScriptedSend(delay_s=0.3)
+    batcher = MicroBatcher(send, max_batch=64, max_delay_s=0.1, gather_first=True)
+    first = asyncio.ensure_future(batcher.submit(row(1), 2.0))
+    await asyncio.sleep(0.15)  # the first call (sent at 100 ms, 300 ms long) is in flight
+    late = asyncio.ensure_future(batcher.submit(row(2), 2.0))  # its window ends at 250 ms
+    await first  # returns at about 400 ms
+    returned = time.monotonic()
+    await late
+    assert send.batches == [1, 1]
+    # Sent at the return: done one call (300 ms) later, not a fresh window (100 ms) more.
+    assert time.monotonic() - returned < 0.35
 
 
 async def test_gathering_first_sends_a_full_batch_without_waiting():
