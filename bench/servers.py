@@ -77,7 +77,9 @@ class _Group:
         """Live processes of the group (the server and the workers it forked)."""
         return [pid for pid, _ in process_group_members(self.pid)] if self.proc else []
 
-    def _spawn(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> None:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd,
@@ -85,7 +87,7 @@ class _Group:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=REPO,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=die_with_parent,  # servers start before any thread
             )
@@ -211,8 +213,10 @@ class Gateway(_Group):
         heap_census: bool = False,
         workers: int = 1,
         policies: Path | None = None,
+        repo: Path = REPO,
     ) -> None:
         super().__init__()
+        self.repo = repo  # another checkout's gateway code: a code what-if (one_client.py)
         self.policies = policies or REPO / "policies"  # another directory: a policy what-if
         self.triton_url = triton_url
         self.workers = workers  # `aigw serve --workers N`: CPU and RSS count the whole group
@@ -232,7 +236,7 @@ class Gateway(_Group):
     def env(self) -> dict[str, str]:
         # No AIGW_* from the caller's shell (a keys file, Redis...): the same gateway every run.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIGW_")}
-        paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+        paths = [str(self.repo), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
         env.update(
             PYTHONPATH=os.pathsep.join(paths),
             AIGW_TRITON_URL=self.triton_url,
@@ -255,7 +259,7 @@ class Gateway(_Group):
             launcher = ["-m", "gateway.cli"]
         cmd = [sys.executable, *launcher, "serve", "--port", str(self.port)]
         cmd += ["--workers", str(self.workers)] if self.workers > 1 else []
-        self._spawn(cmd, self.log, env=self.env())
+        self._spawn(cmd, self.log, env=self.env(), cwd=self.repo)
         deadline = time.monotonic() + timeout
         while http_get(self.base_url + "/readyz", timeout=1)[0] != 200:
             self._check_alive(self.log)
