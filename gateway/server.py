@@ -1,7 +1,7 @@
 """Serving the apps with uvicorn: the public API and, on its own address, the admin API.
 
 One process (`aigw serve`) or one worker of several (`aigw serve --workers N`, which hands
-each worker the public socket the supervisor bound) runs the same way: both listeners in
+each worker its own listening socket of the public address) runs the same way: both listeners in
 one event loop, the public app's lifespan building the runtime they share.
 """
 
@@ -68,7 +68,8 @@ async def serve_apps(
     settings: Settings,
     public_socket: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; `public_socket`, when given, is already bound and shared."""
+    """Serve until SIGTERM/SIGINT; `public_socket`, when given, is already listening (a
+    worker's own socket of the public address, from the supervisor)."""
     public = _PublicServer(server_config(app, settings.host, settings.port))
     if admin_app is None:
         await public.serve(sockets=[public_socket] if public_socket else None)

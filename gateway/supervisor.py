@@ -1,15 +1,19 @@
-"""Several worker processes behind one listening socket: `aigw serve --workers N`.
+"""Several worker processes behind one public address: `aigw serve --workers N`.
 
-The supervisor checks every file, binds the public address once and starts N workers
-(fresh interpreters, `spawn`), all accepting on that socket; the kernel spreads connections
-among them. Each worker has its own event loop, runtime and audit directory
-(`AIGW_AUDIT_DIR/worker-N`: a log has one writer); worker 0 also serves the admin API, and
-its applies reach the others through the shared workers directory. Metrics use
+The supervisor checks every file, takes the public address and starts N workers (fresh
+interpreters, `spawn`), each accepting on a listening socket of its own; the sockets form one
+`SO_REUSEPORT` group, so the kernel spreads new connections evenly over the workers (by a
+hash of the client's address and port). Each worker has its own event loop, runtime and
+audit directory (`AIGW_AUDIT_DIR/worker-N`: a log has one writer); worker 0 also serves the
+admin API, and its applies reach the others through the shared workers directory. Metrics use
 prometheus-client's multiprocess mode in that directory, so any worker's /metrics reports
 the totals of all.
 
 A worker that dies is started again in its place, with a growing pause if it keeps dying;
-its live gauges are dropped, its counters kept. SIGTERM or SIGINT stops every worker
+its live gauges are dropped, its counters kept. Its socket is closed at once, so that new
+connections go to its siblings while it is down (connections the kernel had queued for it
+and it never accepted are reset, unless `net.ipv4.tcp_migrate_req` hands them over), and its
+replacement gets a new socket in the group. SIGTERM or SIGINT stops every worker
 gracefully (each drains its requests and flushes its audit log), then the supervisor.
 """
 
@@ -74,17 +78,68 @@ def run_audit_keys(settings: Settings) -> dict[str, SecretStr]:
     return keys
 
 
-def bind_public_socket(host: str, port: int) -> socket.socket:
-    """The listening socket every worker accepts on, bound once here."""
+def bind_public_socket(
+    host: str, port: int, *, reuse_address: bool = True, reuse_port: bool = False
+) -> socket.socket:
+    """A TCP socket bound to the address. `reuse_port` joins (or starts) the address's
+    `SO_REUSEPORT` group, which only sockets of this user that ask for it can join;
+    `reuse_address` lets it bind beside connections left in TIME_WAIT, and beside sockets that
+    are bound but not listening, which is why the address holder goes without it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
     # without it every small answer waits out the client's delayed ACK (about 40 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    try:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+class PublicAddress:
+    """The public address, held for the whole run, and one listening socket per worker.
+
+    One socket shared by every worker let whichever worker woke first accept a whole burst
+    of new connections: 62 of a load generator's 64 went to one of two workers, which then
+    served them alone on one core. Sockets of one `SO_REUSEPORT` group are chosen by the
+    kernel per connection, by a hash of its addresses, so each worker gets its share.
+
+    The address is first bound without `SO_REUSEPORT`, so that an address in use by anyone,
+    another gateway included, is refused as before; then a bound socket that never listens
+    holds it while workers come and go."""
+
+    def __init__(self, host: str, port: int) -> None:
+        bind_public_socket(host, port).close()  # OSError (address in use) before anything
+        self._holder = bind_public_socket(host, port, reuse_address=False, reuse_port=True)
+        self.host = host
+        self.port = self._holder.getsockname()[1]  # the port the kernel chose for port 0
+        self._listening: dict[int, socket.socket] = {}
+
+    def socket_for(self, index: int) -> socket.socket:
+        """The listening socket of worker `index`, made when it has none."""
+        sock = self._listening.get(index)
+        if sock is None:
+            sock = bind_public_socket(self.host, self.port, reuse_port=True)
+            sock.listen(2048)
+            sock.set_inheritable(True)
+            self._listening[index] = sock
+        return sock
+
+    def release(self, index: int) -> None:
+        """Close a dead worker's socket: the kernel stops choosing it for new connections."""
+        sock = self._listening.pop(index, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for index in list(self._listening):
+            self.release(index)
+        self._holder.close()
 
 
 def prepare_workers_dir(env: Mapping[str, str]) -> tuple[Path, Path, bool]:
@@ -126,7 +181,7 @@ class Supervisor:
                 print(fault, file=sys.stderr)
             return 1
         try:
-            public_socket = bind_public_socket(self.settings.host, self.settings.port)
+            address = PublicAddress(self.settings.host, self.settings.port)
         except OSError as error:
             print(f"{self.settings.host}:{self.settings.port}: {error.strerror}", file=sys.stderr)
             return 1
@@ -137,15 +192,15 @@ class Supervisor:
         previous_handlers = self._catch_stop_signals()
         try:
             for index in range(self.settings.workers):
-                self._start(index, workers_dir, public_socket)
+                self._start(index, workers_dir, address)
             log.warning(
                 "workers started",
                 extra={"workers": self.settings.workers, "port": self.settings.port},
             )
-            self._watch(workers_dir, public_socket)
+            self._watch(workers_dir, address)
         finally:
             self._stop_all()
-            public_socket.close()
+            address.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             if made_here:
@@ -158,13 +213,13 @@ class Supervisor:
 
         return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _start(self, index: int, workers_dir: Path, public_socket: socket.socket) -> None:
+    def _start(self, index: int, workers_dir: Path, address: PublicAddress) -> None:
         settings = self.settings.model_copy(
             update={"worker_index": index, "workers_dir": workers_dir, **self._run_keys}
         )
         process = self._context.Process(
             target=run_worker,
-            args=(settings, self.env, public_socket),
+            args=(settings, self.env, address.socket_for(index)),
             name=f"aigw-worker-{index}",
         )
         process.start()
@@ -172,17 +227,18 @@ class Supervisor:
         pause = previous.pause_s if previous else FIRST_RESTART_PAUSE_S
         self._workers[index] = _Worker(index, process, time.monotonic(), pause)
 
-    def _watch(self, workers_dir: Path, public_socket: socket.socket) -> None:
+    def _watch(self, workers_dir: Path, address: PublicAddress) -> None:
         while not self._stopping:
             sentinels = [w.process.sentinel for w in self._workers.values()]
             wait(sentinels, timeout=0.5)
             for worker in list(self._workers.values()):
                 if self._stopping or worker.process.is_alive():
                     continue
-                self._replace(worker, workers_dir, public_socket)
+                self._replace(worker, workers_dir, address)
 
-    def _replace(self, worker: _Worker, workers_dir: Path, public_socket: socket.socket) -> None:
-        """A dead worker's gauges go; its place is taken by a new process after a pause."""
+    def _replace(self, worker: _Worker, workers_dir: Path, address: PublicAddress) -> None:
+        """A dead worker's gauges and socket go; a new process takes its place after a pause."""
+        address.release(worker.index)
         pid, code = worker.process.pid, worker.process.exitcode
         mark_process_dead(pid, str(os.environ[MULTIPROCESS_ENV]))
         lived_s = time.monotonic() - worker.started_at
@@ -197,7 +253,7 @@ class Supervisor:
         if self._stopping:
             return
         worker.pause_s = pause_s
-        self._start(worker.index, workers_dir, public_socket)
+        self._start(worker.index, workers_dir, address)
 
     def _stop_all(self) -> None:
         """SIGTERM to each worker, time to drain, then SIGKILL for any that hangs."""

@@ -3,10 +3,15 @@ directory, and metrics combined across real worker processes (prometheus multipr
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,8 @@ from gateway.supervisor import (
     FIRST_RESTART_PAUSE_S,
     MAX_RESTART_PAUSE_S,
     STABLE_AFTER_S,
+    PublicAddress,
+    bind_public_socket,
     next_restart_pause,
     prepare_workers_dir,
     run_audit_keys,
@@ -173,15 +180,12 @@ def test_spill_bytes_sum_over_workers(tmp_path):
     assert combined(tmp_path)[("aigw_audit_spill_bytes", ())] == 150
 
 
-async def test_connections_on_the_shared_socket_get_tcp_nodelay():
+async def test_connections_on_a_workers_socket_get_tcp_nodelay():
     """asyncio sets TCP_NODELAY only on sockets whose proto says TCP: without it each small
     answer would wait out the client's delayed ACK (about 40 ms a request)."""
     import asyncio
-    import socket
 
-    from gateway.supervisor import bind_public_socket
-
-    listening = bind_public_socket("127.0.0.1", 0)
+    address = PublicAddress("127.0.0.1", 0)
     nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -189,11 +193,80 @@ async def test_connections_on_the_shared_socket_get_tcp_nodelay():
         nodelay.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         writer.close()
 
-    server = await asyncio.start_server(on_connection, sock=listening)
+    server = await asyncio.start_server(on_connection, sock=address.socket_for(0))
     try:
-        _, writer = await asyncio.open_connection(*listening.getsockname())
+        _, writer = await asyncio.open_connection("127.0.0.1", address.port)
         assert await asyncio.wait_for(nodelay, 5) == 1
         writer.close()
     finally:
         server.close()
         await server.wait_closed()
+        address.close()
+
+
+def accepted_by(listening: dict[int, socket.socket], port: int, connections: int) -> Counter:
+    """Open `connections` new client connections; how many each worker's socket accepted."""
+    counts: Counter = Counter()
+    for sock in listening.values():
+        sock.settimeout(0)
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            for index, sock in listening.items():
+                with contextlib.suppress(BlockingIOError):
+                    accepted, _ = sock.accept()
+                    accepted.close()
+                    counts[index] += 1
+    return counts
+
+
+@pytest.fixture
+def address() -> Iterator[PublicAddress]:
+    held = PublicAddress("127.0.0.1", 0)
+    yield held
+    held.close()
+
+
+def test_each_worker_gets_its_share_of_new_connections(address: PublicAddress):
+    """Two workers' sockets of one address: the kernel picks one per connection, so neither
+    takes them all (a shared socket gave 62 of 64 to one worker)."""
+    sockets = {index: address.socket_for(index) for index in (0, 1)}
+    counts = accepted_by(sockets, address.port, 200)
+    assert sum(counts.values()) == 200
+    # Binomial(200, 1/2): fewer than 60 for either is about one chance in 10 million.
+    assert min(counts[0], counts[1]) >= 60, counts
+
+
+def test_a_released_workers_connections_go_to_its_siblings(address: PublicAddress):
+    """While a dead worker is down its socket is closed: every new connection reaches the
+    others, none waits in a backlog nobody accepts; its replacement gets a new socket."""
+    first = address.socket_for(0)
+    survivor = address.socket_for(1)
+    address.release(0)
+    assert first.fileno() == -1  # closed
+    assert accepted_by({1: survivor}, address.port, 40) == Counter({1: 40})
+    replacement = address.socket_for(0)
+    assert replacement is not first
+    counts = accepted_by({0: replacement, 1: survivor}, address.port, 100)
+    assert sum(counts.values()) == 100 and counts[0] > 0 and counts[1] > 0
+
+
+def test_an_address_in_use_is_refused_even_to_another_gateway(address: PublicAddress):
+    """The group admits only sockets that ask for it, and a gateway asks only after a plain
+    bind succeeded: a second gateway on the same address fails at start, as before."""
+    address.socket_for(0)
+    with pytest.raises(OSError) as refused:
+        PublicAddress("127.0.0.1", address.port)
+    assert refused.value.errno == errno.EADDRINUSE
+    with pytest.raises(OSError):
+        bind_public_socket("127.0.0.1", address.port).close()
+
+
+def test_the_address_stays_held_while_every_worker_is_down(address: PublicAddress):
+    """With no worker socket left (all died at once), the supervisor still holds the port:
+    nobody else can take it, and a client is refused rather than served by a stranger."""
+    address.socket_for(0)
+    address.release(0)
+    with pytest.raises(OSError):
+        bind_public_socket("127.0.0.1", address.port).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", address.port), timeout=5).close()

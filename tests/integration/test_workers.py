@@ -1,14 +1,17 @@
 """`aigw serve --workers 2` in front of a real Triton: one port, two worker processes.
 
 Metrics are the totals of every worker whichever answers the scrape (prometheus-client
-multiprocess mode), each worker keeps its own audit chain, a worker killed with SIGKILL is
+multiprocess mode), new connections are spread over the workers, each worker keeps its own
+audit chain, a worker killed with SIGKILL is
 replaced without losing its counts, and an apply through the admin API reaches both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +136,40 @@ def test_each_worker_keeps_its_own_verified_audit_chain(workers: Workers, capsys
     ids = [a.json()["prediction_id"] for a in answers]
     found = [find_record(workers.audit_dir, i) for i in ids]
     assert all(r is not None and r["prediction_id"] == i for r, i in zip(found, ids, strict=True))
+
+
+def test_a_burst_of_new_connections_is_spread_over_both_workers(workers: Workers):
+    """64 connections opened at once, then one request on each: each worker accepts on its
+    own socket of the address and the kernel picks one per connection, so both answer a fair
+    share. On one shared socket the first worker awake accepted most of such a burst."""
+    url = httpx.URL(workers.process.base_url)
+    clients = [socket.create_connection((url.host, url.port), timeout=10) for _ in range(64)]
+    try:
+        ids = [prediction_id_over(client, f"burst-{n}") for n, client in enumerate(clients)]
+    finally:
+        for client in clients:
+            client.close()
+    answered = {
+        directory.name: sum(find_record(directory, i) is not None for i in ids)
+        for directory in log_directories(workers.audit_dir)
+    }
+    assert sum(answered.values()) == 64
+    # Binomial(64, 1/2): fewer than 12 for either worker is about one chance in 3 million.
+    assert min(answered.values()) >= 12, answered
+
+
+def prediction_id_over(client: socket.socket, customer: str) -> str:
+    """One prediction on an open connection (HTTP/1.1 by hand); its prediction_id."""
+    body = json.dumps(churn(customer)).encode()
+    head = b"POST /v1/predictions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json"
+    client.sendall(b"%s\r\nContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
+    answer = b""
+    while not answer.endswith(b"}"):  # the envelope is one JSON object, the body's last byte
+        chunk = client.recv(65536)
+        assert chunk, f"the connection closed after {answer!r}"
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    return json.loads(answer.partition(b"\r\n\r\n")[2])["prediction_id"]
 
 
 def test_a_killed_worker_is_replaced_and_its_counts_are_kept(workers: Workers):
