@@ -1,5 +1,6 @@
 """`aigw serve --workers N` without servers: restart pauses, shared run keys, the workers
-directory, and metrics combined across real worker processes (prometheus multiprocess)."""
+directory, metrics combined across real worker processes (prometheus multiprocess), and the
+public address's sockets (one per worker, real sockets on loopback)."""
 
 from __future__ import annotations
 
