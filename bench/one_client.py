@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +49,9 @@ from bench.servers import REPO, Gateway, Triton
 
 
 def direct_load(triton: Triton) -> Load:
-    return Load(triton.base_url, "static.lua", {"BENCH_PATH": TRITON_PATH, "BENCH_BODY": TRITON_BODY})
+    return Load(
+        triton.base_url, "static.lua", {"BENCH_PATH": TRITON_PATH, "BENCH_BODY": TRITON_BODY}
+    )
 
 
 def miss_load(gateway: Gateway, tag: str) -> Load:
@@ -87,15 +89,15 @@ def rotated(sides: list[str], round_no: int) -> list[str]:
 
 
 def run_rounds(
-    loads: dict[str, object], rounds: int, seconds: float, log: bool = True
+    loads: dict[str, Callable[[], Load]], rounds: int, seconds: float, log: bool = True
 ) -> dict[str, list[dict[str, float]]]:
-    """Each round, one wrk row per side at one client; every row's latency summary."""
+    """Each round, one wrk row per side at one client (each side's load made anew, so a miss
+    never repeats a customer); every row's latency summary."""
     rows: dict[str, list[dict[str, float]]] = {side: [] for side in loads}
     sides = list(loads)
     for round_no in range(rounds):
         for side in rotated(sides, round_no):
-            make = loads[side]
-            result = run_wrk(make() if callable(make) else make, 1, seconds)  # type: ignore[arg-type]
+            result = run_wrk(loads[side](), 1, seconds)
             if result.errors.get("status") or result.requests == 0:
                 raise RuntimeError(f"{side}: {result.errors} in {result.requests} requests")
             rows[side].append({**result.latency_ms, "rps": round(result.rps, 1)})
@@ -170,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             triton.start()
             with gateways(triton, policies, repos) as started:
-                loads: dict[str, object] = {"direct": direct_load(triton)}
+                loads: dict[str, Callable[[], Load]] = {"direct": lambda: direct_load(triton)}
                 for name, gateway in started.items():
                     loads[name] = lambda g=gateway, n=name: miss_load(g, n)
                     if args.hits:
-                        loads[f"{name}-hit"] = hit_load(gateway)
+                        loads[f"{name}-hit"] = lambda g=gateway: hit_load(g)
                 if args.warmup > 0:
                     run_rounds(loads, 1, args.warmup, log=False)
                 rows = run_rounds(loads, args.rounds, args.seconds)
