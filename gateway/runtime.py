@@ -261,7 +261,10 @@ def build_snapshot(
             guards=guards,
             routes=compile_routes(policy, feature_types),
             shadows=ShadowRunner(
-                shadow_guards, policy.shadow_max_concurrency, policy.timeout_ms / 1000
+                shadow_guards,
+                policy.shadow_max_concurrency,
+                policy.timeout_ms / 1000,
+                on_drop=metrics.shadow_dropped_counter(model_id),
             ),
         )
     return Snapshot(config=config, models=models)

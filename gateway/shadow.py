@@ -3,7 +3,9 @@
 Shadows run after the answer is computed, as background tasks, through their own clients
 and breakers, so a failing or hanging shadow cannot delay an answer, fill the serving
 connection pool or trip a breaker that serving relies on. At most `max_concurrency`
-copies are in flight per model; beyond that, copies are dropped and counted.
+copies are in flight per model; beyond that, copies are dropped and counted (`on_drop`),
+as are copies still in flight when the runner closes (a reload retiring it, or shutdown):
+every copy is either compared, failed or counted as dropped.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ class ShadowRunner:
     """Fires shadow copies for one model within a concurrency bound."""
 
     def __init__(
-        self, guards: Mapping[str, TargetGuard], max_concurrency: int, timeout_s: float
+        self,
+        guards: Mapping[str, TargetGuard],
+        max_concurrency: int,
+        timeout_s: float,
+        on_drop: Callable[[], None] = lambda: None,
     ) -> None:
         self.guards = guards
         self._max = max_concurrency
         self._timeout_s = timeout_s
         self._tasks: set[asyncio.Task] = set()
-        self.dropped = 0
+        self._on_drop = on_drop
 
     @property
     def in_flight(self) -> int:
@@ -46,7 +52,7 @@ class ShadowRunner:
         """Start one copy unless the bound is reached; never waits."""
         guard = self.guards.get(target)
         if guard is None or len(self._tasks) >= self._max:
-            self.dropped += 1
+            self._on_drop()
             return False
         task = asyncio.create_task(
             self._call(target, guard, features, served_label, label_of, report)
@@ -76,6 +82,8 @@ class ShadowRunner:
         report(target, label_of(probability) == served_label)
 
     async def close(self) -> None:
+        """Cancel the copies still in flight, each counted as dropped."""
         for task in list(self._tasks):
-            task.cancel()
+            if task.cancel():
+                self._on_drop()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -3,7 +3,7 @@
 Labels take only values the operator configured (model ids, arm and target names, chain
 steps, a fixed set of reasons and events), never a request's id or features, so the number
 of series is fixed by the policies. Hot-path updates are single counter increments; totals
-the gateway already keeps (audit records written, cache errors, shadows dropped) are read
+the gateway already keeps (audit records written, cache errors) are read
 at scrape time by a collector instead of being counted twice. The hot path looks label
 children up in a small per-metric dict (`_Children`) rather than through `labels()`.
 
@@ -146,6 +146,13 @@ class Metrics:
             "aigw_shadow_comparisons", "Shadow answers compared with served ones.",
             ["model", "target", "result"], registry=r,
         )  # fmt: skip
+        # A counter of the metrics, not of the shadow runner: a reload replaces every model's
+        # runner, and a total read from the live runners would fall back to zero.
+        self.shadow_dropped = Counter(
+            "aigw_shadow_dropped",
+            "Shadow copies never compared: dropped at the bound, or cancelled by a reload or "
+            "shutdown.", ["model"], registry=r,
+        )  # fmt: skip
         self.policy_reloads = Counter(
             "aigw_policy_reloads", "Policy changes, applied or refused as invalid.",
             ["outcome"], registry=r,
@@ -231,6 +238,10 @@ class Metrics:
     def observe_shadow(self, model_id: str, target: str, agreed: bool | None) -> None:
         result = "failed" if agreed is None else ("agree" if agreed else "disagree")
         self._shadows(model_id, target, result).inc()
+
+    def shadow_dropped_counter(self, model_id: str) -> Callable[[], None]:
+        """What a model's shadow runner calls for each copy it drops."""
+        return self.shadow_dropped.labels(model_id).inc
 
     def observe_stream_job(self, model_id: str, outcome: str) -> None:
         """`outcome` is one of gateway.worker.OUTCOMES (a fixed set)."""
@@ -371,8 +382,6 @@ class _RuntimeCollector(Collector):
                        getattr(runtime.cache, "errors", 0))  # fmt: skip
         yield _counter("aigw_cache_coalesced", "Misses that shared another's backend call.",
                        runtime.single_flight.coalesced)  # fmt: skip
-        dropped = sum(m.shadows.dropped for m in runtime.models.values())
-        yield _counter("aigw_shadow_dropped", "Shadow copies dropped at the bound.", dropped)
         audit = runtime.audit
         if audit is not None:
             yield _counter("aigw_audit_records_written", "Audit records written.", audit.written)
