@@ -1,7 +1,9 @@
 """What each arm of an experiment did: traffic, latency, fallbacks, outcomes, shadow agreement.
 
 Kept in memory per process (a replica reports its own traffic); the ledger of recent
-decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges.
+decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges. A
+decision the ledger does not hold (answered by a sibling worker, before a restart, or too
+long ago) is read from the audit trail by the feedback route and handed to `record_outcome`.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ class Experiments:
         # Decisions as plain tuples, which the cyclic garbage collector stops tracking (a
         # NamedTuple it never does): see gateway/garbage.py.
         self._ledger: OrderedDict[str, tuple[str, str, str, str, str, float]] = OrderedDict()
-        self._judged: set[str] = set()
+        # Ids already judged, the latest `ledger_size` of them: apart from the ledger, since a
+        # judged decision may have come from the audit trail, not from it.
+        self._judged: OrderedDict[str, None] = OrderedDict()
         self._ledger_size = ledger_size
 
     def record_answer(
@@ -110,8 +114,7 @@ class Experiments:
         stats.latency_ms_max = max(stats.latency_ms_max, latency_ms)
         self._ledger[prediction_id] = tuple(decision)
         if len(self._ledger) > self._ledger_size:
-            old_id, _ = self._ledger.popitem(last=False)
-            self._judged.discard(old_id)
+            self._ledger.popitem(last=False)
 
     def record_shadow(self, model_id: str, arm: str, target: str, agreed: bool | None) -> None:
         """One shadow comparison: agreed, disagreed, or (None) the shadow failed."""
@@ -126,14 +129,23 @@ class Experiments:
         kept = self._ledger.get(prediction_id)
         return Decision._make(kept) if kept is not None else None
 
-    def record_outcome(self, prediction_id: str, outcome: str, positive_label: str) -> str:
-        """Count a real outcome: `recorded`, `unknown` (not in the ledger) or `duplicate`."""
-        decision = self.decision(prediction_id)
+    def record_outcome(
+        self,
+        prediction_id: str,
+        outcome: str,
+        positive_label: str,
+        decision: Decision | None = None,
+    ) -> str:
+        """Count a real outcome: `recorded`, `unknown` or `duplicate`. The decision judged is
+        the ledger's, else `decision` (found elsewhere, in the audit trail)."""
+        decision = self.decision(prediction_id) or decision
         if decision is None:
             return "unknown"
         if prediction_id in self._judged:
             return "duplicate"
-        self._judged.add(prediction_id)
+        self._judged[prediction_id] = None
+        if len(self._judged) > self._ledger_size:
+            self._judged.popitem(last=False)
         stats = self.arm(decision.model_id, decision.arm)
         stats.feedback += 1
         stats.positive_outcomes += outcome == positive_label

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.api.feedback import decision_in_record
 from gateway.demo.triton_process import free_port
 from gateway.experiments import Decision, Experiments, wilson_interval
 from tests.conftest import CHURN_REQUEST
@@ -168,15 +169,56 @@ def test_ledger_is_bounded_and_forgets_the_oldest():
     assert experiments.report(MODEL)["control"]["requests"] == 4  # statistics keep counting
 
 
-def test_forgotten_judged_id_is_no_longer_a_duplicate():
-    """Once a judged id leaves the ledger it is `unknown`, and the judged set does not grow."""
+def test_judged_ids_are_bounded_like_the_ledger():
+    """The judged ids are the latest `ledger_size`: a judged id that left the ledger is still
+    a duplicate until later outcomes push it out, and the set does not grow past that."""
     experiments = Experiments(ledger_size=2)
     answer(experiments, "p1")
     assert experiments.record_outcome("p1", "churn", "churn") == "recorded"
     answer(experiments, "p2")
     answer(experiments, "p3")
-    assert experiments.record_outcome("p1", "churn", "churn") == "unknown"
-    assert experiments._judged == set()
+    assert experiments.decision("p1") is None
+    p1 = Decision(MODEL, "control", "stay", "t")  # as the audit trail would give it
+    assert experiments.record_outcome("p1", "churn", "churn", p1) == "duplicate"
+    for prediction_id in ("p2", "p3"):
+        assert experiments.record_outcome(prediction_id, "churn", "churn") == "recorded"
+    assert list(experiments._judged) == ["p2", "p3"]
+
+
+def test_a_decision_found_elsewhere_is_judged_once_under_its_arm():
+    """An id the ledger never held is judged by the decision handed in (from the audit
+    trail): counted once, under that decision's arm, against its prediction."""
+    experiments = Experiments()
+    elsewhere = Decision(MODEL, "challenger", "stay", "t", "churn-gbm-v2:1", 0.2)
+    assert experiments.record_outcome("p9", "churn", "churn", elsewhere) == "recorded"
+    assert experiments.record_outcome("p9", "stay", "churn", elsewhere) == "duplicate"
+    challenger = experiments.report(MODEL)["challenger"]
+    assert (challenger["requests"], challenger["feedback"]) == (0, 1)
+    assert (challenger["outcome_rate"], challenger["accuracy"]) == (1.0, 0.0)
+
+
+AUDITED = {
+    "type": "prediction", "prediction_id": "p1", "tenant": "acme", "model_id": MODEL,
+    "arm": "challenger", "served_by": "churn-gbm-v2", "model_version": "1",
+    "prediction": "churn", "probability": 0.81,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (AUDITED, Decision(MODEL, "challenger", "churn", "acme", "churn-gbm-v2:1", 0.81)),
+        ({**AUDITED, "type": "admin"}, None),
+        ({k: v for k, v in AUDITED.items() if k != "arm"}, None),
+        ({**AUDITED, "probability": "high"}, None),
+        ({**AUDITED, "served_by": "rules", "model_version": "2024-06"},
+         Decision(MODEL, "challenger", "churn", "acme", "rules:2024-06", 0.81)),
+    ],
+    ids=["prediction", "admin-record", "no-arm", "bad-probability", "rules"],
+)  # fmt: skip
+def test_the_decision_an_audit_record_holds(record, expected):
+    """A prediction record gives the decision feedback judges; any other record gives none."""
+    assert decision_in_record(record) == expected
 
 
 def test_shadow_agreement_and_failures_per_target():
@@ -277,6 +319,24 @@ async def test_duplicate_feedback_is_409(gateway_client):
     body = assert_problem(response, 409)
     assert body["type"].endswith(":duplicate-feedback")
     assert (arms["control"]["feedback"], arms["control"]["outcome_rate"]) == (1, 1.0)
+
+
+async def test_feedback_after_a_restart_is_judged_from_the_audit_trail(gateway_client, tmp_path):
+    """The ledger lives in memory; a prediction answered before a restart (or by a sibling
+    worker) is read from the audit trail: 202, once, under the arm that answered it."""
+    audit = tmp_path / "audit"
+    async with gateway_client(env=closed_triton(), audit_dir=audit) as client:
+        premium = await predict(client, PREMIUM)
+    async with gateway_client(env=closed_triton(), audit_dir=audit) as client:
+        response = await feedback(client, premium["prediction_id"], "churn")
+        again = await feedback(client, premium["prediction_id"], "stay")
+        arms = (await client.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+    assert response.status_code == 202, response.text
+    assert_problem(again, 409)
+    challenger = arms["challenger"]
+    assert (challenger.get("requests"), challenger["feedback"]) == (0, 1)  # answered earlier
+    assert challenger["outcome_rate"] == 1.0
+    assert arms["control"].get("feedback", 0) == 0
 
 
 @pytest.mark.parametrize("outcome", ["cancelled", "Churn", "STAY"])

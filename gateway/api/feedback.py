@@ -1,15 +1,28 @@
-"""POST /v1/feedback and GET /v1/experiments/{model_id}: real outcomes, and what arms did."""
+"""POST /v1/feedback and GET /v1/experiments/{model_id}: real outcomes, and what arms did.
+
+An outcome is often known long after the answer (a customer churns weeks later), and may
+reach any worker of the gateway. The decision it judges comes from this process's ledger of
+recent answers, else from the audit trail, which every worker of this machine writes under
+`AIGW_AUDIT_DIR` and which keeps every answer: so feedback for an answer of a sibling
+worker, of an earlier run, or too old for the ledger is counted too.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.access import authorize
 from gateway.api.responses import json_response
+from gateway.audit import find_record
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
+from gateway.experiments import Decision
+from gateway.monitoring import version_key
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
 
@@ -34,19 +47,23 @@ async def record_feedback(request: Request) -> Response:
             f"{len(violations)} field(s) are invalid", errors=violations,
         )  # fmt: skip
     prediction_id, outcome = payload["prediction_id"], payload["outcome"]
-    decision = runtime.experiments.decision(prediction_id)
+    decision = await _decision_judged(runtime, prediction_id)
     if decision is None or decision.tenant != principal.tenant:  # another tenant's: not found
+        raise Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")
+    policy = runtime.policies.get(decision.model_id)
+    if policy is None:
         raise Problem(
-            404, "unknown-prediction", "Unknown prediction", "no recent prediction has this id"
-        )
-    labels = runtime.policies.policies[decision.model_id].labels
+            404, "unknown-model", "Unknown model",
+            f"model {decision.model_id!r} of this prediction is no longer served",
+        )  # fmt: skip
+    labels = policy.labels
     if outcome not in (labels.positive, labels.negative):
         detail = f"must be {labels.positive!r} or {labels.negative!r}"
         raise Problem(
             422, "invalid-request", "The request does not match the contract", detail,
             errors=[FieldError("/outcome", detail)],
         )  # fmt: skip
-    status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive)
+    status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive, decision)
     if status == "recorded":
         runtime.monitor.observe_outcome(
             decision.model_id, decision.version_key, decision.arm, decision.prediction, outcome,
@@ -57,6 +74,32 @@ async def record_feedback(request: Request) -> Response:
             409, "duplicate-feedback", "Outcome already recorded", "one outcome per prediction"
         )
     return json_response({"prediction_id": prediction_id, "status": "recorded"}, 202)
+
+
+async def _decision_judged(runtime: Runtime, prediction_id: str) -> Decision | None:
+    """The ledger's decision, else the one the audit trail recorded (read off the loop)."""
+    decision = runtime.experiments.decision(prediction_id)
+    if decision is not None:
+        return decision
+    record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
+    return decision_in_record(record) if record is not None else None
+
+
+def decision_in_record(record: Mapping[str, Any]) -> Decision | None:
+    """The decision an audit record of a prediction holds, or None for any other record."""
+    if record.get("type") != "prediction":
+        return None
+    try:
+        return Decision(
+            model_id=str(record["model_id"]),
+            arm=str(record["arm"]),
+            prediction=str(record["prediction"]),
+            tenant=str(record["tenant"]),
+            version_key=version_key(str(record["served_by"]), str(record["model_version"])),
+            probability=float(record["probability"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None  # not a record this gateway writes
 
 
 @router.get("/v1/models/{model_id}/health")

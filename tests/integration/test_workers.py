@@ -3,7 +3,8 @@
 Metrics are the totals of every worker whichever answers the scrape (prometheus-client
 multiprocess mode), new connections are spread over the workers, each worker keeps its own
 audit chain, a worker killed with SIGKILL is
-replaced without losing its counts, and an apply through the admin API reaches both.
+replaced without losing its counts, an apply through the admin API reaches both, and
+feedback reaches the decision it judges whichever worker answered it.
 """
 
 from __future__ import annotations
@@ -231,6 +232,25 @@ def test_an_asynchronous_job_is_never_unknown_to_a_sibling_worker(
     assert {first for first, _ in results} <= {200, 202}
     assert 202 in {first for first, _ in results}  # some were seen pending
     assert [final for _, final in results] == [200] * 40
+
+
+def test_feedback_is_recorded_whichever_worker_answered(workers: Workers):
+    """Forty answers from both workers, then feedback on each over a new connection: every
+    one is recorded, though about half reach the worker that did not answer it (its ledger
+    does not hold the decision; the audit trail of the machine's workers does)."""
+    ids = [a.json()["prediction_id"] for a in workers.predict_many("feedback", 40)]
+    answered = [
+        sum(find_record(directory, i) is not None for i in ids)
+        for directory in log_directories(workers.audit_dir)
+    ]
+    assert sum(answered) == 40 and min(answered) > 0, answered  # both workers answered some
+
+    def judge(prediction_id: str) -> int:
+        outcome = {"prediction_id": prediction_id, "outcome": "stay"}
+        return httpx.post(f"{workers.process.base_url}/v1/feedback", json=outcome).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(judge, ids)) == [202] * 40
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
