@@ -152,6 +152,9 @@ def create_app(
             tasks.append(asyncio.create_task(manager.watch_files(settings.watch_interval_s)))
         if metrics.multiprocess:
             tasks.append(asyncio.create_task(metrics.publish_forever()))
+        if runtime.shared_experiments is not None:
+            publishing = runtime.shared_experiments.publish_forever(runtime.experiments)
+            tasks.append(asyncio.create_task(publishing))
         try:
             yield
         finally:

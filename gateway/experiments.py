@@ -1,6 +1,7 @@
 """What each arm of an experiment did: traffic, latency, fallbacks, outcomes, shadow agreement.
 
-Kept in memory per process (a replica reports its own traffic); the ledger of recent
+Kept in memory per process (a replica reports its own traffic; the workers of one
+`aigw serve --workers N` report all of theirs, through shared_experiments.py); the ledger of recent
 decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges. A
 decision the ledger does not hold (answered by a sibling worker, before a restart, or too
 long ago) is read from the audit trail by the feedback route and handed to `record_outcome`.
@@ -8,10 +9,12 @@ long ago) is read from the audit trail by the feedback route and handed to `reco
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Z_95 = 1.959964
 
@@ -46,6 +49,29 @@ class ArmStats:
     positive_outcomes: int = 0
     correct: int = 0
     shadows: dict[str, ShadowStats] = field(default_factory=dict)
+
+    def add(self, other: ArmStats) -> None:
+        """Count `other`'s traffic in too (another worker's, or a predecessor's)."""
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency_ms_max = max(self.latency_ms_max, other.latency_ms_max)
+        for target, theirs in other.shadows.items():
+            mine = self.shadows.setdefault(target, ShadowStats())
+            mine.compared += theirs.compared
+            mine.agreed += theirs.agreed
+            mine.failed += theirs.failed
+
+    def as_plain(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_plain(cls, plain: Mapping[str, Any]) -> ArmStats:
+        """The statistics `as_plain` gave; TypeError or ValueError when they are not such."""
+        shadows = {str(t): ShadowStats(**s) for t, s in plain.get("shadows", {}).items()}
+        numbers = {name: plain[name] for name in (*_SUMMED, "latency_ms_max")}
+        if not all(isinstance(v, int | float) and v >= 0 for v in numbers.values()):
+            raise ValueError("statistics must be numbers, none negative")
+        return cls(**numbers, shadows=shadows)
 
     def report(self) -> dict:
         return {
@@ -155,8 +181,36 @@ class Experiments:
     def arm(self, model_id: str, arm: str) -> ArmStats:
         return self._stats.setdefault(model_id, {}).setdefault(arm, ArmStats())
 
-    def report(self, model_id: str) -> dict[str, dict]:
-        return {name: s.report() for name, s in sorted(self._stats.get(model_id, {}).items())}
+    def totals(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every arm's statistics as plain data (model → arm → fields), to share or keep."""
+        return {
+            model: {arm: stats.as_plain() for arm, stats in arms.items()}
+            for model, arms in self._stats.items()
+        }
+
+    def add_totals(self, totals: Totals) -> None:
+        """Count in statistics `totals` gave (a replaced worker's, so counts continue)."""
+        for model, arms in totals.items():
+            for arm, plain in arms.items():
+                self.arm(model, arm).add(ArmStats.from_plain(plain))
+
+    def report(self, model_id: str, siblings: Iterable[Totals] = ()) -> dict[str, dict]:
+        """Each arm's report, with the statistics of `siblings` (other workers) counted in."""
+        combined: dict[str, ArmStats] = {}
+        own = {arm: stats.as_plain() for arm, stats in self._stats.get(model_id, {}).items()}
+        for totals in (own, *(sibling.get(model_id, {}) for sibling in siblings)):
+            for arm, plain in totals.items():
+                combined.setdefault(arm, ArmStats()).add(ArmStats.from_plain(plain))
+        return {name: stats.report() for name, stats in sorted(combined.items())}
+
+
+# Everything an arm counts that adds up across workers (the maximum latency does not).
+_SUMMED = (
+    "requests", "degraded", "cached", "latency_ms_total", "feedback", "positive_outcomes",
+    "correct",
+)  # fmt: skip
+
+Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm → ArmStats.as_plain()
 
 
 def _rate(part: int, whole: int) -> float | None:

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from gateway.api.feedback import decision_in_record
@@ -219,6 +220,65 @@ AUDITED = {
 def test_the_decision_an_audit_record_holds(record, expected):
     """A prediction record gives the decision feedback judges; any other record gives none."""
     assert decision_in_record(record) == expected
+
+
+def test_a_report_counts_in_the_siblings_statistics():
+    """Two workers' statistics: the report adds up counts, takes the larger maximum latency,
+    and adds shadow comparisons; an arm only a sibling saw is reported too."""
+    mine, theirs = Experiments(), Experiments()
+    answer(mine, "p1", latency_ms=10.0)
+    answer(theirs, "p2", latency_ms=30.0, degraded=True)
+    answer(theirs, "p3", arm="challenger", latency_ms=5.0)
+    assert mine.record_outcome("p1", "churn", "churn") == "recorded"
+    mine.record_shadow(MODEL, "control", "churn-logreg", True)
+    theirs.record_shadow(MODEL, "control", "churn-logreg", False)
+    report = mine.report(MODEL, [theirs.totals()])
+    control = report["control"]
+    assert (control["requests"], control["latency_ms_mean"], control["latency_ms_max"]) == (
+        2, 20.0, 30.0,
+    )  # fmt: skip
+    assert (control["fallback_rate"], control["feedback"], control["outcome_rate"]) == (
+        0.5, 1, 1.0,
+    )  # fmt: skip
+    assert control["shadows"]["churn-logreg"]["agreement"] == 0.5
+    assert report["challenger"]["requests"] == 1
+    assert mine.report(MODEL)["control"]["requests"] == 1  # its own, unchanged by reporting
+
+
+def test_totals_carry_every_statistic_and_add_back_up():
+    """`totals` is plain data (JSON-able); `add_totals` counts it in: a worker's successor
+    continues from where it stopped."""
+    first = Experiments()
+    answer(first, "p1", degraded=True, cached=True)
+    first.record_outcome("p1", "stay", "churn")
+    first.record_shadow(MODEL, "control", "churn-logreg", None)
+    successor = Experiments()
+    successor.add_totals(orjson.loads(orjson.dumps(first.totals())))
+    answer(successor, "p2")
+    assert successor.report(MODEL)["control"] == {
+        **first.report(MODEL)["control"],
+        "requests": 2, "fallback_rate": 0.5, "fallback_rate_ci95": wilson_interval(1, 2),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        {"requests": -1},
+        {"requests": "many"},
+        {"shadows": {"churn-logreg": {"compared": 1, "unknown": 2}}},
+        {"requests": None},
+    ],
+    ids=["negative", "string", "unknown-shadow-field", "null"],
+)
+def test_statistics_that_are_not_statistics_are_refused(plain):
+    """What a damaged file could hold is refused, never counted in."""
+    sound = Experiments()
+    answer(sound, "p1")
+    totals = sound.totals()
+    totals[MODEL]["control"].update(plain)
+    with pytest.raises((TypeError, ValueError)):
+        Experiments().add_totals(totals)
 
 
 def test_shadow_agreement_and_failures_per_target():

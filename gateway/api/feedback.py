@@ -121,7 +121,9 @@ async def experiment_report(request: Request, model_id: str) -> Response:
     if policy is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
     arms = {arm.name: {"weight": arm.weight, "chain": arm.chain} for arm in policy.arm_list}
-    stats = runtime.experiments.report(model_id)
+    shared = runtime.shared_experiments
+    siblings = await asyncio.to_thread(shared.siblings) if shared is not None else []
+    stats = runtime.experiments.report(model_id, siblings)
     return json_response(
         {
             "model_id": model_id,

@@ -4,7 +4,8 @@ Metrics are the totals of every worker whichever answers the scrape (prometheus-
 multiprocess mode), new connections are spread over the workers, each worker keeps its own
 audit chain, a worker killed with SIGKILL is
 replaced without losing its counts, an apply through the admin API reaches both, and
-feedback reaches the decision it judges whichever worker answered it.
+feedback reaches the decision it judges whichever worker answered it, and every worker
+reports the experiment statistics of all.
 """
 
 from __future__ import annotations
@@ -251,6 +252,23 @@ def test_feedback_is_recorded_whichever_worker_answered(workers: Workers):
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(judge, ids)) == [202] * 40
+
+
+def test_every_worker_reports_the_experiment_of_all(workers: Workers):
+    """`GET /v1/experiments` on any worker counts the answers of both (within about a second):
+    the reports agree, and forty new answers add forty, whichever worker gave them."""
+    url = f"{workers.process.base_url}/v1/experiments/customer-churn"
+
+    def reported() -> set[int]:  # ten reports, each over a new connection
+        reports = [httpx.get(url).json()["arms"] for _ in range(10)]
+        return {sum(arm.get("requests", 0) for arm in arms.values()) for arms in reports}
+
+    agreed = wait_for(lambda: len(reported()) == 1 and reported())
+    assert agreed, reported()
+    [before] = agreed
+    answers = workers.predict_many("experiment", 40)
+    assert [a.status_code for a in answers] == [200] * 40
+    assert wait_for(lambda: reported() == {before + 40}), (before, reported())
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
