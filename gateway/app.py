@@ -152,8 +152,10 @@ def create_app(
             tasks.append(asyncio.create_task(manager.watch_files(settings.watch_interval_s)))
         if metrics.multiprocess:
             tasks.append(asyncio.create_task(metrics.publish_forever()))
-        if runtime.shared_experiments is not None:
-            publishing = runtime.shared_experiments.publish_forever(runtime.experiments)
+        if runtime.shared_statistics is not None:
+            publishing = runtime.shared_statistics.publish_forever(
+                lambda: (runtime.experiments, runtime.monitor)
+            )
             tasks.append(asyncio.create_task(publishing))
         try:
             yield

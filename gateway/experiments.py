@@ -1,7 +1,7 @@
 """What each arm of an experiment did: traffic, latency, fallbacks, outcomes, shadow agreement.
 
 Kept in memory per process (a replica reports its own traffic; the workers of one
-`aigw serve --workers N` report all of theirs, through shared_experiments.py); the ledger of recent
+`aigw serve --workers N` report all of theirs, through shared_statistics.py); the ledger of recent
 decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges. A
 decision the ledger does not hold (answered by a sibling worker, before a restart, or too
 long ago) is read from the audit trail by the feedback route and handed to `record_outcome`.

@@ -18,9 +18,10 @@ without sleeping.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -38,6 +39,8 @@ from pydantic import (
 from gateway.experiments import wilson_interval
 from gateway.policy import validation_lines
 from gateway.problems import FaultsError
+
+log = logging.getLogger("gateway.monitoring")
 
 # The usual reading of PSI: under 0.1 no real change, 0.1-0.25 worth watching, above 0.25 the
 # population has moved.
@@ -241,7 +244,9 @@ class _Ring:
 
     def counters_at(self, now: float) -> list[float] | None:
         """The counters to increment for an event at `now`; None if it is too old to count."""
-        epoch = int(now // self.width_s)
+        return self._counters_of(int(now // self.width_s))
+
+    def _counters_of(self, epoch: int) -> list[float] | None:
         slot = self._slots[epoch % len(self._slots)]
         if slot.epoch != epoch:
             if slot.epoch > epoch:
@@ -260,6 +265,24 @@ class _Ring:
 
     def counter_cells(self) -> int:
         return sum(len(s.counters) for s in self._slots)
+
+    def live_slots(self) -> list[list]:
+        """The sub-windows ever used, as plain `[epoch, counters]` pairs (to share)."""
+        return [[s.epoch, list(s.counters)] for s in self._slots if s.epoch >= 0]
+
+    def add_slots(self, slots: Iterable[Sequence]) -> None:
+        """Count in another ring's sub-windows (same width, same cells: another worker's).
+        ValueError or TypeError when they are not such."""
+        for epoch, counters in slots:
+            if not (isinstance(epoch, int) and epoch >= 0 and len(counters) == len(self._zeros)):
+                raise ValueError("sub-windows of another shape")
+            if not all(isinstance(value, int | float) and value >= 0 for value in counters):
+                raise ValueError("counters must be numbers, none negative")
+            mine = self._counters_of(epoch)
+            if mine is None:
+                continue  # older than what this slot now holds: outside the window anyway
+            for i, value in enumerate(counters):
+                mine[i] += value
 
 
 @dataclass(frozen=True)
@@ -348,6 +371,10 @@ class DriftWindow:
         """How many counters this window holds: fixed by the baseline, never by traffic."""
         return self._ring.counter_cells()
 
+    @property
+    def ring(self) -> _Ring:
+        return self._ring
+
     def _entry(self, histogram: _Histogram, totals: list[float]) -> dict:
         counts = [int(c) for c in totals[histogram.start : histogram.stop]]
         size = sum(counts)
@@ -410,6 +437,10 @@ class QualityWindow:
 
     def counter_cells(self) -> int:
         return self._ring.counter_cells()
+
+    @property
+    def ring(self) -> _Ring:
+        return self._ring
 
 
 def _expected_calibration_error(cells: Sequence[float], seen: int) -> float | None:
@@ -541,6 +572,50 @@ class Monitor:
             },
             "versions": versions,
         }
+
+    def windows(self) -> list[dict]:
+        """Every stream's sub-windows as plain data, to share with other workers."""
+        shared = []
+        for (model, version, arm), stream in self._streams.items():
+            drift = stream.drift.ring.live_slots() if stream.drift is not None else None
+            shared.append(
+                {"model_id": model, "version_key": version, "arm": arm, "drift": drift,
+                 "quality": stream.quality.ring.live_slots()}
+            )  # fmt: skip
+        return shared
+
+    def add_windows(self, windows: Iterable[Mapping]) -> None:
+        """Count in another worker's windows (`windows()` of a monitor with the same
+        baselines and windows); ValueError, TypeError or KeyError when they are not such."""
+        for entry in windows:
+            stream = self._stream(
+                str(entry["model_id"]), str(entry["version_key"]), str(entry["arm"])
+            )
+            if stream.drift is not None and entry["drift"] is not None:
+                stream.drift.ring.add_slots(entry["drift"])
+            stream.quality.ring.add_slots(entry["quality"])
+
+    def combined(self, siblings: Iterable[Iterable[Mapping]]) -> Monitor:
+        """A new monitor holding this one's windows and each sibling's that can be read."""
+        combined = Monitor(
+            self._baselines, self.drift_window_s, self.quality_window_s, self.buckets,
+            self.min_sample_size,
+        )  # fmt: skip
+        combined.add_windows(self.windows())
+        for windows in siblings:
+            trial = combined.copy()
+            try:
+                trial.add_windows(windows)
+            except (ValueError, TypeError, KeyError, AttributeError) as error:
+                log.warning(
+                    "a sibling's health windows are unreadable", extra={"error": repr(error)}
+                )
+                continue
+            combined = trial
+        return combined
+
+    def copy(self) -> Monitor:
+        return self.combined(())
 
     def counter_cells(self) -> int:
         """How many counters all streams hold; grows with new streams only, never with traffic."""

@@ -31,7 +31,7 @@ from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
-from gateway.shared_experiments import SharedExperiments
+from gateway.shared_statistics import SharedStatistics
 from gateway.telemetry import BREAKER_STATES, Metrics
 from gateway.tracing import Tracing, tracing_from
 
@@ -124,8 +124,8 @@ class Runtime:
     rate_limiter: MemoryRateLimiter | RedisRateLimiter | SharedRateLimiter = field(
         default_factory=MemoryRateLimiter
     )
-    # With several workers: the siblings' experiment statistics, for reports of all traffic.
-    shared_experiments: SharedExperiments | None = None
+    # With several workers: the siblings' statistics, for reports of all the traffic.
+    shared_statistics: SharedStatistics | None = None
     _retired: list[ModelRuntime] = field(default_factory=list)
 
     @property
@@ -236,8 +236,9 @@ def start_runtime(
     elif settings.workers_dir is not None:  # one of several workers: share their buckets
         runtime.rate_limiter = SharedRateLimiter(settings.workers_dir / "rate-limits")
     if settings.workers_dir is not None and settings.worker_index is not None:
-        runtime.shared_experiments = SharedExperiments(settings.workers_dir, settings.worker_index)
-        runtime.shared_experiments.restore(runtime.experiments)
+        shared = SharedStatistics(settings.workers_dir, settings.worker_index)
+        runtime.monitor = shared.restore(runtime.experiments, runtime.monitor)
+        runtime.shared_statistics = shared
     return runtime
 
 

@@ -361,6 +361,73 @@ def test_health_is_per_version_and_arm_and_json_ready(churn):
     assert health["thresholds"] == {"watch_psi": 0.1, "drifting_psi": 0.25, "min_sample_size": 1}
 
 
+# --- Workers' windows combined ------------------------------------------------------------------
+
+ROW = {"tenure_months": 24, "monthly_charges": 89.99}
+
+
+def worker_monitor(churn: Baseline, answers: int, start: float, outcomes: int = 0) -> Monitor:
+    monitor = Monitor({MODEL: churn}, min_sample_size=1)
+    for i in range(answers):
+        monitor.observe_prediction(MODEL, "churn-gbm:1", "control", ROW, 0.26, start + i)
+    for i in range(outcomes):
+        monitor.observe_outcome(
+            MODEL, "churn-gbm:1", "control", "stay", "stay", 0.26, "churn", start + i
+        )
+    return monitor
+
+
+def control_health(monitor: Monitor, now: float) -> dict:
+    return monitor.health(MODEL, now)["versions"]["churn-gbm:1"]["control"]
+
+
+def test_two_workers_windows_combine_into_the_counts_of_both(churn):
+    """Another worker's windows (through JSON, as the file carries them) add to this one's,
+    sub-window by sub-window; the monitor combined from is left as it was."""
+    mine, theirs = worker_monitor(churn, 30, 0.0, outcomes=2), worker_monitor(churn, 50, 100.0)
+    theirs.observe_prediction(MODEL, "churn-gbm-v2:1", "challenger", ROW, 0.3, 120.0)
+    shared = json.loads(json.dumps(theirs.windows()))
+    combined = mine.combined([shared])
+    health = control_health(combined, now=200.0)
+    assert health["drift"]["sample_size"] == 80
+    assert health["quality"]["sample_size"] == 2
+    assert "challenger" in combined.health(MODEL, 200.0)["versions"]["churn-gbm-v2:1"]
+    assert control_health(mine, now=200.0)["drift"]["sample_size"] == 30
+
+
+def test_a_siblings_sub_windows_age_out_like_ones_own(churn):
+    """A sibling's sub-windows keep their times: past the window they stop counting."""
+    mine, theirs = worker_monitor(churn, 10, 280.0), worker_monitor(churn, 10, 0.0)
+    combined = mine.combined([theirs.windows()])
+    assert control_health(combined, now=295.0)["drift"]["sample_size"] == 20
+    assert control_health(combined, now=320.0)["drift"]["sample_size"] == 10
+
+
+def damaged(windows: list[dict], edit) -> list[dict]:  # type: ignore[no-untyped-def]
+    copy = json.loads(json.dumps(windows))
+    edit(copy[0])
+    return copy
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda w: w["drift"][0][1].__setitem__(0, -5),
+        lambda w: w["drift"][0][1].append(1),
+        lambda w: w["drift"][0].__setitem__(0, "soon"),
+        lambda w: w.pop("arm"),
+        lambda w: w["drift"][0].__setitem__(0, -1),
+    ],
+    ids=["negative-counter", "more-cells", "epoch-not-a-number", "no-arm", "negative-epoch"],
+)
+def test_damaged_sibling_windows_are_left_out(churn, edit):
+    """Windows that are not what a monitor shares are skipped whole, never half-counted."""
+    mine, theirs = worker_monitor(churn, 3, 0.0), worker_monitor(churn, 5, 0.0)
+    good = worker_monitor(churn, 7, 0.0).windows()
+    combined = mine.combined([damaged(theirs.windows(), edit), good])
+    assert control_health(combined, now=10.0)["drift"]["sample_size"] == 10
+
+
 # --- Baseline files ----------------------------------------------------------------------------
 
 

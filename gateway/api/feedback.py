@@ -25,6 +25,7 @@ from gateway.experiments import Decision
 from gateway.monitoring import version_key
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
+from gateway.shared_statistics import Published
 
 router = APIRouter()
 
@@ -109,7 +110,15 @@ async def model_health(request: Request, model_id: str) -> Response:
     runtime: Runtime = request.app.state.runtime
     if runtime.policies.get(model_id) is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
-    return json_response(runtime.monitor.health(model_id, time.time()))
+    siblings = await _siblings(runtime)
+    monitor = runtime.monitor.combined(p.windows for p in siblings) if siblings else runtime.monitor
+    return json_response(monitor.health(model_id, time.time()))
+
+
+async def _siblings(runtime: Runtime) -> list[Published]:
+    """With several workers, the other workers' statistics (files: read off the loop)."""
+    shared = runtime.shared_statistics
+    return await asyncio.to_thread(shared.siblings) if shared is not None else []
 
 
 @router.get("/v1/experiments/{model_id}")
@@ -121,8 +130,7 @@ async def experiment_report(request: Request, model_id: str) -> Response:
     if policy is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
     arms = {arm.name: {"weight": arm.weight, "chain": arm.chain} for arm in policy.arm_list}
-    shared = runtime.shared_experiments
-    siblings = await asyncio.to_thread(shared.siblings) if shared is not None else []
+    siblings = [published.experiments for published in await _siblings(runtime)]
     stats = runtime.experiments.report(model_id, siblings)
     return json_response(
         {

@@ -5,7 +5,7 @@ multiprocess mode), new connections are spread over the workers, each worker kee
 audit chain, a worker killed with SIGKILL is
 replaced without losing its counts, an apply through the admin API reaches both, and
 feedback reaches the decision it judges whichever worker answered it, and every worker
-reports the experiment statistics of all.
+reports the experiment statistics and model health of all.
 """
 
 from __future__ import annotations
@@ -254,21 +254,33 @@ def test_feedback_is_recorded_whichever_worker_answered(workers: Workers):
         assert list(pool.map(judge, ids)) == [202] * 40
 
 
-def test_every_worker_reports_the_experiment_of_all(workers: Workers):
-    """`GET /v1/experiments` on any worker counts the answers of both (within about a second):
-    the reports agree, and forty new answers add forty, whichever worker gave them."""
-    url = f"{workers.process.base_url}/v1/experiments/customer-churn"
+def test_every_worker_reports_the_experiment_and_health_of_all(workers: Workers):
+    """`GET /v1/experiments` and `GET /v1/models/.../health` on any worker count the answers
+    of both (within about a second): the reports agree, and forty new answers add forty,
+    whichever worker gave them."""
+    base = workers.process.base_url
 
-    def reported() -> set[int]:  # ten reports, each over a new connection
-        reports = [httpx.get(url).json()["arms"] for _ in range(10)]
-        return {sum(arm.get("requests", 0) for arm in arms.values()) for arms in reports}
+    def reported() -> set[tuple[int, int]]:  # ten of each report, each over a new connection
+        counts = set()
+        for _ in range(10):
+            arms = httpx.get(f"{base}/v1/experiments/customer-churn").json()["arms"]
+            health = httpx.get(f"{base}/v1/models/customer-churn/health").json()
+            drift = sum(
+                stream["drift"]["sample_size"]
+                for arms_of_version in health["versions"].values()
+                for stream in arms_of_version.values()
+                if stream["drift"] is not None
+            )
+            counts.add((sum(arm.get("requests", 0) for arm in arms.values()), drift))
+        return counts
 
     agreed = wait_for(lambda: len(reported()) == 1 and reported())
     assert agreed, reported()
-    [before] = agreed
+    [(requests, drift)] = agreed
     answers = workers.predict_many("experiment", 40)
     assert [a.status_code for a in answers] == [200] * 40
-    assert wait_for(lambda: reported() == {before + 40}), (before, reported())
+    after = {(requests + 40, drift + 40)}
+    assert wait_for(lambda: reported() == after), (requests, drift, reported())
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
