@@ -23,6 +23,7 @@ from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
 from gateway.contracts import ContractSet, load_contracts
 from gateway.experiments import Experiments
 from gateway.fallback import TargetGuard
+from gateway.judged_predictions import JudgedPredictions
 from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
 from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter
@@ -126,6 +127,8 @@ class Runtime:
     )
     # With several workers: the siblings' statistics, for reports of all the traffic.
     shared_statistics: SharedStatistics | None = None
+    # With several workers: which predictions any of them judged (one outcome each).
+    judged: JudgedPredictions | None = None
     _retired: list[ModelRuntime] = field(default_factory=list)
 
     @property
@@ -239,6 +242,7 @@ def start_runtime(
         shared = SharedStatistics(settings.workers_dir, settings.worker_index)
         runtime.monitor = shared.restore(runtime.experiments, runtime.monitor)
         runtime.shared_statistics = shared
+        runtime.judged = JudgedPredictions(settings.workers_dir)
     return runtime
 
 

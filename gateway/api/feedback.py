@@ -64,6 +64,9 @@ async def record_feedback(request: Request) -> Response:
             422, "invalid-request", "The request does not match the contract", detail,
             errors=[FieldError("/outcome", detail)],
         )  # fmt: skip
+    shared = runtime.judged  # several workers: one outcome per prediction across all of them
+    if shared is not None and await shared.first_time(prediction_id) is False:
+        raise _duplicate()
     status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive, decision)
     if status == "recorded":
         runtime.monitor.observe_outcome(
@@ -71,10 +74,14 @@ async def record_feedback(request: Request) -> Response:
             decision.probability, labels.positive, time.time(),
         )  # fmt: skip
     if status == "duplicate":
-        raise Problem(
-            409, "duplicate-feedback", "Outcome already recorded", "one outcome per prediction"
-        )
+        raise _duplicate()
     return json_response({"prediction_id": prediction_id, "status": "recorded"}, 202)
+
+
+def _duplicate() -> Problem:
+    return Problem(
+        409, "duplicate-feedback", "Outcome already recorded", "one outcome per prediction"
+    )
 
 
 async def _decision_judged(runtime: Runtime, prediction_id: str) -> Decision | None:

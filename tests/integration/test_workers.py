@@ -254,6 +254,20 @@ def test_feedback_is_recorded_whichever_worker_answered(workers: Workers):
         assert list(pool.map(judge, ids)) == [202] * 40
 
 
+def test_one_outcome_per_prediction_whichever_workers_take_it(workers: Workers):
+    """The same outcome sent ten times at once over new connections (a caller retrying): it
+    reaches both workers, yet exactly one is recorded and the others are 409."""
+    [answer] = workers.predict_many("retried-feedback", 1)
+    outcome = {"prediction_id": answer.json()["prediction_id"], "outcome": "churn"}
+
+    def send(_: int) -> int:
+        return httpx.post(f"{workers.process.base_url}/v1/feedback", json=outcome).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        statuses = sorted(pool.map(send, range(10)))
+    assert statuses == [202] + [409] * 9
+
+
 def test_every_worker_reports_the_experiment_and_health_of_all(workers: Workers):
     """`GET /v1/experiments` and `GET /v1/models/.../health` on any worker count the answers
     of both (within about a second): the reports agree, and forty new answers add forty,
