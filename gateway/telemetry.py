@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from gateway.monitoring import Monitor
     from gateway.pipeline import Answer
     from gateway.runtime import Runtime
 
@@ -47,15 +48,14 @@ MAX_CACHED_CHILDREN = 1024
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How several workers' values of a gauge combine into one series (live: dead workers drop
 # out). A breaker is as bad as its worst worker; the gateway is ready when every worker is.
-# Drift and accuracy are measured by each worker on its share of the traffic: the worst
-# worker's value is exported, and sample sizes are summed.
+# Drift and accuracy: every worker measures the windows of all (its own and its siblings',
+# shared_statistics.py), so their values agree up to a second's lag: the highest is exported,
+# sample sizes included (summing them would count each answer once per worker).
 GAUGE_MODES = {
     "aigw_breaker_state": "livemax",
     "aigw_ready": "livemin",
     "aigw_policy_version_info": "livemax",
     "aigw_audit_spill_bytes": "livesum",
-    "aigw_model_drift_sample_size": "livesum",
-    "aigw_model_feedback_sample_size": "livesum",
 }
 DEFAULT_GAUGE_MODE = "livemax"
 
@@ -405,6 +405,15 @@ class _RuntimeCollector(Collector):
                          {}, forwarder.pending_bytes())  # fmt: skip
 
 
+def _monitor_of_all_workers(runtime: Runtime) -> Monitor:
+    """This worker's health windows, with its siblings' when there are several workers (a
+    few small files, read once a second by `publish_forever` and at a scrape)."""
+    shared = runtime.shared_statistics
+    if shared is None:
+        return runtime.monitor
+    return runtime.monitor.combined(published.windows for published in shared.siblings())
+
+
 def _model_health(runtime: Runtime) -> Iterator:
     """Drift and live quality per model version and arm, from the monitor's windows."""
     feature_psi = GaugeMetricFamily(
@@ -428,8 +437,9 @@ def _model_health(runtime: Runtime) -> Iterator:
         labels=["model", "version", "arm"],
     )  # fmt: skip
     now = time.time()
+    monitor = _monitor_of_all_workers(runtime)
     for model_id in runtime.policies.policies:
-        for version, arms in runtime.monitor.health(model_id, now)["versions"].items():
+        for version, arms in monitor.health(model_id, now)["versions"].items():
             for arm, stream in arms.items():
                 labels = [model_id, version, arm]
                 drift, quality = stream["drift"], stream["quality"]

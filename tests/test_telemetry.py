@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import telemetry
 from gateway.demo.triton_process import free_port
+from gateway.experiments import Experiments
+from gateway.monitoring import Monitor, load_baselines
+from gateway.shared_statistics import SharedStatistics
 from gateway.telemetry import MULTIPROCESS_ENV, Metrics
 from tests.conftest import CHURN_REQUEST
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL = "customer-churn"
 BATCH_ROWS = "aigw_backend_batch_rows"
 
 
@@ -244,3 +249,36 @@ def test_cached_children_count_in_multiprocess_mode(tmp_path):
         cached="false",
     )  # fmt: skip
     assert value(m, "aigw_requests_total", **answered) == 12
+
+
+def test_model_health_gauges_cover_every_workers_windows(tmp_path):
+    """With several workers, a worker's drift gauges are computed over its siblings'
+    windows too: the same PSI and sample size as the combined health report."""
+    now = time.time()  # the exporter reads the windows at the present
+
+    def monitor_seeing(charges: float, count: int) -> Monitor:
+        monitor = Monitor(load_baselines(REPO / "baselines"), min_sample_size=1)
+        row = {"tenure_months": 24, "monthly_charges": charges}
+        for i in range(count):
+            monitor.observe_prediction(MODEL, "churn-gbm:1", "control", row, 0.3, now - i)
+        return monitor
+
+    mine, theirs = monitor_seeing(20.0, 30), monitor_seeing(110.0, 50)
+    SharedStatistics(tmp_path, 1).publish(Experiments(), theirs)
+    runtime = SimpleNamespace(
+        policies=SimpleNamespace(policies={MODEL: None}),
+        monitor=mine,
+        shared_statistics=SharedStatistics(tmp_path, 0),
+    )
+    exported = {
+        (s.name, s.labels.get("feature")): s.value
+        for family in telemetry._model_health(runtime)
+        for s in family.samples
+    }
+    combined = mine.combined([theirs.windows()]).health(MODEL, now)
+    drift = combined["versions"]["churn-gbm:1"]["control"]["drift"]
+    assert exported[("aigw_model_drift_sample_size", None)] == 80 == drift["sample_size"]
+    charges_psi = drift["features"]["monthly_charges"]["psi"]
+    assert exported[("aigw_model_feature_psi", "monthly_charges")] == charges_psi
+    own = mine.health(MODEL, now)["versions"]["churn-gbm:1"]["control"]["drift"]
+    assert own["features"]["monthly_charges"]["psi"] != charges_psi  # what one worker saw

@@ -271,7 +271,7 @@ def test_one_outcome_per_prediction_whichever_workers_take_it(workers: Workers):
 def test_every_worker_reports_the_experiment_and_health_of_all(workers: Workers):
     """`GET /v1/experiments` and `GET /v1/models/.../health` on any worker count the answers
     of both (within about a second): the reports agree, and forty new answers add forty,
-    whichever worker gave them."""
+    whichever worker gave them; so do the drift gauges any worker's /metrics exports."""
     base = workers.process.base_url
 
     def reported() -> set[tuple[int, int]]:  # ten of each report, each over a new connection
@@ -295,6 +295,9 @@ def test_every_worker_reports_the_experiment_and_health_of_all(workers: Workers)
     assert [a.status_code for a in answers] == [200] * 40
     after = {(requests + 40, drift + 40)}
     assert wait_for(lambda: reported() == after), (requests, drift, reported())
+    # The drift gauges too: every worker exports the windows of all, the highest is kept.
+    scraped = wait_for(lambda: workers.scrape().get("aigw_model_drift_sample_size") == drift + 40)
+    assert scraped, (drift + 40, workers.scrape().get("aigw_model_drift_sample_size"))
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(workers: Workers):
