@@ -268,9 +268,10 @@ def _stale_lookup(runtime: Runtime, key: str | None):  # type: ignore[no-untyped
 def _key(
     snapshot: Snapshot, policy: Policy, assignment: Assignment, request: PredictionInput
 ) -> str | None:
-    """The cache key of this request's arm, or None when the policy does not cache."""
+    """The cache key of this request's arm, or None when the policy does not cache, or
+    when an operator forced the arm's primary open: its answers, cached or stale, are out."""
     target = policy.targets.get(assignment.arm.primary)
-    if not policy.cache.enabled or target is None:
+    if not policy.cache.enabled or target is None or target.breaker.force == "open":
         return None
     tenant = request.tenant if policy.cache.per_tenant else None
     return cache_key(

@@ -110,6 +110,12 @@ class BreakerConfig(_Strict):
     max_reset_timeout_s: float = Field(default=60.0, gt=0)
     success_threshold: int = Field(default=2, ge=1)
     half_open_max_calls: int = Field(default=1, ge=1)
+    # An operator's override. `open`: no call goes to the target, every chain goes on to its
+    # next step (reason `breaker_open`): the kill switch for a model answering wrongly with
+    # 200s, which no breaker would catch. `closed`: calls always go, whatever they return.
+    # Unset: the breaker decides. Set, applied and rolled back as any policy change (validated,
+    # audited, reaching every worker and replica).
+    force: Literal["open", "closed"] | None = None
 
     @model_validator(mode="after")
     def _bounds_are_ordered(self) -> BreakerConfig:

@@ -73,7 +73,9 @@ class Breaker:
       `success_threshold` successes; any failed probe re-opens it. A probe cannot hang the
       breaker half-open: every call is bounded by its request's deadline;
     - each re-open without a close in between doubles the open period, capped at
-      `max_reset_timeout_s` and jittered down by up to 20% so replicas do not probe in step.
+      `max_reset_timeout_s` and jittered down by up to 20% so replicas do not probe in step;
+    - an operator's `force` (policy) overrides all of it: `open` rejects every call, `closed`
+      lets every call through; neither learns from outcomes nor from other replicas.
     """
 
     def __init__(
@@ -97,6 +99,8 @@ class Breaker:
         self._open_for = 0.0
         self._generation = 0
         self._trip_hooks: list[Callable[[Breaker, float], None]] = []
+        if config.force == "open":
+            self._enter(OPEN)  # reported open (metrics, logs) for as long as it is forced
 
     @property
     def state(self) -> str:
@@ -116,6 +120,8 @@ class Breaker:
         A breaker already open keeps the later of the two re-open times; trip hooks are not
         called, so an opening learnt from a peer is not echoed back to it.
         """
+        if self.config.force is not None:
+            return  # the operator's word stands
         until = now + open_for_s
         if self.state == OPEN:
             if until > self._opened_at + self._open_for:
@@ -126,6 +132,8 @@ class Breaker:
 
     def try_acquire(self, now: float) -> Permit | None:
         """Leave for one call, or None when the breaker rejects it."""
+        if self.config.force is not None:
+            return None if self.config.force == "open" else Permit(self._generation, False)
         if self.state == OPEN:
             if now < self._opened_at + self._open_for:
                 return None
@@ -141,7 +149,11 @@ class Breaker:
         """Count one call's outcome; outcomes from an earlier state change nothing."""
         if permit.probe and permit.generation == self._generation:
             self._probes_in_flight -= 1
-        if outcome is Outcome.IGNORED or permit.generation != self._generation:
+        if (
+            outcome is Outcome.IGNORED
+            or permit.generation != self._generation
+            or self.config.force is not None
+        ):
             return
         slow = duration_s * 1000 >= self.config.slow_call_ms
         if self.state == HALF_OPEN:

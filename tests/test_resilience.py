@@ -491,6 +491,30 @@ def test_breaker_records_nothing_to_listeners_without_a_state_change():
     assert recorder.changes == []
 
 
+# --- An operator's force ------------------------------------------------------------------------
+
+
+def test_a_breaker_forced_open_rejects_every_call_whatever_the_time():
+    """`force: open` (the kill switch): reported open from the start, never a permit, not
+    even after any reset timeout; a peer's opening changes nothing."""
+    breaker = make_breaker(force="open")
+    assert breaker.state == OPEN
+    assert [breaker.try_acquire(now) for now in (0.0, 1.0, 10.0, 3600.0)] == [None] * 4
+    breaker.force_open(5.0, 0.5)
+    assert breaker.state == OPEN and breaker.try_acquire(3600.0) is None
+
+
+def test_a_breaker_forced_closed_lets_every_call_through_whatever_they_return():
+    """`force: closed`: failures and slow calls past every threshold never open it, and a
+    peer's opening does not either."""
+    breaker = make_breaker(force="closed", min_calls=3, window=5)
+    for n in range(20):
+        call(breaker, Outcome.FAILURE, float(n), duration_s=10.0)
+    breaker.force_open(25.0, 60.0)
+    assert breaker.state == CLOSED
+    assert breaker.try_acquire(26.0) is not None
+
+
 # --- Retry budget and bulkhead -----------------------------------------------------------------
 
 

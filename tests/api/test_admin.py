@@ -22,10 +22,10 @@ NOWHERE = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
 
 @asynccontextmanager
 async def gateway_and_admin(
-    root: Path, **settings: object
+    root: Path, env: dict[str, str] = NOWHERE, **settings: object
 ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, Path]]:
     audit_dir = root / "audit"
-    app = create_app(settings_for(root, audit_dir=audit_dir, **settings), env=NOWHERE)
+    app = create_app(settings_for(root, audit_dir=audit_dir, **settings), env=env)
     admin_app = create_admin_app(app)
     async with LifespanManager(app) as manager:
         public = httpx.AsyncClient(

@@ -8,6 +8,7 @@ for a fixed time to hope a state was reached.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.demo.triton_process import TritonProcess
+from gateway.demo.triton_process import TritonProcess, free_port
+from tests.api.test_admin import bundle_with, gateway_and_admin
 from tests.conftest import CHURN_REQUEST
+from tests.integration.test_traffic_and_cache import triton_successes
 
 pytestmark = pytest.mark.triton
 
@@ -155,3 +158,83 @@ async def test_port_that_never_answers_is_cut_at_the_deadline(gateway_client, si
     assert body["degraded"] is True
     assert body["fallback_reason"] == "timeout"
     assert body["latency_ms"] <= POLICY_TIMEOUT_MS + DEADLINE_SLACK_MS
+
+
+CHALLENGER_BREAKER = (
+    """    max_concurrency: 128
+    batching: *batching
+    breaker: *breaker
+
+  churn-logreg:""",
+    """    max_concurrency: 128
+    batching: *batching
+    breaker: {<<: *breaker, force: open}
+
+  churn-logreg:""",
+)
+
+
+async def test_an_operator_forces_a_target_open_and_back_through_the_admin_api(
+    data_dirs, triton: TritonProcess
+):
+    """The kill switch: an applied `force: open` on churn-gbm-v2 sends the challenger's
+    traffic to its next step at once, without a call to it (reason breaker_open), and the
+    apply is in the audit trail; rolling back brings the model back."""
+    premium = {"x-customer-tier": "premium"}  # routed to the challenger arm
+    async with gateway_and_admin(data_dirs, env_for(triton), watch_policies=False) as (
+        public, admin, audit_dir,
+    ):  # fmt: skip
+        before = (await public.post("/v1/predictions", json=CHURN_REQUEST, headers=premium)).json()
+        bundle = bundle_with(data_dirs, *CHALLENGER_BREAKER)
+        applied = await admin.post("/admin/policies", json={"author": "ops", "bundle": bundle})
+        assert applied.status_code == 200, applied.text
+        calls_before = triton_successes(triton, "churn_gbm_v2")
+        forced = [
+            (await public.post("/v1/predictions", json=CHURN_REQUEST, headers=premium)).json()
+            for _ in range(5)
+        ]
+        calls_forced = triton_successes(triton, "churn_gbm_v2") - calls_before
+        metrics = (await public.get("/metrics")).text
+        rolled = await admin.post("/admin/policies/rollback", json={"author": "ops", "version": 1})
+        after = (await public.post("/v1/predictions", json=CHURN_REQUEST, headers=premium)).json()
+    assert before["served_by"] == "churn-gbm-v2" and rolled.status_code == 200
+    assert {(b["served_by"], b["degraded"], b["fallback_reason"]) for b in forced} == {
+        ("churn-logreg", True, "breaker_open")
+    }
+    assert calls_forced == 0
+    assert 'aigw_breaker_state{target="customer-churn/churn-gbm-v2"} 2.0' in metrics
+    assert after["served_by"] == "churn-gbm-v2" and after["degraded"] is False
+    applies = [
+        json.loads(line)
+        for path in audit_dir.glob("audit-*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"type":"admin"' in line
+    ]
+    forcing = applied.json()["content_hash"]
+    assert [(a["action"], a["author"]) for a in applies if a["content_hash"] == forcing] == [
+        ("apply", "ops")
+    ]
+
+
+async def test_a_target_forced_closed_is_called_whatever_it_returns(gateway_client, data_dirs):
+    """`force: closed` on every target, and nothing listening where Triton should be: each
+    of twelve requests still tries the primary (backend_error), where the shipped breaker
+    would have opened after five failures (breaker_open)."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    text = policy.read_text()
+    assert "    breaker: &breaker\n" in text
+    policy.write_text(
+        text.replace("    breaker: &breaker\n", "    breaker: &breaker\n      force: closed\n")
+    )
+    nowhere = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    reasons = []
+    async with gateway_client(env=nowhere, root=data_dirs) as client:
+        for n in range(12):
+            request = {
+                **CHURN_REQUEST,
+                "features": {**CHURN_REQUEST["features"], "customer_id": f"closed-{n}"},
+            }
+            reasons.append(
+                (await client.post("/v1/predictions", json=request)).json()["fallback_reason"]
+            )
+    assert reasons == ["backend_error"] * 12
