@@ -7,10 +7,10 @@ retries after a lost answer may reach another one. So the workers of one
 directory: the insert that finds the id already there is the duplicate, whichever worker
 judged first. The file keeps the latest `keep` ids (as a worker's own memory does).
 
-SQLite is called in a thread, never on the event loop. If the file cannot be used (a full
-disk, a lock held past its timeout), the worker's own memory stands in and the failure is
-logged: a duplicate across workers may then be counted twice, feedback is never refused for
-it.
+SQLite is called in a thread, never on the event loop, over one connection per thread. If
+the file cannot be used (a full disk, a lock held past its timeout), the worker's own memory
+stands in and the failure is logged: a duplicate across workers may then be counted twice,
+feedback is never refused for it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 log = logging.getLogger("gateway.feedback")
@@ -40,6 +41,7 @@ class JudgedPredictions:
         self._trim_every = trim_every
         self._timeout_s = timeout_s
         self._inserted = 0
+        self._local = threading.local()
         self.errors = 0
 
     async def first_time(self, prediction_id: str) -> bool | None:
@@ -53,8 +55,8 @@ class JudgedPredictions:
             return None
 
     def _mark(self, prediction_id: str) -> bool:
-        with sqlite3.connect(self.path, timeout=self._timeout_s) as connection:
-            connection.execute(_SCHEMA)
+        connection = self._connection()
+        try:
             inserted = connection.execute(
                 "INSERT OR IGNORE INTO judged (id) VALUES (?)", (prediction_id,)
             ).rowcount
@@ -64,5 +66,25 @@ class JudgedPredictions:
                     "DELETE FROM judged WHERE rowid <= (SELECT max(rowid) FROM judged) - ?",
                     (self.keep,),
                 )
-        connection.close()
+        except sqlite3.Error:
+            self._local.__dict__.pop("connection", None)  # open afresh next time
+            connection.close()
+            raise
         return inserted == 1
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection (sqlite3 binds one to its thread), opened on first use."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+            try:
+                # The file lives as long as the workers' run: no fsync per mark (an OS crash
+                # ends the run anyway), and readers never wait for the writer (WAL).
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=OFF")
+                connection.execute(_SCHEMA)
+            except sqlite3.Error:
+                connection.close()
+                raise
+            self._local.connection = connection
+        return connection
