@@ -21,7 +21,7 @@ from gateway.api.http_headers import headers_too_large, request_id_for, with_exc
 from gateway.api.responses import problem_response
 from gateway.audit import worker_log_directory
 from gateway.audit_forwarder import AuditForwarder
-from gateway.breaker_sync import BreakerSync
+from gateway.breaker_sync import BreakerFileSync, BreakerSync
 from gateway.job_memory import jobs_backend
 from gateway.policy_manager import PolicyManager
 from gateway.policy_sync import PolicyFileSync, PolicySync
@@ -134,8 +134,8 @@ def create_app(
         manager = PolicyManager(runtime, os.environ if env is None else env)
         manager.start_from_disk()
         app.state.policy_manager = manager
-        sync = _breaker_sync(settings, runtime)
-        if sync is not None:
+        breaker_syncs = _breaker_syncs(settings, runtime)
+        for sync in breaker_syncs:
             await sync.start()
         policy_sync = _policy_sync(settings, manager)
         if policy_sync is not None:
@@ -162,7 +162,7 @@ def create_app(
         finally:
             for task in tasks:
                 task.cancel()
-            if sync is not None:
+            for sync in breaker_syncs:
                 await sync.stop()
             if policy_sync is not None:
                 await policy_sync.stop()
@@ -200,10 +200,19 @@ def create_app(
     return app
 
 
-def _breaker_sync(settings: Settings, runtime: Runtime) -> BreakerSync | None:
-    if not (settings.share_breaker_state and settings.redis_url):
-        return None
-    return BreakerSync(settings.redis_url, runtime.breakers)
+def _breaker_syncs(settings: Settings, runtime: Runtime) -> list[BreakerSync | BreakerFileSync]:
+    """Where breaker openings are shared: with sibling workers always (they are one
+    gateway), with other replicas when asked to and Redis is there."""
+    syncs: list[BreakerSync | BreakerFileSync] = []
+    if settings.worker_index is not None and settings.workers_dir is not None:
+        replica = f"worker-{settings.worker_index}-{os.getpid()}"  # a replacement is a peer
+        breakers_dir = settings.workers_dir / "breakers"
+        syncs.append(BreakerFileSync(breakers_dir, lambda: runtime.breakers, replica))
+    if settings.share_breaker_state and settings.redis_url:
+        syncs.append(BreakerSync(settings.redis_url, lambda: runtime.breakers))
+    for sync in syncs:
+        runtime.on_breaker_trip(sync.share)
+    return syncs
 
 
 def _policy_sync(settings: Settings, manager: PolicyManager) -> PolicySync | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.atomic_files import replace_file
 from gateway.policy_manager import PolicyManager
 from gateway.policy_store import Bundle, BundleError, PolicyVersion
 from gateway.redis_follow import follow_with_backoff
@@ -117,7 +117,7 @@ class PolicyFileSync:
         if message is None:
             return
         try:
-            await asyncio.to_thread(_replace_file, self._path, message)
+            await asyncio.to_thread(replace_file, self._path, message)
         except OSError as error:
             log.warning("policy version not shared", extra={"error": str(error)})
 
@@ -137,13 +137,6 @@ class PolicyFileSync:
         self._seen = seen
         with contextlib.suppress(OSError):
             await adopt_message(self._manager, self.replica_id, self._path.read_bytes())
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def version_message(origin: str, version: PolicyVersion) -> bytes | None:

@@ -59,6 +59,10 @@ class Permit:
     probe: bool
 
 
+TripHook = Callable[["Breaker", float], None]
+"""Told `(breaker, open_for_s)` when a breaker opens on its own evidence."""
+
+
 class Breaker:
     """A circuit breaker per backend target, with pybreaker holding its state.
 
@@ -98,7 +102,7 @@ class Breaker:
         self._opened_at = 0.0
         self._open_for = 0.0
         self._generation = 0
-        self._trip_hooks: list[Callable[[Breaker, float], None]] = []
+        self._trip_hooks: list[TripHook] = []
         if config.force == "open":
             self._enter(OPEN)  # reported open (metrics, logs) for as long as it is forced
 
@@ -110,7 +114,7 @@ class Breaker:
         """Listeners see every state change (metrics and logs hook in here)."""
         self._state_machine.add_listener(listener)
 
-    def on_trip(self, hook: Callable[[Breaker, float], None]) -> None:
+    def on_trip(self, hook: TripHook) -> None:
         """Call `hook(breaker, open_for_s)` whenever this breaker opens on its own evidence."""
         self._trip_hooks.append(hook)
 

@@ -27,7 +27,7 @@ from gateway.judged_predictions import JudgedPredictions
 from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
 from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter
-from gateway.resilience import Breaker, Bulkhead, RetryBudget
+from gateway.resilience import Breaker, Bulkhead, RetryBudget, TripHook
 from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
@@ -130,6 +130,7 @@ class Runtime:
     # With several workers: which predictions any of them judged (one outcome each).
     judged: JudgedPredictions | None = None
     _retired: list[ModelRuntime] = field(default_factory=list)
+    _trip_hooks: list[TripHook] = field(default_factory=list)
 
     @property
     def config(self) -> Configuration:
@@ -167,10 +168,17 @@ class Runtime:
             for g in model.guards.values()
         }
 
+    def on_breaker_trip(self, hook: TripHook) -> None:
+        """Call `hook(breaker, open_for_s)` when any serving breaker opens on its own
+        evidence: today's breakers and those of every policy applied later."""
+        self._trip_hooks.append(hook)
+        for breaker in self.breakers.values():
+            breaker.on_trip(hook)
+
     def swap(self, config: Configuration) -> None:
         """Serve `config` from now on; targets whose spec is unchanged keep their breakers."""
         previous = self.snapshot
-        self.snapshot = build_snapshot(config, self.metrics, previous)
+        self.snapshot = build_snapshot(config, self.metrics, previous, tuple(self._trip_hooks))
         kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
         retired = [m for m in previous.models.values() if not _all_kept(m, kept)]
         self._retired.extend(retired)
@@ -247,14 +255,23 @@ def start_runtime(
 
 
 def build_snapshot(
-    config: Configuration, metrics: Metrics, previous: Snapshot | None = None
+    config: Configuration,
+    metrics: Metrics,
+    previous: Snapshot | None = None,
+    trip_hooks: tuple[TripHook, ...] = (),
 ) -> Snapshot:
-    """Live parts for `config`, reusing the previous snapshot's guards for unchanged targets."""
+    """Live parts for `config`, reusing the previous snapshot's guards for unchanged targets;
+    new serving breakers get `trip_hooks` (those kept have them already)."""
     listeners = (_BreakerLog(), metrics.breaker_listener())
     reusable = _reusable_guards(previous)
+    hooked = {id(guard) for guard in reusable.values()}
     models: dict[str, ModelRuntime] = {}
     for model_id, policy in config.policies.policies.items():
         guards = _guards(model_id, policy, listeners, reusable)
+        for guard in guards.values():
+            if id(guard) not in hooked:
+                for hook in trip_hooks:
+                    guard.breaker.on_trip(hook)
         for guard in guards.values():
             metrics.breaker_state.labels(guard.breaker.name).set(
                 BREAKER_STATES[guard.breaker.state]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from gateway.atomic_files import replace_file
 from gateway.experiments import Experiments, Totals
 from gateway.monitoring import Monitor
 
@@ -60,9 +60,7 @@ class SharedStatistics:
     def publish(self, experiments: Experiments, monitor: Monitor) -> None:
         """Write this worker's statistics where its siblings read them."""
         content = {"experiments": experiments.totals(), "windows": monitor.windows()}
-        partial = self.own.with_suffix(".partial")
-        partial.write_bytes(orjson.dumps(content))
-        os.replace(partial, self.own)
+        replace_file(self.own, orjson.dumps(content))
 
     def siblings(self) -> list[Published]:
         """Every other worker's last published statistics (an unreadable file is left out)."""

@@ -1,4 +1,5 @@
-"""Breaker openings shared across replicas through a real redis-server."""
+"""Breaker openings shared across replicas through a real redis-server, and across the
+workers of one machine through files in their directory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.breaker_sync import CHANNEL, BreakerSync, remaining_open_s
+from gateway.breaker_sync import CHANNEL, BreakerFileSync, BreakerSync, remaining_open_s
 from gateway.demo.triton_process import free_port
 from gateway.policy import BreakerConfig
 from gateway.resilience import CLOSED, OPEN, Breaker, Outcome
@@ -19,6 +20,21 @@ NAME = "customer-churn/churn-gbm"
 
 def replica_breakers() -> dict[str, Breaker]:
     return {NAME: Breaker(NAME, CONFIG, jitter=lambda: 0.0)}
+
+
+def redis_sync(url: str, breakers: dict[str, Breaker], **options) -> BreakerSync:  # type: ignore[no-untyped-def]
+    """A sync over `breakers`, told of their trips as the runtime tells it."""
+    sync = BreakerSync(url, lambda: breakers, **options)
+    for breaker in breakers.values():
+        breaker.on_trip(sync.share)
+    return sync
+
+
+def file_sync(directory, breakers: dict[str, Breaker], **options) -> BreakerFileSync:  # type: ignore[no-untyped-def]
+    sync = BreakerFileSync(directory, lambda: breakers, **options)
+    for breaker in breakers.values():
+        breaker.on_trip(sync.share)
+    return sync
 
 
 def trip(breaker: Breaker) -> None:
@@ -59,7 +75,7 @@ def test_remaining_open_time_of_a_peer_message(message, expected):
 async def test_an_opening_on_one_replica_opens_the_breaker_on_the_others(redis_server):
     """Replica A trips; replica B opens the same breaker within a second, C on joining."""
     a, b = replica_breakers(), replica_breakers()
-    sync_a, sync_b = BreakerSync(redis_server.url, a), BreakerSync(redis_server.url, b)
+    sync_a, sync_b = redis_sync(redis_server.url, a), redis_sync(redis_server.url, b)
     await sync_a.start()
     await sync_b.start()
     try:
@@ -69,7 +85,7 @@ async def test_an_opening_on_one_replica_opens_the_breaker_on_the_others(redis_s
         assert 2.0 < b[NAME].open_remaining(time.monotonic()) <= 3.0
 
         c = replica_breakers()
-        sync_c = BreakerSync(redis_server.url, c)
+        sync_c = redis_sync(redis_server.url, c)
         await sync_c.start()
         try:
             assert await until(lambda: c[NAME].state == OPEN)
@@ -83,7 +99,7 @@ async def test_an_opening_on_one_replica_opens_the_breaker_on_the_others(redis_s
 async def test_unknown_breakers_and_own_messages_are_not_adopted(redis_server):
     """A peer's opening of a breaker this replica lacks, or its own echo, changes nothing."""
     breakers = replica_breakers()
-    sync = BreakerSync(redis_server.url, breakers, replica_id="me")
+    sync = redis_sync(redis_server.url, breakers, replica_id="me")
     try:
         far = time.time() + 10
         assert not sync.adopt({"breaker": "other/target", "until": far, "replica": "peer"})
@@ -96,7 +112,7 @@ async def test_unknown_breakers_and_own_messages_are_not_adopted(redis_server):
 async def test_unreachable_redis_leaves_local_breakers_working(unreachable_redis_url):
     """With Redis down, a replica's breakers still trip and recover on their own."""
     breakers = replica_breakers()
-    sync = BreakerSync(unreachable_redis_url, breakers)
+    sync = redis_sync(unreachable_redis_url, breakers)
     await sync.start()
     try:
         trip(breakers[NAME])
@@ -105,6 +121,125 @@ async def test_unreachable_redis_leaves_local_breakers_working(unreachable_redis
         assert breakers[NAME].state == OPEN
     finally:
         await sync.stop()
+
+
+async def test_an_opening_in_one_worker_opens_the_breaker_in_its_siblings(tmp_path):
+    """Worker A trips; worker B opens the same breaker within a poll, C on starting."""
+    a, b = replica_breakers(), replica_breakers()
+    sync_a = file_sync(tmp_path, a, replica_id="a", interval_s=0.05)
+    sync_b = file_sync(tmp_path, b, replica_id="b", interval_s=0.05)
+    await sync_a.start()
+    await sync_b.start()
+    try:
+        trip(a[NAME])
+        assert await until(lambda: b[NAME].state == OPEN)
+        assert 2.0 < b[NAME].open_remaining(time.monotonic()) <= 3.0
+
+        c = replica_breakers()
+        sync_c = file_sync(tmp_path, c, replica_id="c", interval_s=60)
+        await sync_c.start()  # adopts what is open before it serves, not at its first poll
+        await sync_c.stop()
+        assert c[NAME].state == OPEN
+    finally:
+        await sync_a.stop()
+        await sync_b.stop()
+
+
+async def test_an_opening_reaches_the_breaker_a_policy_apply_put_in_place(tmp_path):
+    """The sibling looks its breakers up when an opening comes, so one that replaced the
+    breaker it started with (a policy apply) is the one opened."""
+    a, live = replica_breakers(), replica_breakers()
+    started_with = live[NAME]
+    sync_a = file_sync(tmp_path, a, replica_id="a")
+    sync_b = BreakerFileSync(tmp_path, lambda: live, replica_id="b", interval_s=60)
+    await sync_a.start()
+    await sync_b.start()
+    try:
+        live[NAME] = Breaker(NAME, CONFIG, jitter=lambda: 0.0)
+        trip(a[NAME])
+        assert await until(lambda: sync_b.poll() == 1)
+        assert live[NAME].state == OPEN
+        assert started_with.state == CLOSED
+    finally:
+        await sync_a.stop()
+        await sync_b.stop()
+
+
+FAR = time.time() + 3600
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[]", "not an object"),
+        (b'{"breaker": "other/target", "until": %d, "replica": "a"}' % FAR, "unknown breaker"),
+        (b'{"breaker": "%s", "until": %d, "replica": "me"}' % (NAME.encode(), FAR), "own"),
+        (b'{"breaker": "%s", "until": 1, "replica": "a"}' % NAME.encode(), "ended"),
+        (b'{"breaker": "%s", "until": "later", "replica": "a"}' % NAME.encode(), "bad time"),
+    ],
+)
+async def test_files_that_hold_no_current_opening_of_a_peer_open_nothing(tmp_path, content, why):
+    breakers = replica_breakers()
+    sync = file_sync(tmp_path, breakers, replica_id="me", interval_s=60)
+    await sync.start()
+    try:
+        (tmp_path / "some-breaker.json").write_bytes(content)
+        assert sync.poll() == 0, why
+        assert breakers[NAME].state == CLOSED, why
+    finally:
+        await sync.stop()
+
+
+async def test_an_opening_file_is_read_once_until_it_changes(tmp_path):
+    breakers = replica_breakers()
+    sync = file_sync(tmp_path, breakers, replica_id="me", interval_s=60)
+    await sync.start()
+    opening = tmp_path / "x.json"
+    try:
+        opening.write_bytes(
+            b'{"breaker": "%s", "until": %d, "replica": "a"}' % (NAME.encode(), FAR)
+        )
+        assert sync.poll() == 1
+        assert sync.poll() == 0
+        opening.write_bytes(
+            b'{"breaker": "%s", "until": %d, "replica": "b"}' % (NAME.encode(), FAR)
+        )
+        assert sync.poll() == 1
+    finally:
+        await sync.stop()
+
+
+async def test_a_worker_that_cannot_share_its_opening_keeps_its_breakers_working(tmp_path):
+    """The directory gone (replaced by a file): the trip is logged unshared, the local
+    breaker still opens, and polling reads nothing instead of failing."""
+    directory = tmp_path / "breakers"
+    breakers = replica_breakers()
+    sync = file_sync(directory, breakers, replica_id="me", interval_s=0.02)
+    await sync.start()
+    try:
+        directory.rmdir()
+        directory.write_bytes(b"")
+        trip(breakers[NAME])
+        await asyncio.sleep(0.1)  # the publisher tries and fails, the follower polls
+        assert breakers[NAME].state == OPEN
+        assert sync.poll() == 0
+        assert all(not task.done() for task in sync._tasks)
+    finally:
+        await sync.stop()
+
+
+async def test_workers_of_one_machine_share_breaker_openings(gateway_client, tmp_path):
+    """Two workers of one gateway, no Redis: one finds Triton dead, the other skips it
+    without trying."""
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    workers_dir = tmp_path / "workers"
+    workers_dir.mkdir()  # the supervisor's (`aigw serve --workers N`)
+    async with (
+        gateway_client(env=env, worker_index=0, workers_dir=workers_dir) as first,
+        gateway_client(env=env, worker_index=1, workers_dir=workers_dir) as second,
+    ):
+        await first_trips_and_second_skips(first, second)
 
 
 async def test_gateways_sharing_redis_share_breaker_openings(gateway_client, redis_server):
@@ -117,11 +252,17 @@ async def test_gateways_sharing_redis_share_breaker_openings(gateway_client, red
         gateway_client(env=env, **shared) as second,
     ):
         await asyncio.to_thread(redis_server.wait_for_subscribers, CHANNEL, already + 2)
-        for _ in range(6):
-            body = (await first.post("/v1/predictions", json=CHURN_REQUEST)).json()
-        assert body["fallback_reason"] == "breaker_open"
-        await until_breaker_open(second, NAME)  # adopted, not tried: no request has gone there
-        other = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
+        await first_trips_and_second_skips(first, second)
+
+
+async def first_trips_and_second_skips(first, second) -> None:  # type: ignore[no-untyped-def]
+    """`first` opens the primary's breaker on its own failures; `second`, which has not
+    called it, then answers `breaker_open`: the opening was adopted."""
+    for _ in range(6):
+        body = (await first.post("/v1/predictions", json=CHURN_REQUEST)).json()
+    assert body["fallback_reason"] == "breaker_open"
+    await until_breaker_open(second, NAME)  # adopted, not tried: no request has gone there
+    other = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
     assert other["degraded"] is True
     assert other["fallback_reason"] == "breaker_open"
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.backends.triton import TritonBackend
-from gateway.runtime import Configuration, Snapshot, build_snapshot, load_configuration
+from gateway.resilience import OPEN, Breaker, Outcome
+from gateway.runtime import (
+    Configuration,
+    Snapshot,
+    build_snapshot,
+    load_configuration,
+    start_runtime,
+)
 from gateway.telemetry import Metrics
 from tests.conftest import settings_for
 
@@ -64,3 +71,35 @@ def test_a_reload_keeps_unchanged_guards_and_rebuilds_those_whose_window_changed
     [(name, shadow)] = shadow_guards(after).items()
     assert shadow is not shadow_guards(first)[name]
     assert shadow.backend.gather_s == 0.02
+
+
+def trip(breaker: Breaker) -> None:
+    for _ in range(breaker.config.failure_threshold):
+        permit = breaker.try_acquire(0.0)
+        assert permit is not None
+        breaker.record(permit, Outcome.FAILURE, 0.01, 0.0)
+    assert breaker.state == OPEN
+
+
+async def test_trip_hooks_hear_the_breakers_of_every_later_policy_once(data_dirs):
+    """Openings are shared through a trip hook (breaker_sync.py): a hook given at start must
+    hear the breakers a later apply creates, and a kept breaker must not tell it twice."""
+    runtime = start_runtime(settings_for(data_dirs), configuration(data_dirs), Metrics())
+    heard: list[str] = []
+    runtime.on_breaker_trip(lambda breaker, open_for_s: heard.append(breaker.name))
+    try:
+        first = runtime.breakers
+        runtime.swap(configuration(data_dirs))  # unchanged: the same breakers are kept
+        assert runtime.breakers == first
+        kept = first[f"{MODEL}/churn-gbm"]
+        trip(kept)
+        assert heard == [kept.name]
+        heard.clear()
+        runtime.swap(configuration(data_dirs, ("reset_timeout_s: 1.0", "reset_timeout_s: 2.0")))
+        replaced = runtime.breakers
+        assert not [name for name in replaced if replaced[name] is first[name]]
+        for breaker in replaced.values():
+            trip(breaker)
+        assert sorted(heard) == sorted(replaced)
+    finally:
+        await runtime.close()

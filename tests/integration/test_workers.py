@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -350,6 +351,54 @@ def test_a_tenants_rate_limit_holds_across_workers(tmp_path: Path):
     assert sorted(statuses) == [200] * 12 + [429] * 48
     answered = [predictions_in(d, "acme") for d in log_directories(tmp_path / "audit")]
     assert sum(answered) == 12
+
+
+def test_a_breaker_opened_by_one_worker_is_open_in_the_other(tmp_path: Path):
+    """No Redis: worker A finds Triton dead and opens its breaker; requests that then land
+    on worker B are answered `breaker_open` at once, not after B's own five failures."""
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    churn_policy = policies / "customer-churn.yaml"
+    text = churn_policy.read_text()
+    assert "reset_timeout_s: 1.0" in text and "max_reset_timeout_s: 4.0" in text
+    assert "weight: 10" in text
+    # Open for a minute, not a second: no probe may go out while the test looks. One arm:
+    # the challenger's model has a breaker of its own, which the trip below does not open.
+    text = text.replace("max_reset_timeout_s: 4.0", "max_reset_timeout_s: 60.0")
+    text = text.replace("weight: 10", "weight: 0").replace("weight: 90", "weight: 100")
+    churn_policy.write_text(text.replace("reset_timeout_s: 1.0", "reset_timeout_s: 60.0"))
+    env = {
+        "AIGW_POLICIES_DIR": str(policies),
+        "AIGW_TRITON_URL": f"127.0.0.1:{free_port()}",  # nothing listens: calls fail at once
+        "AIGW_AUDIT_DIR": str(tmp_path / "audit"),
+        "AIGW_WATCH_POLICIES": "false",
+    }
+    process = GatewayProcess(env, tmp_path / "gateway.log", args=("--workers", "2"))
+    try:
+        process.wait_until_live(timeout=60)
+        url = f"{process.base_url}/v1/predictions"
+        with httpx.Client() as one_connection:  # one keep-alive connection: one worker
+            reasons = [
+                one_connection.post(url, json=churn(f"trip-{i}")).json()["fallback_reason"]
+                for i in range(8)
+            ]
+        assert reasons[-1] == "breaker_open", reasons
+        time.sleep(0.5)  # two polls of the breakers' directory
+        with ThreadPoolExecutor(4) as pool:  # new connections: the kernel spreads them
+            answers = list(pool.map(lambda i: httpx.post(url, json=churn(f"after-{i}")), range(30)))
+        bodies = [answer.json() for answer in answers]
+        directories = log_directories(tmp_path / "audit")
+
+        def answered_by() -> list[int]:
+            """How many of the 30 each worker's audit log holds."""
+            ids = [body["prediction_id"] for body in bodies]
+            return [sum(find_record(d, i) is not None for i in ids) for d in directories]
+
+        by_worker = wait_for(lambda: sum(answered_by()) == 30 and answered_by())
+    finally:
+        process.stop()
+    assert by_worker and len(by_worker) == 2 and min(by_worker) > 0, by_worker
+    assert [body["fallback_reason"] for body in bodies] == ["breaker_open"] * 30
 
 
 def predictions_in(directory: Path, tenant: str) -> int:
