@@ -19,8 +19,6 @@ from gateway.api import admin as admin_api
 from gateway.api import async_predictions, audit, feedback, health, predictions
 from gateway.api.http_headers import headers_too_large, request_id_for, with_exchange_headers
 from gateway.api.responses import problem_response
-from gateway.audit import worker_log_directory
-from gateway.audit_forwarder import AuditForwarder
 from gateway.breaker_sync import BreakerFileSync, BreakerSync
 from gateway.job_memory import jobs_backend
 from gateway.policy_manager import PolicyManager
@@ -29,6 +27,7 @@ from gateway.problems import Problem
 from gateway.runtime import (
     Configuration,
     Runtime,
+    audit_forwarder,
     audit_log,
     baselines_of,
     load_configuration,
@@ -121,13 +120,8 @@ def create_app(
             log.warning("authentication is off: set AIGW_KEYS_FILE to require API keys")
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
-        forwarder = None
-        if settings.audit_stream_url:
-            forwarder = AuditForwarder(
-                worker_log_directory(settings.audit_dir, settings.worker_index),
-                settings.audit_stream_url,
-                replica=_replica_name(settings),
-            )
+        forwarder = audit_forwarder(settings, _replica_name(settings))
+        if forwarder is not None:
             await forwarder.start()
         runtime.audit_forwarder = forwarder
         app.state.runtime = runtime

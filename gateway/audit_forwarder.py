@@ -12,6 +12,11 @@ it seals, as in the local log, so seq alone does not name a line) and `line` (th
 bytes as on disk, trailing newline included, so a consumer can rebuild a replica's segments
 byte for byte and check them with `gateway.audit.ChainCheck`).
 
+Decisions. With `decisions_ttl_s`, each prediction record also sets
+`aigw:decision:<prediction_id>` (what feedback needs of it, expiring after that many seconds)
+in the same pipeline, so feedback reaching another replica finds the decision
+(shared_decisions.py). A re-sent batch sets the same keys again.
+
 Cursor. Where shipping stands is kept in `<directory>/forwarder.cursor` (a name outside the
 `audit-*.jsonl` pattern, so the log never takes it for a segment), one JSON line:
 
@@ -47,6 +52,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -55,6 +61,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.audit import CHECKPOINT, MiB, is_checkpoint, parse_line, segment_files, segment_name
+from gateway.shared_decisions import DECISION_PREFIX, decision_entry
 
 log = logging.getLogger("gateway.audit_forwarder")
 
@@ -138,6 +145,8 @@ class Batch:
     seqs: list[int | None] = field(default_factory=list)  # None: not a record (never expected)
     types: list[str] = field(default_factory=list)
     end: Cursor = START
+    # (prediction id, decision) of each prediction record, for feedback on other replicas
+    decisions: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def read_batch(
@@ -161,10 +170,17 @@ def read_batch(
         if not drained or later is None:
             break
         segment, offset = later, 0
-    described = [describe_line(line) for line in lines]
+    entries = [parse_line(line) for line in lines]
+    described = [describe_line(entry) for entry in entries]
     seqs = [seq for seq, _ in described]
     last_seq = next((seq for seq in reversed(seqs) if seq is not None), start.seq)
-    return Batch(lines, seqs, [kind for _, kind in described], Cursor(segment, offset, last_seq))
+    decisions = [kept for kept in map(_decision_entry, entries) if kept is not None]
+    kinds = [kind for _, kind in described]
+    return Batch(lines, seqs, kinds, Cursor(segment, offset, last_seq), decisions)
+
+
+def _decision_entry(entry: dict[str, Any] | None) -> tuple[str, bytes] | None:
+    return decision_entry(entry) if entry is not None else None
 
 
 def read_complete_lines(
@@ -215,9 +231,9 @@ def _segments(directory: Path) -> list[tuple[int, Path]]:
         return []
 
 
-def describe_line(line: bytes) -> tuple[int | None, str]:
-    """The line's seq and type; a line that is no record still ships, for verify to flag."""
-    entry = parse_line(line)
+def describe_line(entry: dict[str, Any] | None) -> tuple[int | None, str]:
+    """A parsed line's seq and type; a line that is no record (None) still ships, for verify
+    to flag."""
     if entry is None:
         log.warning("audit forwarder: shipping a line that is not a record")
         return None, UNPARSEABLE
@@ -268,8 +284,11 @@ class AuditForwarder:
         batch: int = 500,
         poll_s: float = 0.2,
         maxlen: int | None = None,
+        decisions_ttl_s: int = 0,
     ) -> None:
         self.directory = Path(directory)
+        # Each prediction's decision kept this long for feedback elsewhere (0: not kept).
+        self.decisions_ttl_s = decisions_ttl_s
         self.stream = stream
         self.replica = replica or socket.gethostname()
         self.forwarded = self.errors = 0
@@ -367,6 +386,9 @@ class AuditForwarder:
                     "line": line,
                 }
                 pipe.xadd(self.stream, fields, maxlen=self._maxlen, approximate=True)
+            if self.decisions_ttl_s:
+                for prediction_id, decision in batch.decisions:
+                    pipe.set(DECISION_PREFIX + prediction_id, decision, ex=self.decisions_ttl_s)
             await pipe.execute()
 
     def _warn_on_seq_gaps(self, seqs: list[int | None]) -> None:

@@ -17,6 +17,7 @@ import pybreaker
 from pydantic import SecretStr
 
 from gateway.audit import AuditLog, worker_log_directory
+from gateway.audit_forwarder import AuditForwarder
 from gateway.auth import KeyStore
 from gateway.backends.triton import TritonBackend
 from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
@@ -32,6 +33,7 @@ from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
+from gateway.shared_decisions import SharedDecisions
 from gateway.shared_statistics import SharedStatistics
 from gateway.telemetry import BREAKER_STATES, Metrics
 from gateway.tracing import Tracing, tracing_from
@@ -129,6 +131,8 @@ class Runtime:
     shared_statistics: SharedStatistics | None = None
     # With several workers: which predictions any of them judged (one outcome each).
     judged: JudgedPredictions | None = None
+    # With the audit stream: every replica's decisions, for feedback that reaches this one.
+    shared_decisions: SharedDecisions | None = None
     _retired: list[ModelRuntime] = field(default_factory=list)
     _trip_hooks: list[TripHook] = field(default_factory=list)
 
@@ -219,6 +223,8 @@ class Runtime:
         await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
         await self.cache.close()
         await self.rate_limiter.close()
+        if self.shared_decisions is not None:
+            await self.shared_decisions.close()
         if self.audit is not None:
             await self.audit.close()  # flushes and fsyncs every record
 
@@ -251,6 +257,10 @@ def start_runtime(
         runtime.monitor = shared.restore(runtime.experiments, runtime.monitor)
         runtime.shared_statistics = shared
         runtime.judged = JudgedPredictions(settings.workers_dir)
+    if settings.audit_stream_url and settings.shared_decisions_ttl_s:
+        runtime.shared_decisions = SharedDecisions(
+            settings.audit_stream_url, settings.shared_decisions_ttl_s
+        )
     return runtime
 
 
@@ -338,6 +348,21 @@ def audit_log(settings: Settings) -> AuditLog:
         key=_key_bytes(key),
         checkpoint_key=_key_bytes(checkpoint_key),
         rotate_bytes=settings.audit_rotate_bytes,
+    )
+
+
+def audit_forwarder(settings: Settings, replica: str) -> AuditForwarder | None:
+    """The shipper of this process's audit log to the stream, when one is configured.
+
+    `replica` names the log's writer in the stream: one name per log, the same across
+    restarts (a consumer rebuilds each writer's chain by it)."""
+    if not settings.audit_stream_url:
+        return None
+    return AuditForwarder(
+        worker_log_directory(settings.audit_dir, settings.worker_index),
+        settings.audit_stream_url,
+        replica=replica,
+        decisions_ttl_s=settings.shared_decisions_ttl_s,
     )
 
 

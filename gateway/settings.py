@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     # Redis URL of a stream (`aigw:audit`) to which the local log is shipped; the local log is
     # the spill while that Redis is down. Unset: records stay in local files only.
     audit_stream_url: str | None = None
+    # With the stream: how long each answer's decision stays findable there by feedback
+    # reaching another replica (shared_decisions.py); 0 keeps none (feedback then needs the
+    # replica, or the machine, whose audit log holds the answer).
+    shared_decisions_ttl_s: int = Field(default=7 * 24 * 3600, ge=0)
     audit_key: SecretStr | None = None
     audit_checkpoint_key: SecretStr | None = None
 

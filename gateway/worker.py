@@ -42,7 +42,14 @@ from gateway.jobs import Job, JobRejected, run_job
 from gateway.monitoring import Baseline
 from gateway.policy_manager import PolicyManager
 from gateway.policy_sync import PolicySync
-from gateway.runtime import Configuration, Runtime, audit_log, baselines_of, start_runtime
+from gateway.runtime import (
+    Configuration,
+    Runtime,
+    audit_forwarder,
+    audit_log,
+    baselines_of,
+    start_runtime,
+)
 from gateway.settings import Settings
 from gateway.streams import Delivery, StreamConfig, StreamStore, parse_entry
 
@@ -341,6 +348,11 @@ async def serve_streams(
     runtime = start_runtime(settings, config, baselines=baselines)
     runtime.audit = audit_log(settings)
     await runtime.audit.open()
+    # Named by host and log directory: the one writer of that log, the same after a restart.
+    forwarder = audit_forwarder(settings, f"{socket.gethostname()}:{settings.audit_dir.resolve()}")
+    if forwarder is not None:
+        await forwarder.start()
+    runtime.audit_forwarder = forwarder
     store = StreamStore(settings.redis_url or "", StreamConfig.from_settings(settings))
     sender = callback_sender(settings, runtime.metrics.observe_callback)
     on_result = callback_hook(sender, settings) if sender is not None else None
@@ -367,6 +379,8 @@ async def serve_streams(
             await sender.close()  # callbacks under way get a short grace
         await store.close()
         await runtime.close()  # flushes and fsyncs the audit log
+        if forwarder is not None:
+            await forwarder.stop()  # then ships what is on disk, if the stream's Redis is up
         log.info("stream workers stopped", extra={"consumer": consumer})
 
 

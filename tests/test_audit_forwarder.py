@@ -26,6 +26,7 @@ from gateway.audit_forwarder import (
     seq_gaps,
 )
 from gateway.demo.triton_process import free_port
+from gateway.shared_decisions import DECISION_PREFIX, decision_of
 from tests.conftest import RedisServer
 
 KEY = b"k" * 32
@@ -37,6 +38,20 @@ def decision(i: int) -> dict[str, Any]:
         "model_id": "customer-churn",
         "features": {"customer_id": f"C{i}", "tenure_months": i % 60},
         "served_by": "churn-gbm",
+    }
+
+
+def prediction_record(prediction_id: str) -> dict[str, Any]:
+    """A prediction record as the gateway writes it, with the fields feedback reads."""
+    return {
+        **decision(0),
+        "type": "prediction",
+        "prediction_id": prediction_id,
+        "arm": "control",
+        "prediction": "stay",
+        "probability": 0.25,
+        "tenant": "acme",
+        "model_version": "1",
     }
 
 
@@ -391,3 +406,39 @@ async def test_an_unreachable_redis_never_raises_out_of_start_or_stop(
     assert forwarder.pending_bytes() == len(log_bytes(tmp_path))
     assert not (tmp_path / CURSOR_NAME).exists()
     await forwarder.stop()  # a second stop is a no-op
+
+
+async def test_prediction_records_leave_their_decisions_for_the_ttl(
+    tmp_path, redis_server, client, stream, forwarder_on
+):
+    """With `decisions_ttl_s`, each prediction record ships and also leaves its decision
+    (shared_decisions.py) expiring after the TTL; other records leave none."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    log = new_log(tmp_path)
+    await log.open()
+    for prediction_id in ids:
+        await log.append(prediction_record(prediction_id))
+    await log.append({**prediction_record("not-one"), "type": "policy_applied"})
+    await log.close()
+    forwarder = forwarder_on(tmp_path, redis_server.url, decisions_ttl_s=600)
+    await forwarder.start()
+    assert await until(lambda: forwarder.forwarded == 4 and forwarder.pending_bytes() == 0)
+
+    for prediction_id in ids:
+        kept = decision_of(await client.get(DECISION_PREFIX + prediction_id))
+        wrote = {k: v for k, v in prediction_record(prediction_id).items() if k in kept}
+        assert kept == wrote and kept["arm"] == "control" and kept["type"] == "prediction"
+        assert 590 <= await client.ttl(DECISION_PREFIX + prediction_id) <= 600
+    assert not await client.exists(DECISION_PREFIX + "not-one")
+
+
+async def test_without_a_ttl_no_decision_is_kept(tmp_path, redis_server, client, forwarder_on):
+    prediction_id = str(uuid.uuid4())
+    log = new_log(tmp_path)
+    await log.open()
+    await log.append(prediction_record(prediction_id))
+    await log.close()
+    forwarder = forwarder_on(tmp_path, redis_server.url)
+    await forwarder.start()
+    assert await until(lambda: forwarder.forwarded == 1)
+    assert not await client.exists(DECISION_PREFIX + prediction_id)

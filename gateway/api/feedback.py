@@ -1,10 +1,11 @@
 """POST /v1/feedback and GET /v1/experiments/{model_id}: real outcomes, and what arms did.
 
 An outcome is often known long after the answer (a customer churns weeks later), and may
-reach any worker of the gateway. The decision it judges comes from this process's ledger of
-recent answers, else from the audit trail, which every worker of this machine writes under
-`AIGW_AUDIT_DIR` and which keeps every answer: so feedback for an answer of a sibling
-worker, of an earlier run, or too old for the ledger is counted too.
+reach any worker or replica of the gateway. The decision it judges comes from this process's
+ledger of recent answers, else from the audit trail, which every worker of this machine
+writes under `AIGW_AUDIT_DIR` and which keeps every answer (so feedback for an answer of a
+sibling worker, of an earlier run, or too old for the ledger is counted too), else, with the
+audit stream, from the decisions every replica keeps there (shared_decisions.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.experiments import Decision
 from gateway.monitoring import version_key
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
+from gateway.shared_decisions import SharedDecisionsUnavailable
 from gateway.shared_statistics import Published
 
 router = APIRouter()
@@ -64,8 +66,7 @@ async def record_feedback(request: Request) -> Response:
             422, "invalid-request", "The request does not match the contract", detail,
             errors=[FieldError("/outcome", detail)],
         )  # fmt: skip
-    shared = runtime.judged  # several workers: one outcome per prediction across all of them
-    if shared is not None and await shared.first_time(prediction_id) is False:
+    if not await _first_judgement(runtime, prediction_id):
         raise _duplicate()
     status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive, decision)
     if status == "recorded":
@@ -84,12 +85,39 @@ def _duplicate() -> Problem:
     )
 
 
+def _unavailable(error: SharedDecisionsUnavailable) -> Problem:
+    return Problem(
+        503, "feedback-unavailable", "Feedback cannot be taken now",
+        "the shared decisions of other replicas cannot be reached; retry later",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+async def _first_judgement(runtime: Runtime, prediction_id: str) -> bool:
+    """False when an outcome for `prediction_id` was taken already: by any replica (with the
+    audit stream), else by any worker of this machine; this process checks its own after."""
+    if runtime.shared_decisions is not None:
+        try:
+            return await runtime.shared_decisions.first_judgement(prediction_id)
+        except SharedDecisionsUnavailable as error:
+            raise _unavailable(error) from None
+    if runtime.judged is not None:
+        return await runtime.judged.first_time(prediction_id) is not False
+    return True
+
+
 async def _decision_judged(runtime: Runtime, prediction_id: str) -> Decision | None:
-    """The ledger's decision, else the one the audit trail recorded (read off the loop)."""
+    """The ledger's decision, else the one this machine's audit trail recorded (read off the
+    loop), else the one another replica shared."""
     decision = runtime.experiments.decision(prediction_id)
     if decision is not None:
         return decision
     record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
+    if record is None and runtime.shared_decisions is not None:
+        try:
+            record = await runtime.shared_decisions.find(prediction_id)
+        except SharedDecisionsUnavailable as error:
+            raise _unavailable(error) from None
     return decision_in_record(record) if record is not None else None
 
 

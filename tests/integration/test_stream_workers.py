@@ -29,6 +29,7 @@ from gateway.runtime import (
     load_configuration,
     start_runtime,
 )
+from gateway.shared_decisions import DECISION_PREFIX
 from gateway.streams import (
     GROUP,
     StreamConfig,
@@ -544,3 +545,38 @@ async def test_a_frozen_redis_mid_run_loses_and_duplicates_nothing(
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_workers_answers_reach_the_audit_stream_and_take_feedback_at_a_gateway(
+    redis_db, gateway_client, tmp_path: Path
+):
+    """With `AIGW_AUDIT_STREAM_URL`, an `aigw worker` ships its audit log as a gateway does,
+    so a job it answered is in the one audit stream, and its outcome, sent to a gateway that
+    never saw the job, is taken (202) and counted once."""
+    url, client = redis_db
+    dead_triton = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}  # the rules answer
+    worker = WorkerProcess(
+        "shipper", {"AIGW_REDIS_URL": url, "AIGW_AUDIT_STREAM_URL": url, **dead_triton}, tmp_path
+    )
+    prediction_id = str(uuid.uuid4())
+    try:
+        request = orjson.dumps(CHURN_REQUEST)
+        await client.xadd(REQUESTS, {"request": request, "prediction_id": prediction_id})
+        assert await until(lambda: _results_at_least(client, 1), 30)
+        assert await until(lambda: client.exists(DECISION_PREFIX + prediction_id), 10)
+        async with gateway_client(env=dead_triton, audit_stream_url=url) as gateway:
+            taken = await gateway.post(
+                "/v1/feedback", json={"prediction_id": prediction_id, "outcome": "churn"}
+            )
+            again = await gateway.post(
+                "/v1/feedback", json={"prediction_id": prediction_id, "outcome": "churn"}
+            )
+    finally:
+        assert worker.stop() == 0
+    assert taken.status_code == 202, taken.text
+    assert again.status_code == 409, again.text
+    shipped = [orjson.loads(f[b"line"]) for _, f in await client.xrange("aigw:audit")]
+    [record] = [r for r in shipped if r.get("prediction_id") == prediction_id]
+    assert record["type"] == "prediction"
+    replicas = {f[b"replica"] for _, f in await client.xrange("aigw:audit")}
+    assert any(str(worker.audit_dir.resolve()).encode() in name for name in replicas), replicas

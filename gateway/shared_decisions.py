@@ -1,0 +1,89 @@
+"""Decisions of every replica, found by prediction id, so feedback may reach any replica.
+
+Each replica's audit log is its own, and feedback (an outcome known days later) reaches
+whichever replica the load balancer picks. When the audit trail is shipped to a Redis stream
+(`AIGW_AUDIT_STREAM_URL`), the audit forwarder, which already reads every record to ship it,
+also keeps what feedback needs of each answer under `aigw:decision:<prediction_id>` for
+`AIGW_SHARED_DECISIONS_TTL_S`, in the same pipeline as the records. So nothing is added to
+the request path, a decision is shared within about the forwarder's poll (0.2 s) of its
+answer, and while Redis is away the decisions wait on disk with their records. Memory,
+measured: about 260 bytes an answer, so 160 MB for each request per second sustained over
+the default 7 days.
+
+Feedback looks a decision up here only after this process's ledger and the machine's audit
+trail; a prediction is judged once across replicas by `SET NX` on `aigw:judged:<id>`. Redis
+unreachable then is a 503 (retry later): neither a false "unknown prediction" nor an outcome
+counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+DECISION_PREFIX = "aigw:decision:"
+JUDGED_PREFIX = "aigw:judged:"
+REDIS_TIMEOUT_S = 0.5
+# What feedback reads of a prediction record (api/feedback.py, `decision_in_record`), kept
+# as a JSON array in this order: names would double what each answer costs in memory.
+DECISION_FIELDS = (
+    "arm", "model_id", "model_version", "prediction", "probability", "served_by", "tenant",
+)  # fmt: skip
+
+
+class SharedDecisionsUnavailable(Exception):
+    """Redis could not be asked: the caller should retry, not be told 'unknown'."""
+
+
+def decision_entry(record: Mapping[str, Any]) -> tuple[str, bytes] | None:
+    """(prediction id, what feedback needs of it) for a prediction record; None for others."""
+    prediction_id = record.get("prediction_id")
+    if record.get("type") != "prediction" or not isinstance(prediction_id, str):
+        return None
+    if any(name not in record for name in DECISION_FIELDS):
+        return None  # not a record this gateway writes
+    return prediction_id, orjson.dumps([record[name] for name in DECISION_FIELDS])
+
+
+def decision_of(value: bytes) -> dict[str, Any] | None:
+    """The prediction record's fields kept in `value`, or None when it is not one."""
+    try:
+        kept = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(kept, list) or len(kept) != len(DECISION_FIELDS):
+        return None
+    return {"type": "prediction", **dict(zip(DECISION_FIELDS, kept, strict=True))}
+
+
+class SharedDecisions:
+    """Reads the decisions the audit forwarders keep, and marks judged predictions."""
+
+    def __init__(self, redis_url: str, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self._redis = aioredis.from_url(
+            redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
+
+    async def find(self, prediction_id: str) -> dict[str, Any] | None:
+        """The decision kept for `prediction_id`, or None when no replica's is (or it expired)."""
+        try:
+            value = await self._redis.get(DECISION_PREFIX + prediction_id)
+        except (RedisError, OSError, TimeoutError) as error:
+            raise SharedDecisionsUnavailable(type(error).__name__) from error
+        return decision_of(value) if value is not None else None
+
+    async def first_judgement(self, prediction_id: str) -> bool:
+        """True for the first outcome of `prediction_id` across replicas, False after that."""
+        try:
+            marked = await self._redis.set(JUDGED_PREFIX + prediction_id, 1, nx=True, ex=self.ttl_s)
+        except (RedisError, OSError, TimeoutError) as error:
+            raise SharedDecisionsUnavailable(type(error).__name__) from error
+        return bool(marked)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

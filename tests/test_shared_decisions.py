@@ -1,0 +1,203 @@
+"""Feedback from any replica: decisions kept in the audit stream's Redis (a real redis-server).
+
+Replicas here are in-process gateways with audit directories of their own, as pods have, and
+one Redis: the stream their audit forwarders ship to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.api.feedback import decision_in_record
+from gateway.demo.triton_process import free_port
+from gateway.shared_decisions import (
+    DECISION_PREFIX,
+    SharedDecisions,
+    SharedDecisionsUnavailable,
+    decision_entry,
+    decision_of,
+)
+from tests.conftest import CHURN_REQUEST, RedisServer
+
+PREDICTION = {
+    "type": "prediction",
+    "prediction_id": "p-1",
+    "model_id": "customer-churn",
+    "arm": "control",
+    "prediction": "churn",
+    "probability": 0.8,
+    "tenant": "acme",
+    "served_by": "churn-gbm",
+    "model_version": "1",
+    "features": {"customer_id": "pseudonym", "tenure_months": 3},
+    "chain": [{"step": "churn-gbm", "outcome": "ok"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("record", "kept"),
+    [
+        (PREDICTION, ["control", "customer-churn", "1", "churn", 0.8, "churn-gbm", "acme"]),
+        ({**PREDICTION, "type": "policy_applied"}, None),
+        ({k: v for k, v in PREDICTION.items() if k != "arm"}, None),
+        ({"type": "checkpoint", "seq": 3}, None),
+        ({k: v for k, v in PREDICTION.items() if k != "prediction_id"}, None),
+        ({**PREDICTION, "prediction_id": 7}, None),
+    ],
+)  # fmt: skip
+def test_what_is_kept_of_a_record_is_the_decision_without_its_features(record, kept):
+    entry = decision_entry(record)
+    if kept is None:
+        assert entry is None
+        return
+    assert entry is not None
+    prediction_id, value = entry
+    assert prediction_id == "p-1"
+    assert orjson.loads(value) == kept
+    restored = decision_of(value)
+    assert restored is not None
+    assert decision_in_record(restored) == decision_in_record(record) is not None
+
+
+@pytest.mark.parametrize("value", [b"{not json", b"[1, 2]", b'{"arm": "control"}', b"7"])
+def test_a_damaged_value_is_no_decision(value):
+    assert decision_of(value) is None
+
+
+async def test_a_prediction_is_judged_once_across_replicas(redis_server):
+    """Ten replicas asking at once for the same prediction: exactly one is first."""
+    prediction_id = uuid.uuid4().hex
+    replicas = [SharedDecisions(redis_server.url, ttl_s=60) for _ in range(10)]
+    try:
+        firsts = await asyncio.gather(*(r.first_judgement(prediction_id) for r in replicas))
+        assert await replicas[0].find(prediction_id) is None  # judged is not a decision
+    finally:
+        await asyncio.gather(*(r.close() for r in replicas))
+    assert sorted(firsts) == [False] * 9 + [True]
+
+
+async def test_a_decision_is_found_as_kept_and_a_damaged_one_is_none(redis_server):
+    prediction_id = uuid.uuid4().hex
+    redis = aioredis.from_url(redis_server.url)
+    shared = SharedDecisions(redis_server.url, ttl_s=60)
+    try:
+        _, value = decision_entry(PREDICTION)  # type: ignore[misc]
+        await redis.set(DECISION_PREFIX + prediction_id, value)
+        assert await shared.find(prediction_id) == decision_of(value)
+        await redis.set(DECISION_PREFIX + prediction_id, b"[1, 2]")
+        assert await shared.find(prediction_id) is None
+    finally:
+        await shared.close()
+        await redis.aclose()
+
+
+async def test_an_unreachable_redis_is_said_so_not_taken_for_unknown(unreachable_redis_url):
+    shared = SharedDecisions(unreachable_redis_url, ttl_s=60)
+    try:
+        with pytest.raises(SharedDecisionsUnavailable):
+            await shared.find("p-1")
+        with pytest.raises(SharedDecisionsUnavailable):
+            await shared.first_judgement("p-1")
+    finally:
+        await shared.close()
+
+
+# --- replicas --------------------------------------------------------------------------------
+
+
+def closed_triton() -> dict[str, str]:
+    """Nothing listens: the rules answer, and the answer is audited like any other."""
+    return {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+
+
+async def feedback(client: httpx.AsyncClient, prediction_id: str, outcome: str = "churn"):  # type: ignore[no-untyped-def]
+    return await client.post(
+        "/v1/feedback", json={"prediction_id": prediction_id, "outcome": outcome}
+    )
+
+
+async def until_shared(redis_url: str, prediction_id: str, within_s: float = 10.0) -> None:
+    """Until the answering replica's forwarder has kept the decision (it polls every 0.2 s)."""
+    redis = aioredis.from_url(redis_url)
+    deadline = time.monotonic() + within_s
+    try:
+        while not await redis.exists(DECISION_PREFIX + prediction_id):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{prediction_id} was not shared within {within_s} s")
+            await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
+
+
+async def test_feedback_reaches_the_decision_of_another_replica_once(gateway_client, redis_server):
+    """Replica A answers; the outcome reaches replica B, which has neither the answer in its
+    ledger nor in its audit log: 202, counted under A's arm; the same outcome again, at A or
+    at B, is 409."""
+    shared = {"audit_stream_url": redis_server.url}
+    async with (
+        gateway_client(env=closed_triton(), **shared) as a,
+        gateway_client(env=closed_triton(), **shared) as b,
+    ):
+        answer = (await a.post("/v1/predictions", json=CHURN_REQUEST)).json()
+        prediction_id = answer["prediction_id"]
+        await until_shared(redis_server.url, prediction_id)
+
+        taken = await feedback(b, prediction_id)
+        again_at_a, again_at_b = await feedback(a, prediction_id), await feedback(b, prediction_id)
+        report = (await b.get("/v1/experiments/customer-churn")).json()
+    assert taken.status_code == 202, taken.text
+    assert (again_at_a.status_code, again_at_b.status_code) == (409, 409)
+    assert report["arms"][answer["arm"]]["feedback"] == 1
+
+
+async def test_without_decisions_kept_feedback_elsewhere_is_unknown(gateway_client, redis_server):
+    """`AIGW_SHARED_DECISIONS_TTL_S=0`: the records still ship, no decision is kept, and the
+    other replica does not know the answer (what every replica said before decisions were
+    shared)."""
+    shared = {"audit_stream_url": redis_server.url, "shared_decisions_ttl_s": 0}
+    async with (
+        gateway_client(env=closed_triton(), **shared) as a,
+        gateway_client(env=closed_triton(), **shared) as b,
+    ):
+        prediction_id = (await a.post("/v1/predictions", json=CHURN_REQUEST)).json()[
+            "prediction_id"
+        ]
+        with pytest.raises(AssertionError, match="not shared"):
+            await until_shared(redis_server.url, prediction_id, within_s=1.0)
+        elsewhere = await feedback(b, prediction_id)
+        here = await feedback(a, prediction_id)
+    assert elsewhere.status_code == 404
+    assert here.status_code == 202
+
+
+async def test_feedback_while_the_shared_redis_is_down_is_503_then_taken(gateway_client):
+    """The stream's Redis stops: feedback the replica cannot settle is 503 with Retry-After
+    (not 404, not counted); once Redis is back the same outcome is taken."""
+    redis = RedisServer(free_port())
+    redis.start()
+    try:
+        async with gateway_client(env=closed_triton(), audit_stream_url=redis.url) as client:
+            prediction_id = (await client.post("/v1/predictions", json=CHURN_REQUEST)).json()[
+                "prediction_id"
+            ]
+            redis.stop()
+            unknown, known = (
+                await feedback(client, str(uuid.uuid4())),
+                await feedback(client, prediction_id),
+            )
+            redis.start()
+            retried = await feedback(client, prediction_id)
+    finally:
+        redis.stop()
+    for refused in (unknown, known):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.headers["retry-after"] == "1"
+    assert retried.status_code == 202, retried.text
