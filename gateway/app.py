@@ -156,6 +156,8 @@ def create_app(
         finally:
             for task in tasks:
                 task.cancel()
+            # Awaited: the statistics publisher sends its last counts as it stops.
+            await asyncio.gather(*tasks, return_exceptions=True)
             for sync in breaker_syncs:
                 await sync.stop()
             if policy_sync is not None:

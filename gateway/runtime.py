@@ -28,6 +28,7 @@ from gateway.judged_predictions import JudgedPredictions
 from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
 from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter
+from gateway.replica_statistics import ReplicaStatistics
 from gateway.resilience import Breaker, Bulkhead, RetryBudget, TripHook
 from gateway.routing import RouteTable, compile_routes
 from gateway.rules import Fallbacks, load_fallbacks
@@ -127,8 +128,8 @@ class Runtime:
     rate_limiter: MemoryRateLimiter | RedisRateLimiter | SharedRateLimiter = field(
         default_factory=MemoryRateLimiter
     )
-    # With several workers: the siblings' statistics, for reports of all the traffic.
-    shared_statistics: SharedStatistics | None = None
+    # With several workers or replicas: the others' statistics, for reports of all the traffic.
+    shared_statistics: SharedStatistics | ReplicaStatistics | None = None
     # With several workers: which predictions any of them judged (one outcome each).
     judged: JudgedPredictions | None = None
     # With the audit stream: every replica's decisions, for feedback that reaches this one.
@@ -252,16 +253,31 @@ def start_runtime(
         runtime.rate_limiter = RedisRateLimiter(settings.redis_url)
     elif settings.workers_dir is not None:  # one of several workers: share their buckets
         runtime.rate_limiter = SharedRateLimiter(settings.workers_dir / "rate-limits")
+    runtime.shared_statistics = _shared_statistics(settings, runtime.monitor)
+    if runtime.shared_statistics is not None:
+        runtime.monitor = runtime.shared_statistics.restore(runtime.experiments, runtime.monitor)
     if settings.workers_dir is not None and settings.worker_index is not None:
-        shared = SharedStatistics(settings.workers_dir, settings.worker_index)
-        runtime.monitor = shared.restore(runtime.experiments, runtime.monitor)
-        runtime.shared_statistics = shared
         runtime.judged = JudgedPredictions(settings.workers_dir)
     if settings.audit_stream_url and settings.shared_decisions_ttl_s:
         runtime.shared_decisions = SharedDecisions(
             settings.audit_stream_url, settings.shared_decisions_ttl_s
         )
     return runtime
+
+
+def _shared_statistics(
+    settings: Settings, monitor: Monitor
+) -> SharedStatistics | ReplicaStatistics | None:
+    """Replicas share through Redis when asked to (the workers of each are replicas too);
+    else the workers of one `aigw serve --workers N` share through their directory."""
+    if settings.share_statistics:
+        if not settings.redis_url:
+            raise ValueError("AIGW_SHARE_STATISTICS=true needs AIGW_REDIS_URL")
+        longest_window_s = max(monitor.drift_window_s, monitor.quality_window_s)
+        return ReplicaStatistics(settings.redis_url, stale_after_s=longest_window_s)
+    if settings.workers_dir is not None and settings.worker_index is not None:
+        return SharedStatistics(settings.workers_dir, settings.worker_index)
+    return None
 
 
 def build_snapshot(

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     cache_backend: Literal["memory", "redis"] = "memory"
     # Share breaker openings across replicas through `redis_url`.
     share_breaker_state: bool = False
+    # Experiment and health statistics of every replica in Redis (replica_statistics.py), so
+    # each replica reports all the traffic; needs AIGW_REDIS_URL.
+    share_statistics: bool = False
     # Share policy versions across replicas through `redis_url`: an apply on one reaches all.
     share_policies: bool = False
 

@@ -10,6 +10,9 @@ siblings' latest files to its own live statistics: a sibling's part lags by at m
 second. A worker that replaces a dead one starts from its predecessor's last file, so the
 gateway's totals do not fall back (the dead worker's last second may be lost: a SIGKILL
 allows no goodbye). An unreadable file is left out and logged, never counted in.
+
+Replicas share the same statistics through Redis instead (replica_statistics.py,
+`AIGW_SHARE_STATISTICS`), which then covers the workers of each replica too.
 """
 
 from __future__ import annotations

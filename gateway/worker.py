@@ -366,6 +366,7 @@ async def serve_streams(
     if metrics_port is not None:
         _serve_metrics(runtime, metrics_port)
     policies = await _follow_policies(settings, runtime)
+    statistics = _publish_statistics(runtime)
     try:
         for worker in workers:
             await worker.start()
@@ -374,6 +375,9 @@ async def serve_streams(
         await stop.wait()
     finally:
         await asyncio.gather(*(worker.stop() for worker in workers))
+        if statistics is not None:
+            statistics.cancel()  # publishes the last counts as it stops
+            await asyncio.gather(statistics, return_exceptions=True)
         await policies.stop()
         if sender is not None:
             await sender.close()  # callbacks under way get a short grace
@@ -382,6 +386,16 @@ async def serve_streams(
         if forwarder is not None:
             await forwarder.stop()  # then ships what is on disk, if the stream's Redis is up
         log.info("stream workers stopped", extra={"consumer": consumer})
+
+
+def _publish_statistics(runtime: Runtime) -> asyncio.Task | None:
+    """With `AIGW_SHARE_STATISTICS`, the answers and outcomes this worker counts reach the
+    experiment and health reports of every gateway replica."""
+    shared = runtime.shared_statistics
+    if shared is None:
+        return None
+    publishing = shared.publish_forever(lambda: (runtime.experiments, runtime.monitor))
+    return asyncio.create_task(publishing, name="statistics-publish")
 
 
 def callback_hook(sender: CallbackSender, settings: Settings) -> OnResult:

@@ -552,11 +552,19 @@ async def test_a_workers_answers_reach_the_audit_stream_and_take_feedback_at_a_g
 ):
     """With `AIGW_AUDIT_STREAM_URL`, an `aigw worker` ships its audit log as a gateway does,
     so a job it answered is in the one audit stream, and its outcome, sent to a gateway that
-    never saw the job, is taken (202) and counted once."""
+    never saw the job, is taken (202) and counted once; with `AIGW_SHARE_STATISTICS` the
+    gateway's experiment report counts the worker's answer too."""
     url, client = redis_db
     dead_triton = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}  # the rules answer
     worker = WorkerProcess(
-        "shipper", {"AIGW_REDIS_URL": url, "AIGW_AUDIT_STREAM_URL": url, **dead_triton}, tmp_path
+        "shipper",
+        {
+            "AIGW_REDIS_URL": url,
+            "AIGW_AUDIT_STREAM_URL": url,
+            "AIGW_SHARE_STATISTICS": "true",
+            **dead_triton,
+        },
+        tmp_path,
     )
     prediction_id = str(uuid.uuid4())
     try:
@@ -564,13 +572,21 @@ async def test_a_workers_answers_reach_the_audit_stream_and_take_feedback_at_a_g
         await client.xadd(REQUESTS, {"request": request, "prediction_id": prediction_id})
         assert await until(lambda: _results_at_least(client, 1), 30)
         assert await until(lambda: client.exists(DECISION_PREFIX + prediction_id), 10)
-        async with gateway_client(env=dead_triton, audit_stream_url=url) as gateway:
+        shared = {"audit_stream_url": url, "redis_url": url, "share_statistics": True}
+        async with gateway_client(env=dead_triton, **shared) as gateway:
             taken = await gateway.post(
                 "/v1/feedback", json={"prediction_id": prediction_id, "outcome": "churn"}
             )
             again = await gateway.post(
                 "/v1/feedback", json={"prediction_id": prediction_id, "outcome": "churn"}
             )
+
+            async def reported() -> bool:  # the worker publishes once a second
+                arms = (await gateway.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+                counted = [(a.get("requests", 0), a.get("feedback", 0)) for a in arms.values()]
+                return (sum(r for r, _ in counted), sum(f for _, f in counted)) == (1, 1)
+
+            assert await until(reported, 10), (await gateway.get(f"/v1/experiments/{MODEL}")).text
     finally:
         assert worker.stop() == 0
     assert taken.status_code == 202, taken.text
