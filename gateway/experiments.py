@@ -167,16 +167,30 @@ class Experiments:
         decision = self.decision(prediction_id) or decision
         if decision is None:
             return "unknown"
-        if prediction_id in self._judged:
+        if not self.claim(prediction_id):
             return "duplicate"
+        self.count_outcome(decision, outcome, positive_label)
+        return "recorded"
+
+    def claim(self, prediction_id: str) -> bool:
+        """Mark `prediction_id` judged; False when it was already (one outcome each)."""
+        if prediction_id in self._judged:
+            return False
         self._judged[prediction_id] = None
         if len(self._judged) > self._ledger_size:
             self._judged.popitem(last=False)
+        return True
+
+    def release(self, prediction_id: str) -> None:
+        """Undo a claim whose outcome was not counted after all (it could not be audited)."""
+        self._judged.pop(prediction_id, None)
+
+    def count_outcome(self, decision: Decision, outcome: str, positive_label: str) -> None:
+        """Count an outcome of `decision` under its arm (claimed first: `claim`)."""
         stats = self.arm(decision.model_id, decision.arm)
         stats.feedback += 1
         stats.positive_outcomes += outcome == positive_label
         stats.correct += outcome == decision.prediction
-        return "recorded"
 
     def arm(self, model_id: str, arm: str) -> ArmStats:
         return self._stats.setdefault(model_id, {}).setdefault(arm, ArmStats())

@@ -54,6 +54,17 @@ class JudgedPredictions:
             log.warning("judged predictions unavailable", extra={"error": repr(error)})
             return None
 
+    async def release(self, prediction_id: str) -> None:
+        """Undo a mark whose outcome was not counted after all (best effort: logged)."""
+        try:
+            await asyncio.to_thread(self._unmark, prediction_id)
+        except sqlite3.Error as error:
+            self.errors += 1
+            log.warning("judged mark not released", extra={"error": repr(error)})
+
+    def _unmark(self, prediction_id: str) -> None:
+        self._connection().execute("DELETE FROM judged WHERE id = ?", (prediction_id,))
+
     def _mark(self, prediction_id: str) -> bool:
         connection = self._connection()
         try:

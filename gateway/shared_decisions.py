@@ -18,12 +18,15 @@ counted twice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+log = logging.getLogger("gateway.shared_decisions")
 
 DECISION_PREFIX = "aigw:decision:"
 JUDGED_PREFIX = "aigw:judged:"
@@ -84,6 +87,14 @@ class SharedDecisions:
         except (RedisError, OSError, TimeoutError) as error:
             raise SharedDecisionsUnavailable(type(error).__name__) from error
         return bool(marked)
+
+    async def release(self, prediction_id: str) -> None:
+        """Undo a judgement whose outcome was not counted after all (best effort: with Redis
+        away the mark stays, and a retry of that outcome is 409)."""
+        try:
+            await self._redis.delete(JUDGED_PREFIX + prediction_id)
+        except (RedisError, OSError, TimeoutError) as error:
+            log.warning("judged mark not released", extra={"error": type(error).__name__})
 
     async def close(self) -> None:
         await self._redis.aclose()

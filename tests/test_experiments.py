@@ -8,11 +8,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from asgi_lifespan import LifespanManager
 
 from gateway.api.feedback import decision_in_record
+from gateway.app import create_app
+from gateway.audit import find_record, segment_files, verify
 from gateway.demo.triton_process import free_port
 from gateway.experiments import Decision, Experiments, wilson_interval
-from tests.conftest import CHURN_REQUEST
+from gateway.runtime import audit_log
+from tests.conftest import CHURN_REQUEST, settings_for
 
 MODEL = "customer-churn"
 CONTROL_CHAIN = ["churn-gbm", "churn-logreg", "rules", "stale-cache", "default"]
@@ -397,6 +401,52 @@ async def test_feedback_after_a_restart_is_judged_from_the_audit_trail(gateway_c
     assert (challenger.get("requests"), challenger["feedback"]) == (0, 1)  # answered earlier
     assert challenger["outcome_rate"] == 1.0
     assert arms["control"].get("feedback", 0) == 0
+
+
+async def test_an_outcome_taken_is_in_the_audit_trail_beside_its_prediction(
+    gateway_client, tmp_path
+):
+    """Each outcome counted leaves a record in the hash chain: what it judged, who said it,
+    whether the answer was right; the prediction's own record is still the one found by id."""
+    audit = tmp_path / "audit"
+    async with gateway_client(env=closed_triton(), audit_dir=audit) as client:
+        answer = await predict(client)
+        assert (await feedback(client, answer["prediction_id"], "churn")).status_code == 202
+        assert (await feedback(client, answer["prediction_id"], "churn")).status_code == 409
+    entries = [orjson.loads(line) for _, seg in segment_files(audit) for line in seg.open("rb")]
+    [record] = [e for e in entries if e.get("type") == "feedback"]  # the 409 left none
+    assert record["of_prediction"] == answer["prediction_id"]
+    assert (record["arm"], record["prediction"], record["outcome"]) == (
+        answer["arm"], answer["prediction"], "churn",
+    )  # fmt: skip
+    assert record["correct"] is (answer["prediction"] == "churn")
+    assert (record["tenant"], record["model_id"]) == ("default", MODEL)  # authentication off
+    assert find_record(audit, answer["prediction_id"])["type"] == "prediction"
+    assert verify(audit).ok
+
+
+async def test_an_outcome_the_trail_refuses_is_503_uncounted_and_taken_on_retry(data_dirs):
+    """The audit log refuses records: the outcome is 503 with Retry-After and not counted;
+    once the log is back the same outcome is taken (its claim was released)."""
+    settings = settings_for(data_dirs)
+    app = create_app(settings, env=closed_triton())
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            runtime = app.state.runtime
+            answer = await predict(client)
+            await runtime.audit.close()  # a closed log refuses every record, as a full disk does
+            refused = await feedback(client, answer["prediction_id"], "churn")
+            counted = (await client.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+            runtime.audit = audit_log(settings)
+            await runtime.audit.open()
+            retried = await feedback(client, answer["prediction_id"], "churn")
+            recounted = (await client.get(f"/v1/experiments/{MODEL}")).json()["arms"]
+    body = assert_problem(refused, 503)
+    assert refused.headers["retry-after"] == "1" and body["type"].endswith("audit-unavailable")
+    assert counted[answer["arm"]].get("feedback", 0) == 0
+    assert retried.status_code == 202, retried.text
+    assert recounted[answer["arm"]]["feedback"] == 1
 
 
 @pytest.mark.parametrize("outcome", ["cancelled", "Churn", "STAY"])

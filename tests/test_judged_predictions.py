@@ -43,3 +43,12 @@ async def test_an_unusable_file_leaves_the_decision_to_the_worker(tmp_path: Path
     judged.path.write_bytes(b"this is not a database, only bytes " * 100)
     assert await judged.first_time("p1") is None
     assert judged.errors == 1
+
+
+async def test_a_released_mark_lets_the_outcome_be_taken_again(tmp_path: Path):
+    """An outcome that could not be audited is released, so its retry is the first, once."""
+    first, second = JudgedPredictions(tmp_path), JudgedPredictions(tmp_path)
+    assert await first.first_time("p1") is True
+    await first.release("p1")
+    assert await second.first_time("p1") is True
+    assert await first.first_time("p1") is False

@@ -83,6 +83,20 @@ async def test_a_prediction_is_judged_once_across_replicas(redis_server):
     assert sorted(firsts) == [False] * 9 + [True]
 
 
+async def test_a_released_judgement_is_the_first_again(redis_server):
+    """An outcome that could not be audited is released: its retry, at any replica, is taken."""
+    prediction_id = uuid.uuid4().hex
+    here, there = SharedDecisions(redis_server.url, 60), SharedDecisions(redis_server.url, 60)
+    try:
+        assert await here.first_judgement(prediction_id) is True
+        await here.release(prediction_id)
+        assert await there.first_judgement(prediction_id) is True
+        assert await here.first_judgement(prediction_id) is False
+    finally:
+        await here.close()
+        await there.close()
+
+
 async def test_a_decision_is_found_as_kept_and_a_damaged_one_is_none(redis_server):
     prediction_id = uuid.uuid4().hex
     redis = aioredis.from_url(redis_server.url)

@@ -5,7 +5,8 @@ reach any worker or replica of the gateway. The decision it judges comes from th
 ledger of recent answers, else from the audit trail, which every worker of this machine
 writes under `AIGW_AUDIT_DIR` and which keeps every answer (so feedback for an answer of a
 sibling worker, of an earlier run, or too old for the ledger is counted too), else, with the
-audit stream, from the decisions every replica keeps there (shared_decisions.py).
+audit stream, from the decisions every replica keeps there (shared_decisions.py). An outcome
+taken is audited (a `feedback` record) before it is counted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from starlette.responses import Response
 
 from gateway.api.access import authorize
 from gateway.api.responses import json_response
-from gateway.audit import find_record
+from gateway.audit import AuditUnavailable, find_record
+from gateway.auth import Principal
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.experiments import Decision
 from gateway.monitoring import version_key
@@ -68,15 +70,58 @@ async def record_feedback(request: Request) -> Response:
         )  # fmt: skip
     if not await _first_judgement(runtime, prediction_id):
         raise _duplicate()
-    status = runtime.experiments.record_outcome(prediction_id, outcome, labels.positive, decision)
-    if status == "recorded":
-        runtime.monitor.observe_outcome(
-            decision.model_id, decision.version_key, decision.arm, decision.prediction, outcome,
-            decision.probability, labels.positive, time.time(),
-        )  # fmt: skip
-    if status == "duplicate":
+    if not runtime.experiments.claim(prediction_id):  # this process took it already
         raise _duplicate()
+    await _audit_outcome(runtime, feedback_record(prediction_id, outcome, decision, principal))
+    runtime.experiments.count_outcome(decision, outcome, labels.positive)
+    runtime.monitor.observe_outcome(
+        decision.model_id, decision.version_key, decision.arm, decision.prediction, outcome,
+        decision.probability, labels.positive, time.time(),
+    )  # fmt: skip
     return json_response({"prediction_id": prediction_id, "status": "recorded"}, 202)
+
+
+def feedback_record(
+    prediction_id: str, outcome: str, decision: Decision, principal: Principal
+) -> dict[str, Any]:
+    """The audit record of an outcome taken: what it judges, who said it, and whether the
+    answer was right. It names its prediction `of_prediction`: `prediction_id` is how the
+    trail finds the prediction's own record (audit_index.py)."""
+    return {
+        "type": "feedback",
+        "of_prediction": prediction_id,
+        "model_id": decision.model_id,
+        "arm": decision.arm,
+        "version_key": decision.version_key,
+        "prediction": decision.prediction,
+        "outcome": outcome,
+        "correct": outcome == decision.prediction,
+        "tenant": principal.tenant,
+        "key_id": principal.key_id,
+    }
+
+
+async def _audit_outcome(runtime: Runtime, record: Mapping[str, Any]) -> None:
+    """An outcome is counted only once its record is in the trail: else its claims are
+    undone (so a retry is taken) and the caller is told to retry."""
+    if runtime.audit is None:
+        return
+    try:
+        await runtime.audit.append(record)
+    except AuditUnavailable:
+        prediction_id = str(record["of_prediction"])
+        runtime.experiments.release(prediction_id)
+        if runtime.shared_decisions is not None:
+            await runtime.shared_decisions.release(prediction_id)
+        elif runtime.judged is not None:
+            await runtime.judged.release(prediction_id)
+        raise Problem(
+            503,
+            "audit-unavailable",
+            "Audit trail unavailable",
+            "no outcome is counted that could not be recorded; retry later",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 def _duplicate() -> Problem:
