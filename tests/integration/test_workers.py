@@ -31,7 +31,7 @@ from gateway.cli import main
 from gateway.demo.triton_process import TritonProcess, free_port
 from gateway.policy_store import read_bundle
 from tests.conftest import REPO
-from tests.integration.conftest import GatewayProcess
+from tests.integration.conftest import GatewayProcess, restored
 
 pytestmark = pytest.mark.triton
 
@@ -97,7 +97,7 @@ def wait_for(condition, timeout_s: float = 10.0):  # type: ignore[no-untyped-def
 def workers(
     breakable_triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Workers]:
-    triton = breakable_triton  # slowed down by one test, to see jobs pending
+    triton = restored(breakable_triton)  # slowed down by one test, to see jobs pending
     root = tmp_path_factory.mktemp("workers")
     admin_port = free_port()
     env = {
