@@ -133,6 +133,7 @@ def create_app(
             await sync.start()
         policy_sync = _policy_sync(settings, manager)
         if policy_sync is not None:
+            runtime.shared_state["policies"] = policy_sync
             await policy_sync.start()
         sibling_sync = _sibling_sync(settings, manager)
         if sibling_sync is not None:
@@ -205,7 +206,8 @@ def _breaker_syncs(settings: Settings, runtime: Runtime) -> list[BreakerSync | B
         breakers_dir = settings.workers_dir / "breakers"
         syncs.append(BreakerFileSync(breakers_dir, lambda: runtime.breakers, replica))
     if settings.share_breaker_state and settings.redis_url:
-        syncs.append(BreakerSync(settings.redis_url, lambda: runtime.breakers))
+        runtime.shared_state["breakers"] = BreakerSync(settings.redis_url, lambda: runtime.breakers)
+        syncs.append(runtime.shared_state["breakers"])
     for sync in syncs:
         runtime.on_breaker_trip(sync.share)
     return syncs

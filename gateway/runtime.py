@@ -123,6 +123,9 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     key_store: KeyStore | None = None
     audit_forwarder: Any = None  # AuditForwarder when the audit log is shipped to a stream
+    # What this process shares with other replicas through Redis, by component (`breakers`,
+    # `policies`, `statistics`): objects whose `connected` says whether it reaches Redis now.
+    shared_state: dict[str, Any] = field(default_factory=dict)
     tracing: Tracing = field(default_factory=lambda: tracing_from(Settings()))
     monitor: Monitor = field(default_factory=lambda: Monitor({}))
     rate_limiter: MemoryRateLimiter | RedisRateLimiter | SharedRateLimiter = field(
@@ -254,6 +257,8 @@ def start_runtime(
     elif settings.workers_dir is not None:  # one of several workers: share their buckets
         runtime.rate_limiter = SharedRateLimiter(settings.workers_dir / "rate-limits")
     runtime.shared_statistics = _shared_statistics(settings, runtime.monitor)
+    if isinstance(runtime.shared_statistics, ReplicaStatistics):
+        runtime.shared_state["statistics"] = runtime.shared_statistics
     if runtime.shared_statistics is not None:
         runtime.monitor = runtime.shared_statistics.restore(runtime.experiments, runtime.monitor)
     if settings.workers_dir is not None and settings.worker_index is not None:

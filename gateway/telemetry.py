@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pybreaker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -56,6 +56,7 @@ GAUGE_MODES = {
     "aigw_ready": "livemin",
     "aigw_policy_version_info": "livemax",
     "aigw_audit_spill_bytes": "livesum",
+    "aigw_shared_state_connected": "livemin",  # 0 while any worker is cut off
 }
 DEFAULT_GAUGE_MODE = "livemax"
 
@@ -382,6 +383,14 @@ class _RuntimeCollector(Collector):
                        getattr(runtime.cache, "errors", 0))  # fmt: skip
         yield _counter("aigw_cache_coalesced", "Misses that shared another's backend call.",
                        runtime.single_flight.coalesced)  # fmt: skip
+        yield _counter(
+            "aigw_rate_limit_errors",
+            "Rate-limit checks made on this replica's own bucket because Redis failed "
+            "(limits loosened meanwhile).",
+            getattr(runtime.rate_limiter, "errors", 0),
+        )
+        if runtime.shared_state:
+            yield _shared_state(runtime.shared_state)
         audit = runtime.audit
         if audit is not None:
             yield _counter("aigw_audit_records_written", "Audit records written.", audit.written)
@@ -454,6 +463,18 @@ def _model_health(runtime: Runtime) -> Iterator:
                 if quality["accuracy"] is not None:
                     accuracy.add_metric(labels, quality["accuracy"])
     yield from (feature_psi, prediction_psi, drift_samples, accuracy, feedback_samples)
+
+
+def _shared_state(exchanges: Mapping[str, Any]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "aigw_shared_state_connected",
+        "1 while this process reaches the Redis it shares this state with other replicas "
+        "through; 0 while it works on its own (local breakers, policies, statistics).",
+        labels=["component"],
+    )
+    for component, exchange in sorted(exchanges.items()):
+        family.add_metric([component], int(bool(exchange.connected)))
+    return family
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

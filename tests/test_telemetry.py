@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,10 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import telemetry
+from gateway.auth import add_key
 from gateway.demo.triton_process import free_port
 from gateway.experiments import Experiments
 from gateway.monitoring import Monitor, load_baselines
@@ -282,3 +285,44 @@ def test_model_health_gauges_cover_every_workers_windows(tmp_path):
     assert exported[("aigw_model_feature_psi", "monthly_charges")] == charges_psi
     own = mine.health(MODEL, now)["versions"]["churn-gbm:1"]["control"]["drift"]
     assert own["features"]["monthly_charges"]["psi"] != charges_psi  # what one worker saw
+
+
+SHARED = {"share_breaker_state": True, "share_policies": True, "share_statistics": True}
+
+
+def connected(metrics: dict) -> list[float | None]:
+    """aigw_shared_state_connected of breakers, policies and statistics (None: absent)."""
+    return [
+        metrics.get(("aigw_shared_state_connected", (("component", component),)))
+        for component in ("breakers", "policies", "statistics")
+    ]
+
+
+async def test_shared_state_says_whether_each_exchange_reaches_redis(gateway_client, redis_server):
+    """Breakers, policies and statistics shared through a live Redis: each reports 1."""
+    async with gateway_client(redis_url=redis_server.url, **SHARED) as client:
+        deadline = time.monotonic() + 10
+        while connected(samples((await client.get("/metrics")).text)) != [1.0, 1.0, 1.0]:
+            assert time.monotonic() < deadline, (await client.get("/metrics")).text
+            await asyncio.sleep(0.05)
+
+
+async def test_a_replica_cut_off_from_redis_says_so_and_counts_limits_checked_alone(
+    gateway_client, unreachable_redis_url, tmp_path
+):
+    """Redis away: every exchange reports 0, and each rate-limit check made on the replica's
+    own bucket is counted (the limits are loosened meanwhile: AigwRateLimitsLoosened)."""
+    keys = tmp_path / "keys.yaml"
+    add_key(keys, "acme", ["predict"], key="acme_limited_key_0123456789")
+    document = yaml.safe_load(keys.read_text())
+    document["tenants"]["acme"] = {"rate_per_s": 100, "burst": 100}
+    keys.write_text(yaml.safe_dump(document))
+    settings = {"redis_url": unreachable_redis_url, "rate_limit_backend": "redis", **SHARED}
+    async with gateway_client(keys_file=keys, **settings) as client:
+        headers = {"Authorization": "Bearer acme_limited_key_0123456789"}
+        for _ in range(3):
+            answer = await client.post("/v1/predictions", json=CHURN_REQUEST, headers=headers)
+            assert answer.status_code == 200, answer.text
+        metrics = samples((await client.get("/metrics")).text)
+    assert connected(metrics) == [0.0, 0.0, 0.0]
+    assert value(metrics, "aigw_rate_limit_errors_total") == 3.0
