@@ -61,7 +61,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.audit import CHECKPOINT, MiB, is_checkpoint, parse_line, segment_files, segment_name
-from gateway.shared_decisions import DECISION_PREFIX, decision_entry
+from gateway.shared_decisions import DECISION_PREFIX, decision_entry, with_entry
 
 log = logging.getLogger("gateway.audit_forwarder")
 
@@ -145,8 +145,8 @@ class Batch:
     seqs: list[int | None] = field(default_factory=list)  # None: not a record (never expected)
     types: list[str] = field(default_factory=list)
     end: Cursor = START
-    # (prediction id, decision) of each prediction record, for feedback on other replicas
-    decisions: list[tuple[str, bytes]] = field(default_factory=list)
+    # (line index, prediction id, decision) of each prediction record, for other replicas
+    decisions: list[tuple[int, str, bytes]] = field(default_factory=list)
 
 
 def read_batch(
@@ -174,7 +174,11 @@ def read_batch(
     described = [describe_line(entry) for entry in entries]
     seqs = [seq for seq, _ in described]
     last_seq = next((seq for seq in reversed(seqs) if seq is not None), start.seq)
-    decisions = [kept for kept in map(_decision_entry, entries) if kept is not None]
+    decisions = [
+        (index, *kept)
+        for index, kept in enumerate(map(_decision_entry, entries))
+        if kept is not None
+    ]
     kinds = [kind for _, kind in described]
     return Batch(lines, seqs, kinds, Cursor(segment, offset, last_seq), decisions)
 
@@ -386,9 +390,20 @@ class AuditForwarder:
                     "line": line,
                 }
                 pipe.xadd(self.stream, fields, maxlen=self._maxlen, approximate=True)
-            if self.decisions_ttl_s:
-                for prediction_id, decision in batch.decisions:
-                    pipe.set(DECISION_PREFIX + prediction_id, decision, ex=self.decisions_ttl_s)
+            entry_ids = await pipe.execute()
+        if self.decisions_ttl_s and batch.decisions:
+            await self._keep_decisions(batch.decisions, entry_ids)
+
+    async def _keep_decisions(
+        self, decisions: list[tuple[int, str, bytes]], entry_ids: list[Any]
+    ) -> None:
+        """Each decision, naming the entry its whole record went to (one more round trip;
+        if it fails, the batch is shipped again: at least once, as every line)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for index, prediction_id, decision in decisions:
+                entry = entry_ids[index]
+                kept = with_entry(decision, entry.decode() if isinstance(entry, bytes) else entry)
+                pipe.set(DECISION_PREFIX + prediction_id, kept, ex=self.decisions_ttl_s)
             await pipe.execute()
 
     def _warn_on_seq_gaps(self, seqs: list[int | None]) -> None:

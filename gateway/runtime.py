@@ -17,7 +17,7 @@ import pybreaker
 from pydantic import SecretStr
 
 from gateway.audit import AuditLog, worker_log_directory
-from gateway.audit_forwarder import AuditForwarder
+from gateway.audit_forwarder import STREAM, AuditForwarder
 from gateway.auth import KeyStore
 from gateway.backends.triton import TritonBackend
 from gateway.cache import MemoryCache, PredictionCache, RedisCache, SingleFlight
@@ -265,7 +265,7 @@ def start_runtime(
         runtime.judged = JudgedPredictions(settings.workers_dir)
     if settings.audit_stream_url and settings.shared_decisions_ttl_s:
         runtime.shared_decisions = SharedDecisions(
-            settings.audit_stream_url, settings.shared_decisions_ttl_s
+            settings.audit_stream_url, settings.shared_decisions_ttl_s, stream=STREAM
         )
     return runtime
 

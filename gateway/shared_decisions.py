@@ -3,17 +3,19 @@
 Each replica's audit log is its own, and feedback (an outcome known days later) reaches
 whichever replica the load balancer picks. When the audit trail is shipped to a Redis stream
 (`AIGW_AUDIT_STREAM_URL`), the audit forwarder, which already reads every record to ship it,
-also keeps what feedback needs of each answer under `aigw:decision:<prediction_id>` for
-`AIGW_SHARED_DECISIONS_TTL_S`, in the same pipeline as the records. So nothing is added to
-the request path, a decision is shared within about the forwarder's poll (0.2 s) of its
-answer, and while Redis is away the decisions wait on disk with their records. Memory,
-measured: about 260 bytes an answer, so 160 MB for each request per second sustained over
+also keeps what feedback needs of each answer, and the id of the stream entry holding its
+whole record, under `aigw:decision:<prediction_id>` for `AIGW_SHARED_DECISIONS_TTL_S`, right
+after shipping the records. So nothing is added to the request path, a decision is shared
+within about the forwarder's poll (0.2 s) of its answer, and while Redis is away the
+decisions wait on disk with their records. Memory,
+measured: about 280 bytes an answer, so 170 MB for each request per second sustained over
 the default 7 days.
 
 Feedback looks a decision up here only after this process's ledger and the machine's audit
 trail; a prediction is judged once across replicas by `SET NX` on `aigw:judged:<id>`. Redis
 unreachable then is a 503 (retry later): neither a false "unknown prediction" nor an outcome
-counted twice.
+counted twice. `GET /v1/predictions/{id}` and its explanation read the whole record from the
+stream entry the decision names (api/records.py), checking the line's own hash.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from gateway.audit import parse_line, record_hash
 
 log = logging.getLogger("gateway.shared_decisions")
 
@@ -52,22 +56,46 @@ def decision_entry(record: Mapping[str, Any]) -> tuple[str, bytes] | None:
     return prediction_id, orjson.dumps([record[name] for name in DECISION_FIELDS])
 
 
+def with_entry(value: bytes, entry_id: str) -> bytes:
+    """`value` (from `decision_entry`) naming the stream entry that holds the whole record."""
+    return orjson.dumps([*orjson.loads(value), entry_id])
+
+
 def decision_of(value: bytes) -> dict[str, Any] | None:
     """The prediction record's fields kept in `value`, or None when it is not one."""
+    kept = _kept(value)
+    if kept is None:
+        return None
+    return {"type": "prediction", **dict(zip(DECISION_FIELDS, kept, strict=False))}
+
+
+def entry_of(value: bytes) -> str | None:
+    """The id of the stream entry holding the whole record, when `value` names one."""
+    kept = _kept(value)
+    if kept is None or len(kept) == len(DECISION_FIELDS):
+        return None
+    return kept[-1] if isinstance(kept[-1], str) else None
+
+
+def _kept(value: bytes) -> list[Any] | None:
     try:
         kept = orjson.loads(value)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(kept, list) or len(kept) != len(DECISION_FIELDS):
+    if not isinstance(kept, list) or len(kept) not in (
+        len(DECISION_FIELDS),
+        len(DECISION_FIELDS) + 1,
+    ):
         return None
-    return {"type": "prediction", **dict(zip(DECISION_FIELDS, kept, strict=True))}
+    return kept
 
 
 class SharedDecisions:
     """Reads the decisions the audit forwarders keep, and marks judged predictions."""
 
-    def __init__(self, redis_url: str, ttl_s: int) -> None:
+    def __init__(self, redis_url: str, ttl_s: int, stream: str = "aigw:audit") -> None:
         self.ttl_s = ttl_s
+        self.stream = stream
         self._redis = aioredis.from_url(
             redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
         )
@@ -79,6 +107,26 @@ class SharedDecisions:
         except (RedisError, OSError, TimeoutError) as error:
             raise SharedDecisionsUnavailable(type(error).__name__) from error
         return decision_of(value) if value is not None else None
+
+    async def record(self, prediction_id: str) -> dict[str, Any] | None:
+        """The whole audit record of `prediction_id` as another replica shipped it to the
+        stream (its decision names the entry), or None. A line whose hash does not match its
+        content is no record: the stream's copy was altered."""
+        try:
+            value = await self._redis.get(DECISION_PREFIX + prediction_id)
+            entry = entry_of(value) if value is not None else None
+            entries = await self._redis.xrange(self.stream, entry, entry) if entry else []
+        except (RedisError, OSError, TimeoutError) as error:
+            raise SharedDecisionsUnavailable(type(error).__name__) from error
+        for _, fields in entries:
+            record = parse_line(fields.get(b"line", b""))
+            if (
+                record is not None
+                and record.get("prediction_id") == prediction_id
+                and record_hash(record) == record["hash"]
+            ):
+                return record
+        return None
 
     async def first_judgement(self, prediction_id: str) -> bool:
         """True for the first outcome of `prediction_id` across replicas, False after that."""

@@ -26,7 +26,7 @@ from gateway.audit_forwarder import (
     seq_gaps,
 )
 from gateway.demo.triton_process import free_port
-from gateway.shared_decisions import DECISION_PREFIX, decision_of
+from gateway.shared_decisions import DECISION_PREFIX, decision_of, entry_of
 from tests.conftest import RedisServer
 
 KEY = b"k" * 32
@@ -425,7 +425,10 @@ async def test_prediction_records_leave_their_decisions_for_the_ttl(
     assert await until(lambda: forwarder.forwarded == 4 and forwarder.pending_bytes() == 0)
 
     for prediction_id in ids:
-        kept = decision_of(await client.get(DECISION_PREFIX + prediction_id))
+        value = await client.get(DECISION_PREFIX + prediction_id)
+        [(_, fields)] = await client.xrange(stream, entry_of(value), entry_of(value))
+        assert orjson.loads(fields[b"line"])["prediction_id"] == prediction_id  # its entry
+        kept = decision_of(value)
         wrote = {k: v for k, v in prediction_record(prediction_id).items() if k in kept}
         assert kept == wrote and kept["arm"] == "control" and kept["type"] == "prediction"
         assert 590 <= await client.ttl(DECISION_PREFIX + prediction_id) <= 600

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.api.feedback import decision_in_record
+from gateway.audit import canonical_json, chained
 from gateway.demo.triton_process import free_port
 from gateway.shared_decisions import (
     DECISION_PREFIX,
@@ -23,6 +24,7 @@ from gateway.shared_decisions import (
     SharedDecisionsUnavailable,
     decision_entry,
     decision_of,
+    with_entry,
 )
 from tests.conftest import CHURN_REQUEST, RedisServer
 
@@ -215,3 +217,64 @@ async def test_feedback_while_the_shared_redis_is_down_is_503_then_taken(gateway
         assert refused.headers["content-type"].startswith("application/problem+json")
         assert refused.headers["retry-after"] == "1"
     assert retried.status_code == 202, retried.text
+
+
+async def test_any_replica_shows_the_answer_and_its_explanation(gateway_client, redis_server):
+    """Replica A answers; B, whose own trail lacks it, serves `GET /v1/predictions/{id}`
+    (the same envelope) and its explanation (A's audit record, read from the stream)."""
+    shared = {"audit_stream_url": redis_server.url}
+    async with (
+        gateway_client(env=closed_triton(), **shared) as a,
+        gateway_client(env=closed_triton(), **shared) as b,
+    ):
+        answer = (await a.post("/v1/predictions", json=CHURN_REQUEST)).json()
+        prediction_id = answer["prediction_id"]
+        await until_shared(redis_server.url, prediction_id)
+        again = await b.get(f"/v1/predictions/{prediction_id}")
+        explained = await b.get(f"/v1/predictions/{prediction_id}/explanation")
+    assert again.status_code == 200, again.text
+    assert {k: v for k, v in again.json().items() if k != "latency_ms"} == {
+        k: v for k, v in answer.items() if k != "latency_ms"
+    }
+    assert explained.status_code == 200, explained.text
+    record = explained.json()
+    assert (record["type"], record["prediction_id"], record["arm"]) == (
+        "prediction", prediction_id, answer["arm"],
+    )  # fmt: skip
+    assert record["steps"][-1]["step"] == record["served_by"] == answer["served_by"]
+
+
+async def test_a_stream_line_that_was_altered_is_no_record(redis_server):
+    """The decision names a stream entry whose line no longer matches its hash: not found."""
+    prediction_id = str(uuid.uuid4())
+    stream = f"aigw:audit:test:{uuid.uuid4().hex}"
+    redis = aioredis.from_url(redis_server.url)
+    shared = SharedDecisions(redis_server.url, ttl_s=60, stream=stream)
+    try:
+        line = chained({**PREDICTION, "prediction_id": prediction_id}, seq=1, prev="0" * 64)
+        honest = await redis.xadd(stream, {"line": canonical_json(line) + b"\n"})
+        _, value = decision_entry({**PREDICTION, "prediction_id": prediction_id})  # type: ignore[misc]
+        await redis.set(DECISION_PREFIX + prediction_id, with_entry(value, honest.decode()))
+        assert (await shared.record(prediction_id))["hash"] == line["hash"]  # type: ignore[index]
+
+        altered = await redis.xadd(
+            stream, {"line": canonical_json({**line, "prediction": "stay"}) + b"\n"}
+        )
+        await redis.set(DECISION_PREFIX + prediction_id, with_entry(value, altered.decode()))
+        assert await shared.record(prediction_id) is None
+    finally:
+        await shared.close()
+        await redis.delete(stream, DECISION_PREFIX + prediction_id)
+        await redis.aclose()
+
+
+async def test_with_the_stream_away_another_replicas_answer_is_503_not_unknown(gateway_client):
+    async with gateway_client(
+        env=closed_triton(), audit_stream_url=f"redis://127.0.0.1:{free_port()}/0"
+    ) as b:
+        unknown_here = str(uuid.uuid4())
+        answer = await b.get(f"/v1/predictions/{unknown_here}")
+        explanation = await b.get(f"/v1/predictions/{unknown_here}/explanation")
+    for refused in (answer, explanation):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"

@@ -9,7 +9,6 @@ synchronous answers (and jobs whose outcome aged out) stay retrievable.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,8 +19,8 @@ from starlette.responses import Response
 
 from gateway.api.access import authorize
 from gateway.api.predictions import TIMEOUT_HEADER, caller_timeout
+from gateway.api.records import answer_record
 from gateway.api.responses import json_response
-from gateway.audit import find_record
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.callbacks import allowed_hosts, callback_url_error
 from gateway.jobs import Backpressure, Job, JobBackend, JobRejected, job_from_request
@@ -143,8 +142,7 @@ async def get_prediction(request: Request, prediction_id: str) -> Response:
         if outcome.status == "failed":
             raise _failed()
         return json_response(envelope_of(outcome.envelope or {}))
-    # A scan of the log files: off the event loop, as it reads disk.
-    record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
+    record = await answer_record(runtime, prediction_id)
     if not is_own_prediction(record, principal.tenant):
         raise _unknown()
     return json_response(envelope_of(record))  # type: ignore[arg-type]

@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.access import authorize
+from gateway.api.records import answer_record
 from gateway.api.responses import json_response
-from gateway.audit import find_record
 from gateway.problems import Problem
 from gateway.runtime import Runtime
 
@@ -29,8 +28,7 @@ async def explain_prediction(request: Request, prediction_id: str) -> Response:
     runtime: Runtime = request.app.state.runtime
     if not _UUID.match(prediction_id):
         raise Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")
-    # A scan of the log files: off the event loop, as it reads disk.
-    record = await asyncio.to_thread(find_record, runtime.settings.audit_dir, prediction_id)
+    record = await answer_record(runtime, prediction_id)
     if (
         record is None
         or record.get("type") != "prediction"
