@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 import httpx
 import orjson
@@ -152,18 +153,26 @@ async def until_shared(redis_url: str, prediction_id: str, within_s: float = 10.
         await redis.aclose()
 
 
-async def test_feedback_reaches_the_decision_of_another_replica_once(gateway_client, redis_server):
-    """Replica A answers; the outcome reaches replica B, which has neither the answer in its
-    ledger nor in its audit log: 202, counted under A's arm; the same outcome again, at A or
-    at B, is 409."""
-    shared = {"audit_stream_url": redis_server.url}
+@asynccontextmanager
+async def answered_elsewhere(gateway_client, redis_url: str):  # type: ignore[no-untyped-def]
+    """Two replicas shipping to one stream, and an answer of the first, shared by now:
+    yields (first, second, the answer)."""
+    shared = {"audit_stream_url": redis_url}
     async with (
         gateway_client(env=closed_triton(), **shared) as a,
         gateway_client(env=closed_triton(), **shared) as b,
     ):
         answer = (await a.post("/v1/predictions", json=CHURN_REQUEST)).json()
+        await until_shared(redis_url, answer["prediction_id"])
+        yield a, b, answer
+
+
+async def test_feedback_reaches_the_decision_of_another_replica_once(gateway_client, redis_server):
+    """Replica A answers; the outcome reaches replica B, which has neither the answer in its
+    ledger nor in its audit log: 202, counted under A's arm; the same outcome again, at A or
+    at B, is 409."""
+    async with answered_elsewhere(gateway_client, redis_server.url) as (a, b, answer):
         prediction_id = answer["prediction_id"]
-        await until_shared(redis_server.url, prediction_id)
 
         taken = await feedback(b, prediction_id)
         again_at_a, again_at_b = await feedback(a, prediction_id), await feedback(b, prediction_id)
@@ -222,14 +231,8 @@ async def test_feedback_while_the_shared_redis_is_down_is_503_then_taken(gateway
 async def test_any_replica_shows_the_answer_and_its_explanation(gateway_client, redis_server):
     """Replica A answers; B, whose own trail lacks it, serves `GET /v1/predictions/{id}`
     (the same envelope) and its explanation (A's audit record, read from the stream)."""
-    shared = {"audit_stream_url": redis_server.url}
-    async with (
-        gateway_client(env=closed_triton(), **shared) as a,
-        gateway_client(env=closed_triton(), **shared) as b,
-    ):
-        answer = (await a.post("/v1/predictions", json=CHURN_REQUEST)).json()
+    async with answered_elsewhere(gateway_client, redis_server.url) as (_, b, answer):
         prediction_id = answer["prediction_id"]
-        await until_shared(redis_server.url, prediction_id)
         again = await b.get(f"/v1/predictions/{prediction_id}")
         explained = await b.get(f"/v1/predictions/{prediction_id}/explanation")
     assert again.status_code == 200, again.text
