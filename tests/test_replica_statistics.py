@@ -7,7 +7,9 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from gateway.demo.triton_process import free_port
 from gateway.experiments import Decision, Experiments
 from gateway.monitoring import Monitor
 from gateway.replica_statistics import (
@@ -21,7 +23,7 @@ from gateway.replica_statistics import (
     unflatten,
     without,
 )
-from tests.conftest import CHURN_REQUEST
+from tests.conftest import CHURN_REQUEST, RedisServer
 
 MODEL = "customer-churn"
 
@@ -206,3 +208,30 @@ async def test_gateway_replicas_report_each_others_answers(gateway_client, clean
                 break
             await asyncio.sleep(0.1)
         assert counts == ((5, 5), (5, 5))
+
+
+async def test_counts_of_a_publish_that_failed_on_a_frozen_redis_arrive_once_it_thaws():
+    """Redis freezes (SIGSTOP) under a publish, which fails; once Redis thaws, what that
+    publish carried and what was counted since reach the shared totals: none lost, none
+    twice. (A reply lost after Redis applied a publish: the test above.)"""
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        a = ReplicaStatistics(server.url, "a")
+        observer = ReplicaStatistics(server.url, "observer")
+        counts = Experiments()
+        answered(counts, 2)
+        await a.publish(counts, Monitor({}))
+        answered(counts, 3)
+        server.freeze()
+        with pytest.raises((RedisError, OSError, TimeoutError)):
+            await a.publish(counts, Monitor({}))
+        answered(counts, 4)
+        server.thaw()
+        await a.publish(counts, Monitor({}))  # the kept publish again (its 3)
+        await a.publish(counts, Monitor({}))  # then what came since (4)
+        await observer.publish(Experiments(), Monitor({}))
+        others = [p.experiments for p in observer.siblings()]
+        assert requests_in(Experiments().report(MODEL, others)) == 9
+    finally:
+        server.stop()
