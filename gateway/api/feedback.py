@@ -130,7 +130,7 @@ def _duplicate() -> Problem:
     )
 
 
-def _unavailable(error: SharedDecisionsUnavailable) -> Problem:
+def _unavailable() -> Problem:
     return Problem(
         503, "feedback-unavailable", "Feedback cannot be taken now",
         "the shared decisions of other replicas cannot be reached; retry later",
@@ -144,8 +144,8 @@ async def _first_judgement(runtime: Runtime, prediction_id: str) -> bool:
     if runtime.shared_decisions is not None:
         try:
             return await runtime.shared_decisions.first_judgement(prediction_id)
-        except SharedDecisionsUnavailable as error:
-            raise _unavailable(error) from None
+        except SharedDecisionsUnavailable:
+            raise _unavailable() from None
     if runtime.judged is not None:
         return await runtime.judged.first_time(prediction_id) is not False
     return True
@@ -161,8 +161,8 @@ async def _decision_judged(runtime: Runtime, prediction_id: str) -> Decision | N
     if record is None and runtime.shared_decisions is not None:
         try:
             record = await runtime.shared_decisions.find(prediction_id)
-        except SharedDecisionsUnavailable as error:
-            raise _unavailable(error) from None
+        except SharedDecisionsUnavailable:
+            raise _unavailable() from None
     return decision_in_record(record) if record is not None else None
 
 
