@@ -21,6 +21,7 @@ stream entry the decision names (api/records.py), checking the line's own hash.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from gateway.audit import parse_line, record_hash
 log = logging.getLogger("gateway.shared_decisions")
 
 DECISION_PREFIX = "aigw:decision:"
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 JUDGED_PREFIX = "aigw:judged:"
 REDIS_TIMEOUT_S = 0.5
 # What feedback reads of a prediction record (api/feedback.py, `decision_in_record`), kept
@@ -74,7 +76,10 @@ def entry_of(value: bytes) -> str | None:
     kept = _kept(value)
     if kept is None or len(kept) == len(DECISION_FIELDS):
         return None
-    return kept[-1] if isinstance(kept[-1], str) else None
+    entry = kept[-1]
+    # Only a well-formed id is asked for: Redis answers anything else with an error, which
+    # would read as "the stream is unreachable" (503) for what is a damaged value.
+    return entry if isinstance(entry, str) and _ENTRY_ID.fullmatch(entry) else None
 
 
 def _kept(value: bytes) -> list[Any] | None:

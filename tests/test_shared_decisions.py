@@ -25,6 +25,7 @@ from gateway.shared_decisions import (
     SharedDecisionsUnavailable,
     decision_entry,
     decision_of,
+    entry_of,
     with_entry,
 )
 from tests.conftest import CHURN_REQUEST, RedisServer
@@ -72,6 +73,26 @@ def test_what_is_kept_of_a_record_is_the_decision_without_its_features(record, k
 @pytest.mark.parametrize("value", [b"{not json", b"[1, 2]", b'{"arm": "control"}', b"7"])
 def test_a_damaged_value_is_no_decision(value):
     assert decision_of(value) is None
+
+
+KEPT = ["control", "customer-churn", "1", "churn", 0.8, "churn-gbm", "acme"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("1765140000000-0", "1765140000000-0"),
+        ("-", None),
+        ("+", None),
+        ("1765140000000", None),
+        ("abc-1", None),
+        ("1-2 3-4", None),
+        (17, None),
+    ],
+)
+def test_only_a_well_formed_stream_entry_is_asked_for(entry, expected):
+    assert entry_of(orjson.dumps([*KEPT, entry])) == expected
+    assert entry_of(orjson.dumps(KEPT)) is None  # a decision kept before entries were named
 
 
 async def test_a_prediction_is_judged_once_across_replicas(redis_server):
