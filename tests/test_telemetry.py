@@ -301,10 +301,13 @@ def connected(metrics: dict) -> list[float | None]:
 async def test_shared_state_says_whether_each_exchange_reaches_redis(gateway_client, redis_server):
     """Breakers, policies and statistics shared through a live Redis: each reports 1."""
     async with gateway_client(redis_url=redis_server.url, **SHARED) as client:
-        deadline = time.monotonic() + 10
-        while connected(samples((await client.get("/metrics")).text)) != [1.0, 1.0, 1.0]:
-            assert time.monotonic() < deadline, (await client.get("/metrics")).text
+        # Each exchange connects in the background: wait for it (a bound, not a speed check).
+        for _ in range(200):
+            reported = connected(samples((await client.get("/metrics")).text))
+            if reported == [1.0, 1.0, 1.0]:
+                break
             await asyncio.sleep(0.05)
+        assert reported == [1.0, 1.0, 1.0]
 
 
 async def test_a_replica_cut_off_from_redis_says_so_and_counts_limits_checked_alone(
