@@ -27,7 +27,6 @@ from gateway.problems import Problem
 from gateway.runtime import (
     Configuration,
     Runtime,
-    audit_forwarder,
     audit_log,
     baselines_of,
     load_configuration,
@@ -120,10 +119,8 @@ def create_app(
             log.warning("authentication is off: set AIGW_KEYS_FILE to require API keys")
         runtime.audit = audit_log(settings)
         await runtime.audit.open()
-        forwarder = audit_forwarder(settings, _replica_name(settings))
-        if forwarder is not None:
-            await forwarder.start()
-        runtime.audit_forwarder = forwarder
+        await runtime.start_shipping_audit(_replica_name(settings))
+        forwarder = runtime.audit_forwarder
         app.state.runtime = runtime
         manager = PolicyManager(runtime, os.environ if env is None else env)
         manager.start_from_disk()
@@ -147,11 +144,9 @@ def create_app(
             tasks.append(asyncio.create_task(manager.watch_files(settings.watch_interval_s)))
         if metrics.multiprocess:
             tasks.append(asyncio.create_task(metrics.publish_forever()))
-        if runtime.shared_statistics is not None:
-            publishing = runtime.shared_statistics.publish_forever(
-                lambda: (runtime.experiments, runtime.monitor)
-            )
-            tasks.append(asyncio.create_task(publishing))
+        statistics = runtime.start_publishing_statistics()
+        if statistics is not None:
+            tasks.append(statistics)
         try:
             yield
         finally:

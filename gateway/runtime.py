@@ -176,6 +176,22 @@ class Runtime:
             for g in model.guards.values()
         }
 
+    async def start_shipping_audit(self, replica: str) -> None:
+        """With an audit stream configured, ship this process's log to it as `replica`."""
+        self.audit_forwarder = audit_forwarder(self.settings, replica)
+        if self.audit_forwarder is not None:
+            await self.audit_forwarder.start()
+
+    def start_publishing_statistics(self) -> asyncio.Task | None:
+        """With other workers or replicas to share with, publish this process's experiment
+        and health statistics once a second (the task sends the last counts as it stops)."""
+        if self.shared_statistics is None:
+            return None
+        publishing = self.shared_statistics.publish_forever(
+            lambda: (self.experiments, self.monitor)
+        )
+        return asyncio.create_task(publishing, name="statistics-publish")
+
     def on_breaker_trip(self, hook: TripHook) -> None:
         """Call `hook(breaker, open_for_s)` when any serving breaker opens on its own
         evidence: today's breakers and those of every policy applied later."""

@@ -45,7 +45,6 @@ from gateway.policy_sync import PolicySync
 from gateway.runtime import (
     Configuration,
     Runtime,
-    audit_forwarder,
     audit_log,
     baselines_of,
     start_runtime,
@@ -349,10 +348,8 @@ async def serve_streams(
     runtime.audit = audit_log(settings)
     await runtime.audit.open()
     # Named by host and log directory: the one writer of that log, the same after a restart.
-    forwarder = audit_forwarder(settings, f"{socket.gethostname()}:{settings.audit_dir.resolve()}")
-    if forwarder is not None:
-        await forwarder.start()
-    runtime.audit_forwarder = forwarder
+    await runtime.start_shipping_audit(f"{socket.gethostname()}:{settings.audit_dir.resolve()}")
+    forwarder = runtime.audit_forwarder
     store = StreamStore(settings.redis_url or "", StreamConfig.from_settings(settings))
     sender = callback_sender(settings, runtime.metrics.observe_callback)
     on_result = callback_hook(sender, settings) if sender is not None else None
@@ -366,7 +363,8 @@ async def serve_streams(
     if metrics_port is not None:
         _serve_metrics(runtime, metrics_port)
     policies = await _follow_policies(settings, runtime)
-    statistics = _publish_statistics(runtime)
+    # With AIGW_SHARE_STATISTICS its answers count in every replica's reports.
+    statistics = runtime.start_publishing_statistics()
     try:
         for worker in workers:
             await worker.start()
@@ -386,16 +384,6 @@ async def serve_streams(
         if forwarder is not None:
             await forwarder.stop()  # then ships what is on disk, if the stream's Redis is up
         log.info("stream workers stopped", extra={"consumer": consumer})
-
-
-def _publish_statistics(runtime: Runtime) -> asyncio.Task | None:
-    """With `AIGW_SHARE_STATISTICS`, the answers and outcomes this worker counts reach the
-    experiment and health reports of every gateway replica."""
-    shared = runtime.shared_statistics
-    if shared is None:
-        return None
-    publishing = shared.publish_forever(lambda: (runtime.experiments, runtime.monitor))
-    return asyncio.create_task(publishing, name="statistics-publish")
 
 
 def callback_hook(sender: CallbackSender, settings: Settings) -> OnResult:
