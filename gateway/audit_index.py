@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.sqlite_wal import enable_write_ahead_log
+
 log = logging.getLogger("gateway.audit")
 
 INDEX_NAME = "index.sqlite"
@@ -88,7 +90,7 @@ def _connect(directory: Path, read_only: bool = False) -> sqlite3.Connection:
     if read_only:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
     connection = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
+    enable_write_ahead_log(connection, timeout_s=5.0)
     connection.execute("PRAGMA synchronous=NORMAL")  # the index can be rebuilt: no fsync each
     connection.executescript(_SCHEMA)
     return connection

@@ -21,6 +21,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from gateway.sqlite_wal import enable_write_ahead_log
+
 log = logging.getLogger("gateway.feedback")
 
 KEEP = 100_000  # as many as a worker's ledger of recent answers
@@ -91,7 +93,7 @@ class JudgedPredictions:
             try:
                 # The file lives as long as the workers' run: no fsync per mark (an OS crash
                 # ends the run anyway), and readers never wait for the writer (WAL).
-                connection.execute("PRAGMA journal_mode=WAL")
+                enable_write_ahead_log(connection, self._timeout_s)
                 connection.execute("PRAGMA synchronous=OFF")
                 connection.execute(_SCHEMA)
             except sqlite3.Error:
