@@ -144,12 +144,16 @@ async def kill_while_holding_entries(client: aioredis.Redis, worker: WorkerProce
 
     The worker is frozen (SIGSTOP) before its pending list is read, so what is read is what
     it holds when killed: a worker that happened to have acknowledged everything between
-    two reads is thawed and tried again, instead of being killed holding nothing."""
+    two reads is thawed and tried again, instead of being killed holding nothing. The list is
+    read again once the worker is dead: a result it had sent just before the freeze may reach
+    Redis after the first read, and that entry is then answered by the killed worker."""
     for _ in range(200):
         worker.proc.send_signal(signal.SIGSTOP)
         rows = await client.xpending_range(REQUESTS, GROUP, "-", "+", 1000, worker.name)
         if rows:
             worker.kill()
+            await asyncio.sleep(0.1)  # what its socket still carried has been processed
+            rows = await client.xpending_range(REQUESTS, GROUP, "-", "+", 1000, worker.name)
             return {row["message_id"].decode() for row in rows}
         worker.proc.send_signal(signal.SIGCONT)
         await asyncio.sleep(0.01)
