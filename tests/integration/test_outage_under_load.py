@@ -103,6 +103,7 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+@pytest.mark.leaves_triton_dead
 def test_outage_under_32_clients_fails_no_request(healthy, gateway_process):
     """Frozen 8 s, thawed, killed: zero failures, degraded while down, primary after thaw."""
     gateway = gateway_process({"AIGW_TRITON_URL": healthy.http_url, "AIGW_LOG_LEVEL": "debug"})
