@@ -1,5 +1,10 @@
 """What each arm of an experiment did: traffic, latency, fallbacks, outcomes, shadow agreement.
 
+Statistics are kept per arm *and arm model*, the Triton `model:version` the arm asks first
+(`Policy.arm_model`): when an apply changes the model behind an arm (challenger v2 → v3),
+the new model's counts start afresh, and the report shows the earlier model's apart,
+instead of one accuracy mixing two models.
+
 Kept in memory per process (a replica reports its own traffic; the workers of one
 `aigw serve --workers N` report all of theirs, through shared_statistics.py); the ledger of recent
 decisions lets `POST /v1/feedback` tie a real outcome to the arm and answer it judges. A
@@ -100,6 +105,9 @@ class ArmStats:
         }
 
 
+UNRECORDED_MODEL = "unrecorded"  # the arm model of an answer recorded before it was kept
+
+
 class Decision(NamedTuple):
     """What the ledger keeps of one answer, to judge it when its outcome arrives."""
 
@@ -109,16 +117,28 @@ class Decision(NamedTuple):
     tenant: str
     version_key: str = ""  # what answered, as `target:version` (for model monitoring)
     probability: float = 0.0
+    arm_model: str = UNRECORDED_MODEL  # what the arm asked first, as `model:version`
+
+
+def arm_key(arm: str, arm_model: str) -> str:
+    """Where an arm's statistics for one arm model are kept (and shared between processes)."""
+    return f"{arm}@{arm_model}"
+
+
+def split_arm_key(key: str) -> tuple[str, str]:
+    """(arm, arm model) of an `arm_key`; a key kept before arm models were is `unrecorded`."""
+    arm, _, arm_model = key.partition("@")  # arm names have no "@" (policy.py)
+    return arm, arm_model or UNRECORDED_MODEL
 
 
 class Experiments:
-    """Per-model, per-arm statistics, and a bounded ledger of recent decisions."""
+    """Per-model, per-arm (and arm model) statistics, and a bounded ledger of recent decisions."""
 
     def __init__(self, ledger_size: int = 100_000) -> None:
-        self._stats: dict[str, dict[str, ArmStats]] = {}
+        self._stats: dict[str, dict[str, ArmStats]] = {}  # model → arm_key → statistics
         # Decisions as plain tuples, which the cyclic garbage collector stops tracking (a
         # NamedTuple it never does): see gateway/garbage.py.
-        self._ledger: OrderedDict[str, tuple[str, str, str, str, str, float]] = OrderedDict()
+        self._ledger: OrderedDict[str, tuple[str, str, str, str, str, float, str]] = OrderedDict()
         # Ids already judged, the latest `ledger_size` of them: apart from the ledger, since a
         # judged decision may have come from the audit trail, not from it.
         self._judged: OrderedDict[str, None] = OrderedDict()
@@ -132,7 +152,7 @@ class Experiments:
         degraded: bool,
         cached: bool,
     ) -> None:
-        stats = self.arm(decision.model_id, decision.arm)
+        stats = self.arm(decision.model_id, decision.arm, decision.arm_model)
         stats.requests += 1
         stats.degraded += degraded
         stats.cached += cached
@@ -142,9 +162,11 @@ class Experiments:
         if len(self._ledger) > self._ledger_size:
             self._ledger.popitem(last=False)
 
-    def record_shadow(self, model_id: str, arm: str, target: str, agreed: bool | None) -> None:
+    def record_shadow(
+        self, model_id: str, arm: str, arm_model: str, target: str, agreed: bool | None
+    ) -> None:
         """One shadow comparison: agreed, disagreed, or (None) the shadow failed."""
-        shadow = self.arm(model_id, arm).shadows.setdefault(target, ShadowStats())
+        shadow = self.arm(model_id, arm, arm_model).shadows.setdefault(target, ShadowStats())
         if agreed is None:
             shadow.failed += 1
             return
@@ -186,17 +208,17 @@ class Experiments:
         self._judged.pop(prediction_id, None)
 
     def count_outcome(self, decision: Decision, outcome: str, positive_label: str) -> None:
-        """Count an outcome of `decision` under its arm (claimed first: `claim`)."""
-        stats = self.arm(decision.model_id, decision.arm)
+        """Count an outcome of `decision` under its arm and arm model (claimed first: `claim`)."""
+        stats = self.arm(decision.model_id, decision.arm, decision.arm_model)
         stats.feedback += 1
         stats.positive_outcomes += outcome == positive_label
         stats.correct += outcome == decision.prediction
 
-    def arm(self, model_id: str, arm: str) -> ArmStats:
-        return self._stats.setdefault(model_id, {}).setdefault(arm, ArmStats())
+    def arm(self, model_id: str, arm: str, arm_model: str) -> ArmStats:
+        return self._stats.setdefault(model_id, {}).setdefault(arm_key(arm, arm_model), ArmStats())
 
     def totals(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every arm's statistics as plain data (model → arm → fields), to share or keep."""
+        """Every arm's statistics as plain data (model → arm_key → fields), to share or keep."""
         return {
             model: {arm: stats.as_plain() for arm, stats in arms.items()}
             for model, arms in self._stats.items()
@@ -205,17 +227,37 @@ class Experiments:
     def add_totals(self, totals: Totals) -> None:
         """Count in statistics `totals` gave (a replaced worker's, so counts continue)."""
         for model, arms in totals.items():
-            for arm, plain in arms.items():
-                self.arm(model, arm).add(ArmStats.from_plain(plain))
+            for key, plain in arms.items():
+                self.arm(model, *split_arm_key(key)).add(ArmStats.from_plain(plain))
 
-    def report(self, model_id: str, siblings: Iterable[Totals] = ()) -> dict[str, dict]:
-        """Each arm's report, with the statistics of `siblings` (other workers) counted in."""
-        combined: dict[str, ArmStats] = {}
-        own = {arm: stats.as_plain() for arm, stats in self._stats.get(model_id, {}).items()}
+    def report(
+        self, model_id: str, arm_models: Mapping[str, str], siblings: Iterable[Totals] = ()
+    ) -> dict[str, dict]:
+        """The report of each arm in `arm_models` (arm → the model it asks now), with the
+        statistics of `siblings` (other workers, replicas) counted in: the current arm
+        model's at the top, earlier ones under `earlier_models`."""
+        combined: dict[str, dict[str, ArmStats]] = {}  # arm → arm model → statistics
+        own = {key: stats.as_plain() for key, stats in self._stats.get(model_id, {}).items()}
         for totals in (own, *(sibling.get(model_id, {}) for sibling in siblings)):
-            for arm, plain in totals.items():
-                combined.setdefault(arm, ArmStats()).add(ArmStats.from_plain(plain))
-        return {name: stats.report() for name, stats in sorted(combined.items())}
+            for key, plain in totals.items():
+                arm, arm_model = split_arm_key(key)
+                by_model = combined.setdefault(arm, {})
+                by_model.setdefault(arm_model, ArmStats()).add(ArmStats.from_plain(plain))
+        return {
+            arm: arm_report(combined.get(arm, {}), current)
+            for arm, current in sorted(arm_models.items())
+        }
+
+
+def arm_report(by_model: Mapping[str, ArmStats], current: str) -> dict[str, Any]:
+    """One arm's report: its current model's statistics (zero before its first answer), and
+    each earlier model's apart."""
+    earlier = {m: stats.report() for m, stats in sorted(by_model.items()) if m != current}
+    return {
+        "model": current,
+        **by_model.get(current, ArmStats()).report(),
+        "earlier_models": earlier,
+    }
 
 
 # Everything an arm counts that adds up across workers (the maximum latency does not).
@@ -224,7 +266,7 @@ _SUMMED = (
     "correct",
 )  # fmt: skip
 
-Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm → ArmStats.as_plain()
+Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm_key → ArmStats.as_plain()
 
 
 def _rate(part: int, whole: int) -> float | None:

@@ -65,6 +65,7 @@ class Answer:
     degraded: bool
     fallback_reason: str | None
     arm: str
+    arm_model: str  # what the arm asks first, `model:version` (experiments.py)
     route: str | None
     cached: bool
     coalesced: bool
@@ -147,7 +148,9 @@ async def answer_first(runtime: Runtime, request: PredictionInput) -> tuple[Answ
     else:
         result = await _walk(runtime, snapshot, model, policy, assignment, request, None)
         coalesced = False
-    answer = _answer(snapshot, prediction_id, assignment, request, result, cached, coalesced)
+    answer = _answer(
+        snapshot, policy, prediction_id, assignment, request, result, cached, coalesced
+    )
     if runtime.audit is not None:
         # The answer leaves only once its record is handed to the log (AuditUnavailable else).
         pii = snapshot.contracts.models[request.model_id].pii_features
@@ -197,6 +200,7 @@ def audit_record(contract_version: str, request: PredictionInput, answer: Answer
         "features": dict(request.features),
         "route": answer.route,
         "arm": answer.arm,
+        "arm_model": answer.arm_model,
         "cached": answer.cached,
         "coalesced": answer.coalesced,
         "steps": [_step_fields(step) for step in answer.steps],
@@ -294,6 +298,7 @@ def _from_cache(cached: CachedPrediction) -> ChainResult:
 
 def _answer(
     snapshot: Snapshot,
+    policy: Policy,
     prediction_id: str,
     assignment: Assignment,
     request: PredictionInput,
@@ -310,6 +315,7 @@ def _answer(
         degraded=result.degraded,
         fallback_reason=result.fallback_reason,
         arm=assignment.arm.name,
+        arm_model=policy.arm_model(assignment.arm),
         route=assignment.route,
         cached=cached is not None,
         coalesced=coalesced,
@@ -334,7 +340,7 @@ def _learn(
     answered_by = version_key(answer.served_by, answer.model_version)
     decision = Decision(
         request.model_id, answer.arm, answer.prediction, request.tenant, answered_by,
-        answer.probability,
+        answer.probability, answer.arm_model,
     )  # fmt: skip
     runtime.experiments.record_answer(
         answer.prediction_id, decision, answer.latency_ms, answer.degraded, answer.cached
@@ -343,7 +349,9 @@ def _learn(
         return  # a cached answer called no model: nothing new to compare a shadow with
 
     def report(target: str, agreed: bool | None) -> None:
-        runtime.experiments.record_shadow(request.model_id, answer.arm, target, agreed)
+        runtime.experiments.record_shadow(
+            request.model_id, answer.arm, answer.arm_model, target, agreed
+        )
         runtime.metrics.observe_shadow(request.model_id, target, agreed)
 
     for target in model.routes.shadows_for(assignment, answer.served_by):

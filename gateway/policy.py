@@ -250,6 +250,13 @@ class Policy(_Strict):
     def primary(self) -> str:
         return self.arm_list[0].primary
 
+    def arm_model(self, arm: Arm) -> str:
+        """What `arm` asks first, as Triton `model:version` (or a built-in step's name).
+        An experiment's statistics are kept per arm and arm model: changing the model behind
+        an arm (challenger v2 → v3) starts its counts afresh instead of mixing the two."""
+        target = self.targets.get(arm.primary)
+        return f"{target.model}:{target.version}" if target is not None else arm.primary
+
 
 def chain_problem(chain: list[str], targets: Mapping[str, Any] | None) -> str | None:
     """Why a chain cannot serve, or None: unknown or repeated steps, no final default."""

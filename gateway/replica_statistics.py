@@ -6,10 +6,11 @@ Each replica (and each `aigw worker`) counts its own answers and feedback. With
 gauges) on any replica report all the traffic:
 
 - **experiment statistics** as increments since its last publish, added to one hash
-  (`aigw:statistics:experiments`, a field per model, arm and counter) by a script that also
-  records the publish's sequence number, so a publish retried after a lost reply is not
-  counted twice. The hash is the gateway's totals: a replica that dies or is replaced leaves
-  its counts in, and the hash stays the size of the models and arms, whatever the replicas;
+  (`aigw:statistics:experiments`, a field per model, arm and arm model, and counter) by a
+  script that also records the publish's sequence number, so a publish retried after a lost
+  reply is not counted twice. The hash is the gateway's totals: a replica that dies or is
+  replaced leaves its counts in, and the hash stays the size of the models and arms, whatever
+  the replicas;
 - **health windows** (drift and quality counters per sub-window) whole, under the
   publisher's name (`aigw:statistics:windows`); a publisher silent for longer than the
   longest window is dropped, its windows no longer in the window anyway.

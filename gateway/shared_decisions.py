@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.audit import parse_line, record_hash
+from gateway.experiments import UNRECORDED_MODEL
 
 log = logging.getLogger("gateway.shared_decisions")
 
@@ -41,7 +42,10 @@ REDIS_TIMEOUT_S = 0.5
 # as a JSON array in this order: names would double what each answer costs in memory.
 DECISION_FIELDS = (
     "arm", "model_id", "model_version", "prediction", "probability", "served_by", "tenant",
+    "arm_model",
 )  # fmt: skip
+# Fields a record written by an earlier version may lack, and what stands in for them.
+_ADDED_LATER = {"arm_model": UNRECORDED_MODEL}
 
 
 class SharedDecisionsUnavailable(Exception):
@@ -53,9 +57,10 @@ def decision_entry(record: Mapping[str, Any]) -> tuple[str, bytes] | None:
     prediction_id = record.get("prediction_id")
     if record.get("type") != "prediction" or not isinstance(prediction_id, str):
         return None
-    if any(name not in record for name in DECISION_FIELDS):
+    kept = {**_ADDED_LATER, **record}
+    if any(name not in kept for name in DECISION_FIELDS):
         return None  # not a record this gateway writes
-    return prediction_id, orjson.dumps([record[name] for name in DECISION_FIELDS])
+    return prediction_id, orjson.dumps([kept[name] for name in DECISION_FIELDS])
 
 
 def with_entry(value: bytes, entry_id: str) -> bytes:

@@ -48,6 +48,7 @@ def prediction_record(prediction_id: str) -> dict[str, Any]:
         "type": "prediction",
         "prediction_id": prediction_id,
         "arm": "control",
+        "arm_model": "churn_gbm:1",
         "prediction": "stay",
         "probability": 0.25,
         "tenant": "acme",

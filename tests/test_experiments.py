@@ -14,7 +14,13 @@ from gateway.api.feedback import decision_in_record
 from gateway.app import create_app
 from gateway.audit import find_record, segment_files, verify
 from gateway.demo.triton_process import free_port
-from gateway.experiments import Decision, Experiments, wilson_interval
+from gateway.experiments import (
+    UNRECORDED_MODEL,
+    ArmStats,
+    Decision,
+    Experiments,
+    wilson_interval,
+)
 from gateway.runtime import audit_log
 from tests.conftest import CHURN_REQUEST, settings_for
 
@@ -73,8 +79,21 @@ def test_wilson_interval_narrows_with_more_trials():
 # --- Experiments ------------------------------------------------------------------------------
 
 
-def decision(arm: str = "control", prediction: str = "stay") -> Decision:
-    return Decision(model_id=MODEL, arm=arm, prediction=prediction, tenant="default")
+# What each arm asks first in policies/customer-churn.yaml, as the report names it.
+ARM_MODELS = {"control": "churn_gbm:1", "challenger": "churn_gbm_v2:1"}
+
+
+def decision(arm: str = "control", prediction: str = "stay", arm_model: str = "") -> Decision:
+    return Decision(
+        model_id=MODEL, arm=arm, prediction=prediction, tenant="default",
+        arm_model=arm_model or ARM_MODELS[arm],
+    )  # fmt: skip
+
+
+def arm_reports(
+    experiments: Experiments, siblings: tuple = (), arm_models: dict | None = None
+) -> dict:
+    return experiments.report(MODEL, arm_models or ARM_MODELS, siblings)
 
 
 def answer(
@@ -85,9 +104,10 @@ def answer(
     latency_ms: float = 10.0,
     degraded: bool = False,
     cached: bool = False,
+    arm_model: str = "",
 ) -> None:
     experiments.record_answer(
-        prediction_id, decision(arm, prediction), latency_ms, degraded, cached
+        prediction_id, decision(arm, prediction, arm_model), latency_ms, degraded, cached
     )
 
 
@@ -99,7 +119,7 @@ def test_report_counts_requests_latency_fallbacks_and_cache_hits_per_arm():
     answer(experiments, "p3", latency_ms=2.0, cached=True)
     answer(experiments, "p4", latency_ms=20.0)
     answer(experiments, "p5", arm="challenger", latency_ms=50.0, degraded=True)
-    report = experiments.report(MODEL)
+    report = arm_reports(experiments)
     assert sorted(report) == ["challenger", "control"]
     control, challenger = report["control"], report["challenger"]
     assert (control["requests"], control["cached"]) == (4, 1)
@@ -114,16 +134,23 @@ def test_report_without_feedback_has_no_rates():
     """Before any outcome arrives, outcome rate and accuracy are None, not 0."""
     experiments = Experiments()
     answer(experiments, "p1")
-    control = experiments.report(MODEL)["control"]
+    control = arm_reports(experiments)["control"]
     assert control["feedback"] == 0
     assert (control["outcome_rate"], control["outcome_rate_ci95"]) == (None, None)
     assert (control["accuracy"], control["accuracy_ci95"]) == (None, None)
     assert control["shadows"] == {}
 
 
-def test_report_of_a_model_without_traffic_is_empty():
-    """A model nobody asked about reports no arms."""
-    assert Experiments().report("no-such-model") == {}
+def test_an_arm_without_traffic_reports_its_model_and_zero_requests():
+    """Every arm the policy names is reported, before its first answer too: its model, zero
+    requests, no rates, no earlier models."""
+    control = arm_reports(Experiments())["control"]
+    assert (control["model"], control["requests"], control["earlier_models"]) == (
+        "churn_gbm:1", 0, {},
+    )  # fmt: skip
+    assert (control["fallback_rate"], control["accuracy"], control["latency_ms_mean"]) == (
+        None, None, None,
+    )  # fmt: skip
 
 
 def test_outcomes_give_outcome_rate_and_accuracy_per_arm():
@@ -137,7 +164,7 @@ def test_outcomes_give_outcome_rate_and_accuracy_per_arm():
     answer(experiments, "q1", arm="challenger", prediction="churn")
     assert experiments.record_outcome("q1", "churn", "churn") == "recorded"
 
-    report = experiments.report(MODEL)
+    report = arm_reports(experiments)
     control, challenger = report["control"], report["challenger"]
     assert (control["feedback"], control["outcome_rate"], control["accuracy"]) == (4, 0.5, 0.5)
     assert control["accuracy_ci95"] == pytest.approx(wilson_interval(2, 4))
@@ -157,7 +184,7 @@ def test_record_outcome_statuses(prediction_id, expected):
     answer(experiments, "p1")
     assert experiments.record_outcome("p1", "churn", "churn") == "recorded"
     assert experiments.record_outcome(prediction_id, "stay", "churn") == expected
-    control = experiments.report(MODEL)["control"]
+    control = arm_reports(experiments)["control"]
     assert (control["feedback"], control["outcome_rate"]) == (1, 1.0)
 
 
@@ -171,7 +198,7 @@ def test_ledger_is_bounded_and_forgets_the_oldest():
     assert [experiments.record_outcome(p, "churn", "churn") for p in ("p2", "p3", "p4")] == [
         "recorded"
     ] * 3
-    assert experiments.report(MODEL)["control"]["requests"] == 4  # statistics keep counting
+    assert arm_reports(experiments)["control"]["requests"] == 4  # statistics keep counting
 
 
 def test_judged_ids_are_bounded_like_the_ledger():
@@ -194,12 +221,45 @@ def test_a_decision_found_elsewhere_is_judged_once_under_its_arm():
     """An id the ledger never held is judged by the decision handed in (from the audit
     trail): counted once, under that decision's arm, against its prediction."""
     experiments = Experiments()
-    elsewhere = Decision(MODEL, "challenger", "stay", "t", "churn-gbm-v2:1", 0.2)
+    elsewhere = Decision(MODEL, "challenger", "stay", "t", "churn-gbm-v2:1", 0.2, "churn_gbm_v2:1")
     assert experiments.record_outcome("p9", "churn", "churn", elsewhere) == "recorded"
     assert experiments.record_outcome("p9", "stay", "churn", elsewhere) == "duplicate"
-    challenger = experiments.report(MODEL)["challenger"]
+    challenger = arm_reports(experiments)["challenger"]
     assert (challenger["requests"], challenger["feedback"]) == (0, 1)
     assert (challenger["outcome_rate"], challenger["accuracy"]) == (1.0, 0.0)
+
+
+def test_a_new_model_behind_an_arm_starts_its_counts_afresh():
+    """The challenger's model moves from v2 to v3: v3 reports its own answers and accuracy,
+    v2's are reported apart, and an outcome for a v2 answer that arrives after the move is
+    counted for v2, never in v3's accuracy."""
+    experiments = Experiments()
+    for n in range(3):
+        answer(experiments, f"v2-{n}", "challenger", "churn", arm_model="churn_gbm_v2:1")
+    assert experiments.record_outcome("v2-0", "churn", "churn") == "recorded"
+    answer(experiments, "v3-0", "challenger", "stay", arm_model="churn_gbm_v3:1")
+    assert experiments.record_outcome("v3-0", "stay", "churn") == "recorded"
+    assert experiments.record_outcome("v2-1", "stay", "churn") == "recorded"  # after the move
+
+    moved = {**ARM_MODELS, "challenger": "churn_gbm_v3:1"}
+    challenger = arm_reports(experiments, arm_models=moved)["challenger"]
+    assert challenger["model"] == "churn_gbm_v3:1"
+    assert (challenger["requests"], challenger["feedback"], challenger["accuracy"]) == (1, 1, 1.0)
+    v2 = challenger["earlier_models"]["churn_gbm_v2:1"]
+    assert (v2["requests"], v2["feedback"], v2["accuracy"]) == (3, 2, 0.5)
+    assert list(challenger["earlier_models"]) == ["churn_gbm_v2:1"]
+
+
+def test_statistics_kept_before_arm_models_are_reported_as_unrecorded():
+    """Totals from a process that kept arms without their model (a predecessor's file, the
+    shared hash) are counted in as `unrecorded`, apart from the current model's."""
+    older = {MODEL: {"control": {**ArmStats(requests=2, feedback=1, correct=1).as_plain()}}}
+    experiments = Experiments()
+    experiments.add_totals(older)
+    answer(experiments, "p1")
+    control = arm_reports(experiments)["control"]
+    assert control["requests"] == 1
+    assert control["earlier_models"][UNRECORDED_MODEL]["requests"] == 2
 
 
 AUDITED = {
@@ -218,8 +278,10 @@ AUDITED = {
         ({**AUDITED, "probability": "high"}, None),
         ({**AUDITED, "served_by": "rules", "model_version": "2024-06"},
          Decision(MODEL, "challenger", "churn", "acme", "rules:2024-06", 0.81)),
+        ({**AUDITED, "arm_model": "churn_gbm_v2:1"},
+         Decision(MODEL, "challenger", "churn", "acme", "churn-gbm-v2:1", 0.81, "churn_gbm_v2:1")),
     ],
-    ids=["prediction", "admin-record", "no-arm", "bad-probability", "rules"],
+    ids=["before-arm-models", "admin-record", "no-arm", "bad-probability", "rules", "arm-model"],
 )  # fmt: skip
 def test_the_decision_an_audit_record_holds(record, expected):
     """A prediction record gives the decision feedback judges; any other record gives none."""
@@ -234,9 +296,9 @@ def test_a_report_counts_in_the_siblings_statistics():
     answer(theirs, "p2", latency_ms=30.0, degraded=True)
     answer(theirs, "p3", arm="challenger", latency_ms=5.0)
     assert mine.record_outcome("p1", "churn", "churn") == "recorded"
-    mine.record_shadow(MODEL, "control", "churn-logreg", True)
-    theirs.record_shadow(MODEL, "control", "churn-logreg", False)
-    report = mine.report(MODEL, [theirs.totals()])
+    mine.record_shadow(MODEL, "control", ARM_MODELS["control"], "churn-logreg", True)
+    theirs.record_shadow(MODEL, "control", ARM_MODELS["control"], "churn-logreg", False)
+    report = arm_reports(mine, [theirs.totals()])
     control = report["control"]
     assert (control["requests"], control["latency_ms_mean"], control["latency_ms_max"]) == (
         2, 20.0, 30.0,
@@ -246,7 +308,7 @@ def test_a_report_counts_in_the_siblings_statistics():
     )  # fmt: skip
     assert control["shadows"]["churn-logreg"]["agreement"] == 0.5
     assert report["challenger"]["requests"] == 1
-    assert mine.report(MODEL)["control"]["requests"] == 1  # its own, unchanged by reporting
+    assert arm_reports(mine)["control"]["requests"] == 1  # its own, unchanged by reporting
 
 
 def test_totals_carry_every_statistic_and_add_back_up():
@@ -255,12 +317,12 @@ def test_totals_carry_every_statistic_and_add_back_up():
     first = Experiments()
     answer(first, "p1", degraded=True, cached=True)
     first.record_outcome("p1", "stay", "churn")
-    first.record_shadow(MODEL, "control", "churn-logreg", None)
+    first.record_shadow(MODEL, "control", ARM_MODELS["control"], "churn-logreg", None)
     successor = Experiments()
     successor.add_totals(orjson.loads(orjson.dumps(first.totals())))
     answer(successor, "p2")
-    assert successor.report(MODEL)["control"] == {
-        **first.report(MODEL)["control"],
+    assert arm_reports(successor)["control"] == {
+        **arm_reports(first)["control"],
         "requests": 2, "fallback_rate": 0.5, "fallback_rate_ci95": wilson_interval(1, 2),
     }  # fmt: skip
 
@@ -280,7 +342,7 @@ def test_statistics_that_are_not_statistics_are_refused(plain):
     sound = Experiments()
     answer(sound, "p1")
     totals = sound.totals()
-    totals[MODEL]["control"].update(plain)
+    totals[MODEL]["control@churn_gbm:1"].update(plain)
     with pytest.raises((TypeError, ValueError)):
         Experiments().add_totals(totals)
 
@@ -289,9 +351,9 @@ def test_shadow_agreement_and_failures_per_target():
     """Shadow comparisons give agreement among answered copies; failures are counted apart."""
     experiments = Experiments()
     for agreed in (True, True, False, None, True):
-        experiments.record_shadow(MODEL, "control", "churn-logreg", agreed)
-    experiments.record_shadow(MODEL, "challenger", "churn-logreg", None)
-    report = experiments.report(MODEL)
+        experiments.record_shadow(MODEL, "control", ARM_MODELS["control"], "churn-logreg", agreed)
+    experiments.record_shadow(MODEL, "challenger", ARM_MODELS["challenger"], "churn-logreg", None)
+    report = arm_reports(experiments)
     shadow = report["control"]["shadows"]["churn-logreg"]
     assert (shadow["compared"], shadow["failed"], shadow["agreement"]) == (4, 1, 0.75)
     assert shadow["agreement_ci95"] == pytest.approx(wilson_interval(3, 4))
@@ -505,7 +567,8 @@ async def test_experiment_report_of_an_unknown_model_is_404(gateway_client):
 
 
 async def test_experiment_report_lists_both_arms_with_weights_and_chains(gateway_client):
-    """Before and after traffic, the report names both arms with their weight and chain."""
+    """Before and after traffic, the report names both arms with their weight, chain and the
+    model each asks first."""
     async with gateway_client(env=closed_triton()) as client:
         before = (await client.get(f"/v1/experiments/{MODEL}")).json()
         await predict(client)
@@ -517,5 +580,6 @@ async def test_experiment_report_lists_both_arms_with_weights_and_chains(gateway
         control, challenger = report["arms"]["control"], report["arms"]["challenger"]
         assert (control["weight"], control["chain"]) == (90, CONTROL_CHAIN)
         assert (challenger["weight"], challenger["chain"]) == (10, CHALLENGER_CHAIN)
+        assert (control["model"], challenger["model"]) == ("churn_gbm:1", "churn_gbm_v2:1")
     assert after["arms"]["control"]["requests"] == 1
-    assert "requests" not in before["arms"]["control"]
+    assert before["arms"]["control"]["requests"] == 0

@@ -26,11 +26,12 @@ from gateway.replica_statistics import (
 from tests.conftest import CHURN_REQUEST, RedisServer
 
 MODEL = "customer-churn"
+ARM_MODELS = {"control": "churn_gbm:1", "challenger": "churn_gbm_v2:1"}
 
 
 def answered(experiments: Experiments, count: int, arm: str = "control", latency: float = 5.0):  # type: ignore[no-untyped-def]
     for i in range(count):
-        decision = Decision(MODEL, arm, "churn", "acme", "churn-gbm:1", 0.8)
+        decision = Decision(MODEL, arm, "churn", "acme", "churn-gbm:1", 0.8, ARM_MODELS[arm])
         experiments.record_answer(f"{arm}-{i}-{id(experiments)}", decision, latency, False, False)
 
 
@@ -45,8 +46,8 @@ def test_totals_survive_the_round_trip_through_fields():
     experiments = Experiments()
     answered(experiments, 3, latency=7.5)
     answered(experiments, 2, arm="challenger")
-    experiments.record_shadow(MODEL, "control", "churn-logreg", agreed=True)
-    experiments.record_shadow(MODEL, "control", "churn-logreg", agreed=None)
+    experiments.record_shadow(MODEL, "control", "churn_gbm:1", "churn-logreg", agreed=True)
+    experiments.record_shadow(MODEL, "control", "churn_gbm:1", "churn-logreg", agreed=None)
     totals = experiments.totals()
     assert unflatten(flatten(totals)) == totals
 
@@ -122,11 +123,17 @@ async def test_every_replica_reports_the_traffic_of_all(clean_redis):
     await b.publish(counts_b, Monitor({}))
     await a.publish(counts_a, Monitor({}))  # reads b's part back
     answered(counts_a, 1)  # not yet published: a's own live counts are in its report anyway
-    assert requests_in(counts_a.report(MODEL, [p.experiments for p in a.siblings()])) == 6
-    assert requests_in(counts_b.report(MODEL, [p.experiments for p in b.siblings()])) == 5
+    assert (
+        requests_in(counts_a.report(MODEL, ARM_MODELS, [p.experiments for p in a.siblings()])) == 6
+    )
+    assert (
+        requests_in(counts_b.report(MODEL, ARM_MODELS, [p.experiments for p in b.siblings()])) == 5
+    )
     await a.publish(counts_a, Monitor({}))  # every later publish adds what is new
     await b.publish(counts_b, Monitor({}))
-    assert requests_in(counts_b.report(MODEL, [p.experiments for p in b.siblings()])) == 6
+    assert (
+        requests_in(counts_b.report(MODEL, ARM_MODELS, [p.experiments for p in b.siblings()])) == 6
+    )
 
 
 async def test_a_publish_whose_reply_was_lost_is_counted_once(clean_redis):
@@ -137,13 +144,16 @@ async def test_a_publish_whose_reply_was_lost_is_counted_once(clean_redis):
     answered(counts, 4)
     await a.publish(counts, Monitor({}))
     # The reply "lost": the publish just acknowledged is pending again, as it would be.
-    again = {'["customer-churn","control","requests"]': 4.0}
+    again = {'["customer-churn","control@churn_gbm:1","requests"]': 4.0}
     a._pending = _Publish(a._sequence, again, {}, flatten(counts.totals()))
     await a.publish(counts, Monitor({}))
     observer = ReplicaStatistics(clean_redis, "observer")
     await observer.publish(Experiments(), Monitor({}))
     assert (
-        requests_in(Experiments().report(MODEL, [p.experiments for p in observer.siblings()])) == 4
+        requests_in(
+            Experiments().report(MODEL, ARM_MODELS, [p.experiments for p in observer.siblings()])
+        )
+        == 4
     )
 
 
@@ -162,7 +172,12 @@ async def test_a_replica_gone_keeps_its_counts_and_its_windows_age_out(clean_red
         assert await redis.hkeys(WINDOWS_KEY) == [b"live"]  # the silent one's windows dropped
     finally:
         await redis.aclose()
-    assert requests_in(Experiments().report(MODEL, [p.experiments for p in live.siblings()])) == 3
+    assert (
+        requests_in(
+            Experiments().report(MODEL, ARM_MODELS, [p.experiments for p in live.siblings()])
+        )
+        == 3
+    )
 
 
 async def test_with_redis_away_a_replica_reports_its_own_and_catches_up(unreachable_redis_url):
@@ -232,6 +247,6 @@ async def test_counts_of_a_publish_that_failed_on_a_frozen_redis_arrive_once_it_
         await a.publish(counts, Monitor({}))  # then what came since (4)
         await observer.publish(Experiments(), Monitor({}))
         others = [p.experiments for p in observer.siblings()]
-        assert requests_in(Experiments().report(MODEL, others)) == 9
+        assert requests_in(Experiments().report(MODEL, ARM_MODELS, others)) == 9
     finally:
         server.stop()

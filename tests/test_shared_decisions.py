@@ -35,6 +35,7 @@ PREDICTION = {
     "prediction_id": "p-1",
     "model_id": "customer-churn",
     "arm": "control",
+    "arm_model": "churn_gbm:1",
     "prediction": "churn",
     "probability": 0.8,
     "tenant": "acme",
@@ -45,10 +46,15 @@ PREDICTION = {
 }
 
 
+KEPT = ["control", "customer-churn", "1", "churn", 0.8, "churn-gbm", "acme", "churn_gbm:1"]
+
+
 @pytest.mark.parametrize(
     ("record", "kept"),
     [
-        (PREDICTION, ["control", "customer-churn", "1", "churn", 0.8, "churn-gbm", "acme"]),
+        (PREDICTION, [*KEPT]),
+        # written before records named the arm's model: kept as `unrecorded`
+        ({k: v for k, v in PREDICTION.items() if k != "arm_model"}, [*KEPT[:-1], "unrecorded"]),
         ({**PREDICTION, "type": "policy_applied"}, None),
         ({k: v for k, v in PREDICTION.items() if k != "arm"}, None),
         ({"type": "checkpoint", "seq": 3}, None),
@@ -73,9 +79,6 @@ def test_what_is_kept_of_a_record_is_the_decision_without_its_features(record, k
 @pytest.mark.parametrize("value", [b"{not json", b"[1, 2]", b'{"arm": "control"}', b"7"])
 def test_a_damaged_value_is_no_decision(value):
     assert decision_of(value) is None
-
-
-KEPT = ["control", "customer-churn", "1", "churn", 0.8, "churn-gbm", "acme"]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from tests.conftest import REPO
 
 MODEL = "customer-churn"
 ROW = {"tenure_months": 24, "monthly_charges": 89.99}
+ARM_MODEL = "churn_gbm:1"  # what the control arm asks first
+CONTROL = f"control@{ARM_MODEL}"  # where its statistics are kept
 
 
 def empty_monitor() -> Monitor:
@@ -24,13 +26,15 @@ def answered(count: int) -> tuple[Experiments, Monitor]:
     """A worker's statistics after `count` answers of the control arm, at t = 1 s."""
     experiments, monitor = Experiments(), empty_monitor()
     for n in range(count):
-        experiments.record_answer(f"a-{n}", Decision(MODEL, "control", "stay", "t"), 10.0, 0, 0)
+        experiments.record_answer(
+            f"a-{n}", Decision(MODEL, "control", "stay", "t", arm_model=ARM_MODEL), 10.0, 0, 0
+        )
         monitor.observe_prediction(MODEL, "churn-gbm:1", "control", ROW, 0.26, 1.0)
     return experiments, monitor
 
 
 def requests_in(shared: SharedStatistics) -> list[int]:
-    return [p.experiments[MODEL]["control"]["requests"] for p in shared.siblings()]
+    return [p.experiments[MODEL][CONTROL]["requests"] for p in shared.siblings()]
 
 
 def drift_sample(monitor: Monitor) -> int:
@@ -59,12 +63,12 @@ def test_a_replacement_worker_continues_its_predecessors_counts(tmp_path: Path):
     SharedStatistics(tmp_path, 1).publish(*answered(4))
     experiments = Experiments()
     monitor = SharedStatistics(tmp_path, 1).restore(experiments, empty_monitor())
-    assert experiments.report(MODEL)["control"]["requests"] == 4
+    assert experiments.report(MODEL, {"control": ARM_MODEL})["control"]["requests"] == 4
     assert drift_sample(monitor) == 4
     fresh = Experiments()
     untouched = empty_monitor()
     assert SharedStatistics(tmp_path, 2).restore(fresh, untouched) is untouched  # no predecessor
-    assert fresh.report(MODEL) == {}
+    assert fresh.totals() == {}
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,7 @@ def test_a_replacement_worker_continues_its_predecessors_counts(tmp_path: Path):
         b"",
         b"{not json",
         b"[]",
-        b'{"experiments": {"customer-churn": {"control": {"requests": -3}}}, "windows": []}',
+        b'{"experiments": {"customer-churn": {"control@m:1": {"requests": -3}}}, "windows": []}',
         b'{"experiments": {}}',
     ],
     ids=["empty", "broken-json", "not-an-object", "negative-count", "no-windows"],
@@ -86,7 +90,7 @@ def test_an_unreadable_sibling_file_is_left_out(tmp_path: Path, content: bytes):
     assert requests_in(worker) == [2]
     restored = Experiments()
     sibling.restore(restored, empty_monitor())  # the damaged worker's successor starts afresh
-    assert restored.report(MODEL) == {}
+    assert restored.totals() == {}
 
 
 async def test_publishing_runs_until_cancelled_and_publishes_once_more_then(tmp_path: Path):
@@ -101,7 +105,9 @@ async def test_publishing_runs_until_cancelled_and_publishes_once_more_then(tmp_
             break
         await asyncio.sleep(0.01)
     assert requests_in(reader) == [1]
-    experiments.record_answer("late", Decision(MODEL, "control", "stay", "t"), 1.0, False, False)
+    experiments.record_answer(
+        "late", Decision(MODEL, "control", "stay", "t", arm_model=ARM_MODEL), 1.0, False, False
+    )
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert requests_in(reader) == [2]

@@ -24,7 +24,7 @@ from gateway.api.responses import json_response
 from gateway.audit import AuditUnavailable, find_record
 from gateway.auth import Principal
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
-from gateway.experiments import Decision
+from gateway.experiments import UNRECORDED_MODEL, Decision
 from gateway.monitoring import version_key
 from gateway.problems import FieldError, Problem
 from gateway.runtime import Runtime
@@ -92,6 +92,7 @@ def feedback_record(
         "of_prediction": prediction_id,
         "model_id": decision.model_id,
         "arm": decision.arm,
+        "arm_model": decision.arm_model,
         "version_key": decision.version_key,
         "prediction": decision.prediction,
         "outcome": outcome,
@@ -178,6 +179,7 @@ def decision_in_record(record: Mapping[str, Any]) -> Decision | None:
             tenant=str(record["tenant"]),
             version_key=version_key(str(record["served_by"]), str(record["model_version"])),
             probability=float(record["probability"]),
+            arm_model=str(record.get("arm_model", UNRECORDED_MODEL)),
         )
     except (KeyError, TypeError, ValueError):
         return None  # not a record this gateway writes
@@ -210,12 +212,13 @@ async def experiment_report(request: Request, model_id: str) -> Response:
     if policy is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
     arms = {arm.name: {"weight": arm.weight, "chain": arm.chain} for arm in policy.arm_list}
+    arm_models = {arm.name: policy.arm_model(arm) for arm in policy.arm_list}
     siblings = [published.experiments for published in await _siblings(runtime)]
-    stats = runtime.experiments.report(model_id, siblings)
+    stats = runtime.experiments.report(model_id, arm_models, siblings)
     return json_response(
         {
             "model_id": model_id,
             "policy_version": runtime.policies.version_hash,
-            "arms": {name: {**config, **stats.get(name, {})} for name, config in arms.items()},
+            "arms": {name: {**config, **stats[name]} for name, config in arms.items()},
         }
     )

@@ -222,3 +222,35 @@ async def test_twenty_reloads_half_invalid_under_load_fail_no_request(data_dirs)
     assert len(statuses) > 100 and set(statuses) == {200}
     assert len(history) == 11
     assert len(versions_seen) >= 2  # traffic ran across versions
+
+
+CHALLENGER_TO_V2 = (
+    'model: churn_gbm_v2\n    version: "1"',
+    'model: churn_gbm_v2\n    version: "2"',
+)
+PREMIUM = {"x-customer-tier": "premium"}  # routed to the challenger arm
+
+
+async def test_a_new_model_behind_an_arm_is_reported_apart_after_an_apply(data_dirs):
+    """The challenger's model moves from version 1 to 2: the report shows version 2's counts
+    from zero and version 1's apart, and an outcome that arrives after the apply for a
+    version-1 answer counts for version 1, never in version 2's accuracy."""
+    async with gateway_and_admin(data_dirs, watch_policies=False) as (public, admin, _):
+        old = await public.post("/v1/predictions", json=CHURN_REQUEST, headers=PREMIUM)
+        bundle = bundle_with(data_dirs, *CHALLENGER_TO_V2)
+        applied = await admin.post("/admin/policies", json={"author": "ops", "bundle": bundle})
+        new = await public.post("/v1/predictions", json=CHURN_REQUEST, headers=PREMIUM)
+        for answer in (old, new):
+            judged = {"prediction_id": answer.json()["prediction_id"], "outcome": "churn"}
+            assert (await public.post("/v1/feedback", json=judged)).status_code == 202
+        report = (await public.get("/v1/experiments/customer-churn")).json()
+    assert applied.status_code == 200, applied.text
+    assert old.json()["arm"] == new.json()["arm"] == "challenger"
+    challenger = report["arms"]["challenger"]
+    assert (challenger["model"], challenger["requests"], challenger["feedback"]) == (
+        "churn_gbm_v2:2", 1, 1,
+    )  # fmt: skip
+    earlier = challenger["earlier_models"]
+    assert list(earlier) == ["churn_gbm_v2:1"]
+    assert (earlier["churn_gbm_v2:1"]["requests"], earlier["churn_gbm_v2:1"]["feedback"]) == (1, 1)
+    assert report["arms"]["control"]["earlier_models"] == {}  # its model did not change
