@@ -250,7 +250,13 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, listed: Collection[str], limits: httpx.Limits) -> None:
         super().__init__(limits=limits)
         # httpx (0.18 to 0.28 at least) keeps its httpcore pool here and offers no option for
-        # a network backend; tests/test_callbacks.py fails if that ever stops applying.
+        # a network backend; tests/test_callbacks.py fails if that ever stops applying. An
+        # httpx that keeps it elsewhere would send callbacks unchecked: refuse to start.
+        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
+            raise RuntimeError(
+                f"httpx {httpx.__version__} keeps no connection pool where the gateway puts "
+                "its destination check: callbacks would reach private addresses"
+            )
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(),
             max_connections=limits.max_connections,

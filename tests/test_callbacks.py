@@ -367,6 +367,20 @@ async def test_an_unlisted_loopback_receiver_is_refused_without_a_connection():
     assert recorder.outcomes == ["refused", "refused"]
 
 
+def test_an_httpx_that_keeps_its_pool_elsewhere_refuses_to_send_callbacks(monkeypatch):
+    """The destination check rides on httpx's private `_pool`: were a release to keep it
+    elsewhere, callbacks would go out unchecked, so the sender refuses to be built."""
+    built = httpx.AsyncHTTPTransport.__init__
+
+    def without_pool(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built(self, *args, **kwargs)
+        self._connections = self.__dict__.pop("_pool")  # as a renamed attribute would be
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "__init__", without_pool)
+    with pytest.raises(RuntimeError, match="private addresses"):
+        CallbackSender(b"k" * 32)
+
+
 async def test_a_listed_name_is_trusted_wherever_it_resolves():
     """`localhost` listed: the operator allowed it, so its loopback address is fine."""
     recorder = Recorder()
