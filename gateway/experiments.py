@@ -36,6 +36,31 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
+def difference_interval(
+    successes: int, trials: int, reference_successes: int, reference_trials: int, z: float = Z_95
+) -> tuple[float, float] | None:
+    """Newcombe's hybrid score interval of p − p_reference (his method 10, from the two
+    Wilson intervals), or None while either side has no trials. Unlike a z-test on the
+    difference it keeps its coverage near 0 and 1, where accuracies often lie."""
+    own = wilson_interval(successes, trials, z)
+    reference = wilson_interval(reference_successes, reference_trials, z)
+    if own is None or reference is None:
+        return None
+    p, q = successes / trials, reference_successes / reference_trials
+    below = math.hypot(p - own[0], reference[1] - q)
+    above = math.hypot(own[1] - p, q - reference[0])
+    return (max(-1.0, p - q - below), min(1.0, p - q + above))
+
+
+def verdict(interval: tuple[float, float] | None) -> str:
+    """`higher` or `lower` when the interval of a difference excludes zero, else `not_shown`."""
+    if interval is not None and interval[0] > 0:
+        return "higher"
+    if interval is not None and interval[1] < 0:
+        return "lower"
+    return "not_shown"
+
+
 @dataclass
 class ShadowStats:
     compared: int = 0
@@ -77,6 +102,28 @@ class ArmStats:
         if not all(isinstance(v, int | float) and v >= 0 for v in numbers.values()):
             raise ValueError("statistics must be numbers, none negative")
         return cls(**numbers, shadows=shadows)
+
+    def compared_with(self, reference: ArmStats) -> dict[str, Any]:
+        """How this arm differs from `reference` (the policy's first arm): accuracy and
+        fallback rate, each difference with its 95% interval and whether it shows one."""
+        accuracy = difference_interval(
+            self.correct, self.feedback, reference.correct, reference.feedback
+        )
+        fallbacks = difference_interval(
+            self.degraded, self.requests, reference.degraded, reference.requests
+        )
+        return {
+            "accuracy_difference": _difference(
+                self.correct, self.feedback, reference.correct, reference.feedback
+            ),
+            "accuracy_difference_ci95": accuracy,
+            "accuracy": verdict(accuracy),
+            "fallback_rate_difference": _difference(
+                self.degraded, self.requests, reference.degraded, reference.requests
+            ),
+            "fallback_rate_difference_ci95": fallbacks,
+            "fallback_rate": verdict(fallbacks),
+        }
 
     def report(self) -> dict:
         return {
@@ -233,9 +280,10 @@ class Experiments:
     def report(
         self, model_id: str, arm_models: Mapping[str, str], siblings: Iterable[Totals] = ()
     ) -> dict[str, dict]:
-        """The report of each arm in `arm_models` (arm → the model it asks now), with the
-        statistics of `siblings` (other workers, replicas) counted in: the current arm
-        model's at the top, earlier ones under `earlier_models`."""
+        """The report of each arm in `arm_models` (arm → the model it asks now, in policy
+        order), with the statistics of `siblings` (other workers, replicas) counted in: the
+        current arm model's at the top, earlier ones under `earlier_models`. Every arm but
+        the first is compared with the first (the control) under `versus`."""
         combined: dict[str, dict[str, ArmStats]] = {}  # arm → arm model → statistics
         own = {key: stats.as_plain() for key, stats in self._stats.get(model_id, {}).items()}
         for totals in (own, *(sibling.get(model_id, {}) for sibling in siblings)):
@@ -243,10 +291,15 @@ class Experiments:
                 arm, arm_model = split_arm_key(key)
                 by_model = combined.setdefault(arm, {})
                 by_model.setdefault(arm_model, ArmStats()).add(ArmStats.from_plain(plain))
-        return {
-            arm: arm_report(combined.get(arm, {}), current)
-            for arm, current in sorted(arm_models.items())
-        }
+        current = {arm: combined.get(arm, {}).get(m, ArmStats()) for arm, m in arm_models.items()}
+        reference = next(iter(arm_models), None)  # the policy's first arm: the control
+        reports = {}
+        for arm, arm_model in sorted(arm_models.items()):
+            reports[arm] = arm_report(combined.get(arm, {}), arm_model)
+            if reference is not None and arm != reference:
+                versus = current[arm].compared_with(current[reference])
+                reports[arm]["versus"] = {"arm": reference, **versus}
+        return reports
 
 
 def arm_report(by_model: Mapping[str, ArmStats], current: str) -> dict[str, Any]:
@@ -267,6 +320,12 @@ _SUMMED = (
 )  # fmt: skip
 
 Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm_key → ArmStats.as_plain()
+
+
+def _difference(part: int, whole: int, reference_part: int, reference_whole: int) -> float | None:
+    if not whole or not reference_whole:
+        return None
+    return round(part / whole - reference_part / reference_whole, 6)
 
 
 def _rate(part: int, whole: int) -> float | None:

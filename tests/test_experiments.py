@@ -19,6 +19,8 @@ from gateway.experiments import (
     ArmStats,
     Decision,
     Experiments,
+    difference_interval,
+    verdict,
     wilson_interval,
 )
 from gateway.runtime import audit_log
@@ -74,6 +76,43 @@ def test_wilson_interval_narrows_with_more_trials():
     """The same proportion over more trials gives a narrower interval."""
     widths = [hi - lo for lo, hi in (wilson_interval(n // 2, n) for n in (10, 100, 1000))]
     assert widths == sorted(widths, reverse=True)
+
+
+# --- differences between two arms ------------------------------------------------------------
+
+# Reference values from statsmodels' confint_proportions_2indep(k1, n1, k2, n2,
+# method="newcomb", compare="diff"), an implementation independent of gateway.experiments; the
+# first two are also in Newcombe (1998), Table II, method 10: (0.0524, 0.3339), (0.1705, 0.8090).
+NEWCOMBE_95 = [
+    (56, 70, 48, 80, 0.05243147240236498, 0.33387265403690614),
+    (9, 10, 3, 10, 0.1705227239345029, 0.809017973535488),
+    (6, 7, 2, 7, 0.05822792748231209, 0.8062496375242278),
+    (5, 56, 0, 29, -0.038137147903536936, 0.19256001385511165),
+    (0, 10, 0, 20, -0.1611251580528194, 0.27753279986288926),
+    (10, 10, 0, 20, 0.6790860371419145, 1.0),
+    (30, 100, 10, 40, -0.12220608236589223, 0.1944949278235626),
+    (95, 100, 90, 100, -0.026272869479874825, 0.12962420365148347),
+    (1, 1, 0, 1, -0.12210872068194178, 1.0),
+]
+
+
+@pytest.mark.parametrize(("k1", "n1", "k2", "n2", "low", "high"), NEWCOMBE_95)
+def test_difference_interval_matches_reference_values(k1, n1, k2, n2, low, high):
+    assert difference_interval(k1, n1, k2, n2) == pytest.approx((low, high), abs=1e-7)
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(0, 10), (10, 0), (0, 0)])
+def test_difference_interval_needs_trials_on_both_sides(n1, n2):
+    assert difference_interval(0, n1, 0, n2) is None
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [((0.01, 0.2), "higher"), ((-0.2, -0.01), "lower"), ((-0.1, 0.1), "not_shown"),
+     ((0.0, 0.3), "not_shown"), (None, "not_shown")],
+)  # fmt: skip
+def test_a_difference_is_shown_only_when_its_interval_excludes_zero(interval, expected):
+    assert verdict(interval) == expected
 
 
 # --- Experiments ------------------------------------------------------------------------------
@@ -227,6 +266,35 @@ def test_a_decision_found_elsewhere_is_judged_once_under_its_arm():
     challenger = arm_reports(experiments)["challenger"]
     assert (challenger["requests"], challenger["feedback"]) == (0, 1)
     assert (challenger["outcome_rate"], challenger["accuracy"]) == (1.0, 0.0)
+
+
+def test_every_arm_but_the_first_is_compared_with_the_first():
+    """The challenger against the control (the policy's first arm): differences of accuracy
+    and fallback rate with their intervals, and whether each shows a difference."""
+    experiments = Experiments()
+    for n in range(40):  # control: right 20 times in 40, one fallback in 4
+        answer(experiments, f"c{n}", "control", "churn", degraded=n % 4 == 0)
+        experiments.record_outcome(f"c{n}", "churn" if n % 2 else "stay", "churn")
+    for n in range(40):  # challenger: right 36 times in 40, never a fallback
+        answer(experiments, f"h{n}", "challenger", "churn")
+        experiments.record_outcome(f"h{n}", "churn" if n % 10 else "stay", "churn")
+    reports = arm_reports(experiments)
+    assert "versus" not in reports["control"]
+    versus = reports["challenger"]["versus"]
+    assert versus["arm"] == "control"
+    assert versus["accuracy_difference"] == 0.4
+    assert versus["accuracy_difference_ci95"] == pytest.approx(difference_interval(36, 40, 20, 40))
+    assert (versus["accuracy"], versus["fallback_rate_difference"]) == ("higher", -0.25)
+    assert versus["fallback_rate"] == "lower"
+
+
+def test_a_comparison_without_outcomes_shows_nothing():
+    """Before feedback on both sides there is no accuracy difference to show."""
+    experiments = Experiments()
+    answer(experiments, "h1", "challenger", "churn")
+    versus = arm_reports(experiments)["challenger"]["versus"]
+    assert (versus["accuracy_difference"], versus["accuracy_difference_ci95"]) == (None, None)
+    assert (versus["accuracy"], versus["fallback_rate"]) == ("not_shown", "not_shown")
 
 
 def test_a_new_model_behind_an_arm_starts_its_counts_afresh():
@@ -583,3 +651,5 @@ async def test_experiment_report_lists_both_arms_with_weights_and_chains(gateway
         assert (control["model"], challenger["model"]) == ("churn_gbm:1", "churn_gbm_v2:1")
     assert after["arms"]["control"]["requests"] == 1
     assert before["arms"]["control"]["requests"] == 0
+    assert after["arms"]["challenger"]["versus"]["arm"] == "control"  # the first arm
+    assert "versus" not in after["arms"]["control"]
