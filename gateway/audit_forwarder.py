@@ -49,7 +49,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,15 @@ def unshipped_bytes(directory: Path, cursor: Cursor) -> int:
     return total
 
 
+def oldest_kept_entry(now_s: float, retention_s: int) -> str | None:
+    """The stream id below which entries are trimmed (`XADD ... MINID`), or None to keep
+    all. Redis names entries after its clock in milliseconds; a replica's clock a few seconds
+    off moves the cut by as much, nothing next to a retention of hours."""
+    if retention_s <= 0:
+        return None
+    return f"{max(0, int((now_s - retention_s) * 1000))}-0"
+
+
 def seq_gaps(previous: int, seqs: list[int | None]) -> Iterator[tuple[int, int]]:
     """Where seq jumps backwards or skips: (before, after). A checkpoint repeats its seq."""
     for seq in seqs:
@@ -287,16 +297,21 @@ class AuditForwarder:
         replica: str | None = None,
         batch: int = 500,
         poll_s: float = 0.2,
-        maxlen: int | None = None,
+        retention_s: int = 0,
         decisions_ttl_s: int = 0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = Path(directory)
+        # Entries older than this are trimmed from the stream as batches are added (0: kept
+        # until a consumer trims them). The local log stays the record of everything.
+        self.retention_s = retention_s
+        self._wall = wall_clock
         # Each prediction's decision kept this long for feedback elsewhere (0: not kept).
         self.decisions_ttl_s = decisions_ttl_s
         self.stream = stream
         self.replica = replica or socket.gethostname()
         self.forwarded = self.errors = 0
-        self._batch, self._poll_s, self._maxlen = batch, poll_s, maxlen
+        self._batch, self._poll_s = batch, poll_s
         self._cursor_path = self.directory / CURSOR_NAME
         self._cursor = self._saved = START
         # No retries inside redis-py: each attempt fails fast and our backoff paces the next.
@@ -381,6 +396,7 @@ class AuditForwarder:
         return len(batch.lines)
 
     async def _xadd(self, batch: Batch) -> None:
+        oldest = oldest_kept_entry(self._wall(), self.retention_s)
         async with self._redis.pipeline(transaction=False) as pipe:
             for line, seq, kind in zip(batch.lines, batch.seqs, batch.types, strict=True):
                 fields = {
@@ -389,7 +405,9 @@ class AuditForwarder:
                     "type": kind,
                     "line": line,
                 }
-                pipe.xadd(self.stream, fields, maxlen=self._maxlen, approximate=True)
+                # Approximate trimming drops whole radix-tree nodes: cheap, and never an entry
+                # younger than `oldest`.
+                pipe.xadd(self.stream, fields, minid=oldest, approximate=True)
             entry_ids = await pipe.execute()
         if self.decisions_ttl_s and batch.decisions:
             await self._keep_decisions(batch.decisions, entry_ids)

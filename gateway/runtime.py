@@ -399,6 +399,7 @@ def audit_forwarder(settings: Settings, replica: str) -> AuditForwarder | None:
         worker_log_directory(settings.audit_dir, settings.worker_index),
         settings.audit_stream_url,
         replica=replica,
+        retention_s=settings.audit_stream_retention_s,
         decisions_ttl_s=settings.shared_decisions_ttl_s,
     )
 

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Redis URL of a stream (`aigw:audit`) to which the local log is shipped; the local log is
     # the spill while that Redis is down. Unset: records stay in local files only.
     audit_stream_url: str | None = None
+    # How long the stream keeps each entry (about 1.4 KB an answer, measured): older ones are
+    # trimmed as batches are added. 0 keeps everything (a consumer that archives trims).
+    audit_stream_retention_s: int = Field(default=24 * 3600, ge=0)
     # With the stream: how long each answer's decision stays findable there by feedback
     # reaching another replica (shared_decisions.py); 0 keeps none (feedback then needs the
     # replica, or the machine, whose audit log holds the answer).

@@ -21,6 +21,7 @@ from gateway.audit_forwarder import (
     AuditForwarder,
     Cursor,
     load_cursor,
+    oldest_kept_entry,
     read_batch,
     save_cursor,
     seq_gaps,
@@ -446,3 +447,62 @@ async def test_without_a_ttl_no_decision_is_kept(tmp_path, redis_server, client,
     await forwarder.start()
     assert await until(lambda: forwarder.forwarded == 1)
     assert not await client.exists(DECISION_PREFIX + prediction_id)
+
+
+# ---- the stream's retention -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("now_s", "retention_s", "oldest"),
+    [(1_765_000_000.5, 3600, "1764996400500-0"), (1_765_000_000.0, 0, None), (50.0, 100, "0-0")],
+    ids=["an-hour", "keep-all", "before-the-epoch"],
+)
+def test_the_oldest_entry_kept_is_the_retention_before_now(now_s, retention_s, oldest):
+    assert oldest_kept_entry(now_s, retention_s) == oldest
+
+
+async def test_entries_older_than_the_retention_are_trimmed_as_batches_are_added(
+    tmp_path, redis_server, client, stream, forwarder_on
+):
+    """200 records ship; later, with the cut between them and 20 new ones, the next batch
+    trims the old ones from the oldest (whole stream nodes at a time: the few sharing a node
+    with a young entry stay), and never a young one."""
+    log = new_log(tmp_path)
+    await log.open()
+    for n in range(200):
+        await log.append(prediction_record(f"old-{n}"))
+    first = forwarder_on(tmp_path, redis_server.url, retention_s=3600)
+    await first.start()
+    assert await until(lambda: first.forwarded == 200 and first.pending_bytes() == 0)
+    await first.stop()
+    await asyncio.sleep(0.05)
+    cut = time.time()
+    await asyncio.sleep(0.05)
+    for n in range(20):
+        await log.append(prediction_record(f"new-{n}"))
+    await log.close()
+    later = forwarder_on(
+        tmp_path, redis_server.url, retention_s=3600, wall_clock=lambda: cut + 3600
+    )
+    await later.start()
+    assert await until(lambda: later.forwarded == 20 and later.pending_bytes() == 0)
+
+    kept = [orjson.loads(f[b"line"])["prediction_id"] for _, f in await client.xrange(stream)]
+    young = [p for p in kept if p.startswith("new-")]
+    old = [p for p in kept if p.startswith("old-")]
+    assert young == [f"new-{n}" for n in range(20)]
+    assert len(old) < 50 and old == [f"old-{n}" for n in range(200 - len(old), 200)]
+
+
+async def test_a_retention_of_zero_keeps_every_entry(
+    tmp_path, redis_server, client, stream, forwarder_on
+):
+    log = new_log(tmp_path)
+    await log.open()
+    for n in range(30):
+        await log.append(prediction_record(f"p-{n}"))
+    await log.close()
+    forwarder = forwarder_on(tmp_path, redis_server.url, retention_s=0, wall_clock=lambda: 4e9)
+    await forwarder.start()
+    assert await until(lambda: forwarder.forwarded == 30 and forwarder.pending_bytes() == 0)
+    assert await client.xlen(stream) == 30
