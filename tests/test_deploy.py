@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -333,14 +335,41 @@ def _drive_traffic(gateway: str, admin: str) -> dict[str, int]:
     return sent
 
 
+@pytest.fixture(scope="module")
+def lives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, LivePrometheus]]:
+    """Both set-ups of `live`, started at once: most of each is waiting for scrapes."""
+    starts = {
+        workers: _live_gateway(workers, tmp_path_factory.mktemp(f"deploy-live-{workers}"))
+        for workers in (1, 2)
+    }
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = {workers: pool.submit(start.__enter__) for workers, start in starts.items()}
+    started, failure = {}, None
+    for workers, future in futures.items():
+        try:
+            started[workers] = future.result()
+        except BaseException as error:  # re-raised below, after the cleanup
+            failure = failure or error
+    try:
+        if failure is not None:
+            raise failure
+        yield started
+    finally:
+        for workers in started:
+            starts[workers].__exit__(None, None, None)
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-worker", "two-workers"])
-def live(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LivePrometheus]:
+def live(request: pytest.FixtureRequest, lives: dict[int, LivePrometheus]) -> LivePrometheus:
     """`aigw serve` without Triton, scraped every second by a real Prometheus with the rules;
     once as one process, once as two workers whose /metrics must report the same totals."""
+    return lives[request.param]
+
+
+@contextlib.contextmanager
+def _live_gateway(workers: int, root: Path) -> Iterator[LivePrometheus]:
+    """`aigw serve --workers N` and a Prometheus scraping it, once it has scraped traffic."""
     prometheus_bin = tool("prometheus")
-    root = tmp_path_factory.mktemp("deploy-live")
     port, admin_port, prometheus_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIGW_")}
     env.update(
@@ -372,7 +401,7 @@ def live(
                         "--port",
                         str(port),
                         "--workers",
-                        str(request.param),
+                        str(workers),
                     ],
                     cwd=REPO,
                     env=env,
