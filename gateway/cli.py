@@ -277,6 +277,11 @@ def _policy_diff(args: argparse.Namespace) -> int:
     if result is None:
         return 1
     print(result["diff"] or "no differences", end="" if result["diff"] else "\n")
+    for change in result.get("arm_models_changed") or []:
+        print(
+            f"{change['model_id']}/{change['arm']}: {change['from']} -> {change['to']}: "
+            "its experiment statistics start afresh (the earlier model's are kept apart)"
+        )
     return 0
 
 

@@ -313,6 +313,24 @@ class PolicySet:
         return self.policies.get(model_id)
 
 
+def arm_model_changes(
+    running: Mapping[str, Policy], proposed: Mapping[str, Policy]
+) -> list[dict[str, str]]:
+    """Arms kept by `proposed` whose model changes: their experiment statistics start afresh
+    (experiments.py), which an operator should know before applying."""
+    changes = []
+    for model_id, after in sorted(proposed.items()):
+        before = running.get(model_id)
+        if before is None:
+            continue
+        arms_before = {arm.name: before.arm_model(arm) for arm in before.arm_list}
+        for arm in after.arm_list:
+            was, becomes = arms_before.get(arm.name), after.arm_model(arm)
+            if was is not None and was != becomes:
+                changes.append({"model_id": model_id, "arm": arm.name, "from": was, "to": becomes})
+    return changes
+
+
 def load_policies(
     directory: Path, contracts: ContractSet, env: Mapping[str, str] | None = None
 ) -> PolicySet:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from gateway.policy import arm_model_changes
 from gateway.policy_store import (
     Bundle,
     BundleError,
@@ -55,6 +56,15 @@ class PolicyManager:
         except BundleError as error:
             return error.faults
         return []
+
+    async def arm_model_changes(self, bundle: Bundle) -> list[dict[str, str]] | None:
+        """The arms whose model `bundle` would change (their statistics start afresh), or
+        None when the bundle does not load (`validate` lists why)."""
+        try:
+            config = await asyncio.to_thread(load_bundle, bundle, self.runtime.settings, self._env)
+        except BundleError:
+            return None
+        return arm_model_changes(self.runtime.policies.policies, config.policies.policies)
 
     async def apply(self, bundle: Bundle, author: str, source: str = "api") -> PolicyVersion:
         """Check and swap in `bundle`; BundleError (running version kept) when it fails."""

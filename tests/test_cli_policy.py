@@ -63,6 +63,25 @@ def test_policy_commands_against_a_running_gateway(running_gateway, data_dirs, t
     assert "rollback:1" in lines[-1]
 
 
+def test_policy_diff_says_which_arms_restart_their_statistics(
+    running_gateway, data_dirs, tmp_path, capsys
+):
+    """A new version behind the challenger: the diff ends by saying its statistics restart."""
+    proposed = proposed_copy(data_dirs, tmp_path)
+    policy = proposed / "customer-churn.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            'model: churn_gbm_v2\n    version: "1"', 'model: churn_gbm_v2\n    version: "2"'
+        )
+    )
+    url = ["--admin-url", running_gateway]
+    assert main(["policy", "diff", *url, "--policies", str(proposed)]) == 0
+    assert (
+        "customer-churn/challenger: churn_gbm_v2:1 -> churn_gbm_v2:2: its experiment statistics"
+        " start afresh" in capsys.readouterr().out
+    )
+
+
 def test_policy_apply_of_a_broken_directory_fails_with_the_fault(
     running_gateway, data_dirs, tmp_path, capsys
 ):

@@ -11,7 +11,13 @@ import pytest
 import yaml
 
 from gateway.contracts import ContractSet, load_contracts
-from gateway.policy import PolicyError, expand_environment, load_policies
+from gateway.policy import (
+    Policy,
+    PolicyError,
+    arm_model_changes,
+    expand_environment,
+    load_policies,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = "customer-churn.yaml"
@@ -466,3 +472,49 @@ def test_expand_environment_walks_lists_and_mappings_and_keeps_other_values():
         "${K}": ["a", 1, 2.5, True, None, {"inner": "z"}],
         "n": 3,
     }
+
+
+# --- what an apply changes for experiments ---------------------------------------------------
+
+
+def churn_policy(edit: Callable[[dict[str, Any]], None] | None = None) -> Policy:
+    """The shipped churn policy, as parsed, after `edit` of its YAML tree."""
+    tree = shipped_policy()
+    if edit is not None:
+        edit(tree)
+    return Policy.model_validate(expand_environment(tree, {}))
+
+
+def _challenger_version_2(tree: dict[str, Any]) -> None:
+    tree["targets"]["churn-gbm-v2"]["version"] = "2"
+
+
+def _challenger_asks_the_control_model(tree: dict[str, Any]) -> None:
+    tree["arms"][1]["chain"][0] = "churn-gbm"
+
+
+def _weights_only(tree: dict[str, Any]) -> None:
+    tree["arms"][0]["weight"], tree["arms"][1]["weight"] = 50, 50
+
+
+def _a_third_arm(tree: dict[str, Any]) -> None:
+    tree["arms"].append({"name": "canary", "weight": 1, "chain": ["churn-logreg", "default"]})
+
+
+@pytest.mark.parametrize(
+    ("edit", "changed"),
+    [
+        (_challenger_version_2, [("challenger", "churn_gbm_v2:1", "churn_gbm_v2:2")]),
+        (_challenger_asks_the_control_model, [("challenger", "churn_gbm_v2:1", "churn_gbm:1")]),
+        (_weights_only, []),
+        (_a_third_arm, []),  # a new arm has no statistics to restart
+    ],
+    ids=["new-version", "other-target", "weights", "new-arm"],
+)
+def test_an_apply_names_the_arms_whose_model_changes(edit, changed):
+    running = {"customer-churn": churn_policy()}
+    proposed = {"customer-churn": churn_policy(edit)}
+    changes = arm_model_changes(running, proposed)
+    assert [(c["arm"], c["from"], c["to"]) for c in changes] == changed
+    assert all(c["model_id"] == "customer-churn" for c in changes)
+    assert arm_model_changes(running, {}) == []  # a model removed has no arms to restart

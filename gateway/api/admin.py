@@ -81,11 +81,18 @@ async def validate_policies(request: Request) -> Response:
 
 @router.post("/policies/diff")
 async def diff_policies(request: Request) -> Response:
-    """A unified diff from the running version to a proposed bundle."""
+    """A unified diff from the running version to a proposed bundle, and the arms whose
+    model it changes (null when the bundle does not load: validate says why)."""
     bundle = _bundle_of(await _json_body(request))
-    running = _manager(request).history.current
+    manager = _manager(request)
+    running = manager.history.current
     assert running is not None
-    return json_response({"diff": bundle_diff(running.bundle, bundle)})
+    return json_response(
+        {
+            "diff": bundle_diff(running.bundle, bundle),
+            "arm_models_changed": await manager.arm_model_changes(bundle),
+        }
+    )
 
 
 @router.post("/policies")

@@ -46,6 +46,11 @@ def bundle_with(root: Path, old: str, new: str) -> dict:
 
 ALL_TO_CHALLENGER = ("weight: 90", "weight: 0")
 BROKEN_CHAIN = ("chain: [churn-gbm, churn-logreg", "chain: [churn-gbm, churn-nope")
+CHALLENGER_TO_V2 = (
+    'model: churn_gbm_v2\n    version: "1"',
+    'model: churn_gbm_v2\n    version: "2"',
+)
+PREMIUM = {"x-customer-tier": "premium"}  # routed to the challenger arm
 
 
 async def test_apply_then_rollback_restores_the_previous_behaviour(data_dirs):
@@ -110,6 +115,24 @@ async def test_diff_shows_the_proposed_change(data_dirs):
     diff = response.json()["diff"]
     assert "proposed/policies/customer-churn.yaml" in diff
     assert "-    weight: 90" in diff and "+    weight: 0" in diff
+    assert response.json()["arm_models_changed"] == []  # weights only: no arm's model
+
+
+async def test_diff_names_the_arms_whose_model_an_apply_would_change(data_dirs):
+    """A new version behind the challenger restarts its statistics: the diff says so before
+    the apply; a bundle that does not load names no arms (null), validate says why."""
+    async with gateway_and_admin(data_dirs, watch_policies=False) as (_, admin, _):
+        version_2 = await admin.post(
+            "/admin/policies/diff", json={"bundle": bundle_with(data_dirs, *CHALLENGER_TO_V2)}
+        )
+        broken = await admin.post(
+            "/admin/policies/diff", json={"bundle": bundle_with(data_dirs, *BROKEN_CHAIN)}
+        )
+    assert version_2.json()["arm_models_changed"] == [
+        {"model_id": "customer-churn", "arm": "challenger",
+         "from": "churn_gbm_v2:1", "to": "churn_gbm_v2:2"}
+    ]  # fmt: skip
+    assert broken.status_code == 200 and broken.json()["arm_models_changed"] is None
 
 
 async def test_malformed_admin_requests_are_problems(data_dirs):
@@ -222,13 +245,6 @@ async def test_twenty_reloads_half_invalid_under_load_fail_no_request(data_dirs)
     assert len(statuses) > 100 and set(statuses) == {200}
     assert len(history) == 11
     assert len(versions_seen) >= 2  # traffic ran across versions
-
-
-CHALLENGER_TO_V2 = (
-    'model: churn_gbm_v2\n    version: "1"',
-    'model: churn_gbm_v2\n    version: "2"',
-)
-PREMIUM = {"x-customer-tier": "premium"}  # routed to the challenger arm
 
 
 async def test_a_new_model_behind_an_arm_is_reported_apart_after_an_apply(data_dirs):
