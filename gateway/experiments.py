@@ -106,24 +106,12 @@ class ArmStats:
     def compared_with(self, reference: ArmStats) -> dict[str, Any]:
         """How this arm differs from `reference` (the policy's first arm): accuracy and
         fallback rate, each difference with its 95% interval and whether it shows one."""
-        accuracy = difference_interval(
-            self.correct, self.feedback, reference.correct, reference.feedback
-        )
-        fallbacks = difference_interval(
-            self.degraded, self.requests, reference.degraded, reference.requests
-        )
         return {
-            "accuracy_difference": _difference(
-                self.correct, self.feedback, reference.correct, reference.feedback
-            ),
-            "accuracy_difference_ci95": accuracy,
-            "accuracy": verdict(accuracy),
-            "fallback_rate_difference": _difference(
-                self.degraded, self.requests, reference.degraded, reference.requests
-            ),
-            "fallback_rate_difference_ci95": fallbacks,
-            "fallback_rate": verdict(fallbacks),
-        }
+            **_compared("accuracy", self.correct, self.feedback, reference.correct,
+                        reference.feedback),
+            **_compared("fallback_rate", self.degraded, self.requests, reference.degraded,
+                        reference.requests),
+        }  # fmt: skip
 
     def report(self) -> dict:
         return {
@@ -322,10 +310,20 @@ _SUMMED = (
 Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm_key → ArmStats.as_plain()
 
 
-def _difference(part: int, whole: int, reference_part: int, reference_whole: int) -> float | None:
-    if not whole or not reference_whole:
-        return None
-    return round(part / whole - reference_part / reference_whole, 6)
+def _compared(
+    name: str, part: int, whole: int, reference_part: int, reference_whole: int
+) -> dict[str, Any]:
+    """`<name>_difference` (this share less the reference's), its 95% interval, and `<name>`:
+    whether the interval shows a difference."""
+    interval = difference_interval(part, whole, reference_part, reference_whole)
+    difference = (
+        round(part / whole - reference_part / reference_whole, 6) if interval is not None else None
+    )
+    return {
+        f"{name}_difference": difference,
+        f"{name}_difference_ci95": interval,
+        name: verdict(interval),
+    }
 
 
 def _rate(part: int, whole: int) -> float | None:
