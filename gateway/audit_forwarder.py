@@ -12,6 +12,10 @@ it seals, as in the local log, so seq alone does not name a line) and `line` (th
 bytes as on disk, trailing newline included, so a consumer can rebuild a replica's segments
 byte for byte and check them with `gateway.audit.ChainCheck`).
 
+Retention. With `retention_s`, each XADD also trims entries older than that (`MINID`,
+approximate: whole stream nodes, so a few older ones may stay a while), so the stream holds
+a bounded window for consumers, not every answer since the first; 0 leaves trimming to them.
+
 Decisions. With `decisions_ttl_s`, each prediction record also sets
 `aigw:decision:<prediction_id>` (what feedback needs of it, expiring after that many seconds)
 in the same pipeline, so feedback reaching another replica finds the decision
