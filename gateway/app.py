@@ -205,6 +205,7 @@ def _breaker_syncs(settings: Settings, runtime: Runtime) -> list[BreakerSync | B
         syncs.append(runtime.shared_state["breakers"])
     for sync in syncs:
         runtime.on_breaker_trip(sync.share)
+        runtime.on_new_breaker(sync.adopt_latest)
     return syncs
 
 

@@ -15,7 +15,8 @@ Neither is on the request path. A breaker tells its exchange synchronously (a qu
 background task publishes, another follows the peers. With the exchange unreachable, each
 process keeps working on its local breakers. The exchange reads the live breakers each time
 (`breakers_of`), so it follows policy applies: a target whose breaker a new policy replaced
-is shared as before (the runtime hooks every new breaker, `Runtime.on_breaker_trip`).
+is shared as before (the runtime hooks every new breaker, `Runtime.on_breaker_trip`), and a
+breaker an apply creates takes up a peer's opening that still holds (`Runtime.on_new_breaker`).
 
 Open-until moments travel as wall-clock times, so replicas' clocks should be synchronised
 (NTP); a skew of a second shortens or lengthens a shared opening by that second.
@@ -49,6 +50,7 @@ KEY_PREFIX = "aigw:breaker:"
 REDIS_TIMEOUT_S = 0.5
 MAX_BACKOFF_S = 5.0
 FILE_POLL_INTERVAL_S = 0.25
+MAX_REMEMBERED = 4096  # peers' latest openings kept before ended ones are dropped
 
 BreakersOf = Callable[[], Mapping[str, Breaker]]
 
@@ -83,6 +85,10 @@ class _OpeningExchange:
         self._clock, self._wall = clock, wall_clock
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1024)
         self._tasks: list[asyncio.Task] = []
+        # Each breaker's latest opening by a peer, adopted or not: a breaker that a policy
+        # apply creates later takes it up (`adopt_latest`), or it would learn only of the
+        # peers' next openings, while they keep the current one.
+        self._latest: dict[str, Mapping[str, Any]] = {}
 
     def share(self, breaker: Breaker, open_for_s: float) -> None:
         """A trip hook (`Breaker.on_trip`): queue the opening for the peers."""
@@ -94,12 +100,33 @@ class _OpeningExchange:
 
     def adopt(self, message: Mapping[str, Any]) -> bool:
         """Open our copy of a peer's breaker until the peer's moment; True when adopted."""
-        breaker = self._breakers_of().get(str(message.get("breaker"))) if message else None
         remaining = remaining_open_s(message, self.replica_id, self._wall())
-        if breaker is None or remaining is None:
+        if remaining is None:
+            return False
+        name = str(message.get("breaker"))
+        self._remember(name, message)
+        breaker = self._breakers_of().get(name)
+        if breaker is None:
             return False
         breaker.force_open(self._clock(), remaining)
         return True
+
+    def adopt_latest(self, breaker: Breaker) -> bool:
+        """A new-breaker hook (`Runtime.on_new_breaker`): open `breaker` if a peer's latest
+        opening of it still holds; True when it does."""
+        message = self._latest.get(breaker.name)
+        remaining = remaining_open_s(message, self.replica_id, self._wall()) if message else None
+        if remaining is None:
+            return False
+        breaker.force_open(self._clock(), remaining)
+        return True
+
+    def _remember(self, name: str, message: Mapping[str, Any]) -> None:
+        self._latest[name] = message
+        if len(self._latest) > MAX_REMEMBERED:  # only ended openings go: they open nothing
+            now = self._wall()
+            for stale in [n for n, m in self._latest.items() if m.get("until", 0) <= now]:
+                del self._latest[stale]
 
     async def stop(self) -> None:
         for task in self._tasks:

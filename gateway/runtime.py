@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,7 @@ class Runtime:
     shared_decisions: SharedDecisions | None = None
     _retired: list[ModelRuntime] = field(default_factory=list)
     _trip_hooks: list[TripHook] = field(default_factory=list)
+    _new_breaker_hooks: list[Callable[[Breaker], object]] = field(default_factory=list)
 
     @property
     def config(self) -> Configuration:
@@ -199,10 +200,18 @@ class Runtime:
         for breaker in self.breakers.values():
             breaker.on_trip(hook)
 
+    def on_new_breaker(self, hook: Callable[[Breaker], object]) -> None:
+        """Call `hook(breaker)` for each serving breaker a later policy apply creates (not
+        for today's, nor for those an apply keeps)."""
+        self._new_breaker_hooks.append(hook)
+
     def swap(self, config: Configuration) -> None:
         """Serve `config` from now on; targets whose spec is unchanged keep their breakers."""
         previous = self.snapshot
         self.snapshot = build_snapshot(config, self.metrics, previous, tuple(self._trip_hooks))
+        for breaker in _new_breakers(previous, self.snapshot):
+            for hook in self._new_breaker_hooks:
+                hook(breaker)
         kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
         retired = [m for m in previous.models.values() if not _all_kept(m, kept)]
         self._retired.extend(retired)
@@ -363,6 +372,17 @@ def _guard_key(
     breaker_name: str, target: TritonTarget, retry_ratio: float, gather_s: float
 ) -> tuple:
     return (breaker_name, target.model_dump_json(), retry_ratio, gather_s)
+
+
+def _new_breakers(previous: Snapshot, current: Snapshot) -> list[Breaker]:
+    """The serving breakers `current` has that `previous` had not (an apply created them)."""
+    before = {id(g.breaker) for m in previous.models.values() for g in m.guards.values()}
+    return [
+        g.breaker
+        for m in current.models.values()
+        for g in m.guards.values()
+        if id(g.breaker) not in before
+    ]
 
 
 def _all_guards(model: ModelRuntime) -> list[TargetGuard]:

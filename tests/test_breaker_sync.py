@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
+from gateway.app import create_admin_app, create_app
 from gateway.breaker_sync import CHANNEL, BreakerFileSync, BreakerSync, remaining_open_s
 from gateway.demo.triton_process import free_port
 from gateway.policy import BreakerConfig
+from gateway.policy_store import read_bundle
 from gateway.resilience import CLOSED, OPEN, Breaker, Outcome
-from tests.conftest import CHURN_REQUEST
+from tests.conftest import CHURN_REQUEST, settings_for
 
 CONFIG = BreakerConfig(failure_threshold=2, reset_timeout_s=3, max_reset_timeout_s=3)
 NAME = "customer-churn/churn-gbm"
@@ -173,6 +177,39 @@ async def test_an_opening_reaches_the_breaker_a_policy_apply_put_in_place(tmp_pa
         await sync_b.stop()
 
 
+async def test_a_breaker_created_after_a_peers_opening_takes_it_up(tmp_path):
+    """Worker B has no such breaker when A's opening arrives (its policy lacks the target);
+    an apply then creates it: it opens until A's moment, not at A's next trip. An opening
+    that has ended, or B's own, opens nothing."""
+    a, live = replica_breakers(), {}
+    sync_a = file_sync(tmp_path, a, replica_id="a")
+    sync_b = BreakerFileSync(tmp_path, lambda: live, replica_id="b", interval_s=60)
+    await sync_a.start()
+    await sync_b.start()
+    try:
+        trip(a[NAME])
+        assert await until(lambda: (tmp_path / "customer-churn%2Fchurn-gbm.json").exists())
+        assert sync_b.poll() == 0  # read, nothing to open yet
+        created = Breaker(NAME, CONFIG, jitter=lambda: 0.0)
+        assert sync_b.adopt_latest(created) is True
+        assert_open_until_the_same_moment(a[NAME], created)
+        assert sync_a.adopt_latest(Breaker(NAME, CONFIG)) is False  # its own opening
+        assert sync_b.adopt_latest(Breaker("customer-churn/other", CONFIG)) is False
+    finally:
+        await sync_a.stop()
+        await sync_b.stop()
+
+
+async def test_an_ended_opening_is_not_taken_up_by_a_new_breaker(tmp_path):
+    wall = [1000.0]
+    sync = BreakerFileSync(tmp_path, dict, replica_id="b", wall_clock=lambda: wall[0])
+    assert sync.adopt({"breaker": NAME, "until": 1005.0, "replica": "a"}) is False  # none yet
+    wall[0] = 1006.0
+    created = Breaker(NAME, CONFIG)
+    assert sync.adopt_latest(created) is False
+    assert created.state == CLOSED
+
+
 FAR = time.time() + 3600
 
 
@@ -248,6 +285,40 @@ async def test_workers_of_one_machine_share_breaker_openings(gateway_client, tmp
         gateway_client(env=env, worker_index=1, workers_dir=workers_dir) as second,
     ):
         await first_trips_and_second_skips(first, second)
+
+
+async def test_a_breaker_an_apply_creates_in_a_sibling_is_open_at_once(data_dirs, tmp_path):
+    """Worker 0 finds Triton dead; worker 1 adopts the opening, then applies a policy that
+    rebuilds its breakers (another reset timeout): the new breaker is open at once, before
+    any failure of its own."""
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    workers_dir = tmp_path / "workers"
+    workers_dir.mkdir()
+    apps = [
+        create_app(settings_for(data_dirs, worker_index=n, workers_dir=workers_dir,
+                                watch_policies=False), env=env)
+        for n in (0, 1)
+    ]  # fmt: skip
+    bundle = read_bundle(data_dirs / "policies", data_dirs / "fallbacks").to_dict()
+    text = bundle["policies"]["customer-churn.yaml"]
+    bundle["policies"]["customer-churn.yaml"] = text.replace(
+        "reset_timeout_s: 1.0", "reset_timeout_s: 2.0"
+    )
+    async with LifespanManager(apps[0]) as first_app, LifespanManager(apps[1]) as second_app:
+        first, second, admin = (
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g")
+            for app in (first_app.app, second_app.app, create_admin_app(apps[1]))
+        )
+        async with first, second, admin:
+            await first_trips_and_second_skips(first, second)
+            applied = await admin.post("/admin/policies", json={"author": "t", "bundle": bundle})
+            assert applied.status_code == 200, applied.text
+            runtime = apps[1].state.runtime
+            rebuilt = runtime.breakers[NAME]
+            assert rebuilt.config.reset_timeout_s == 2.0  # a new breaker, not the adopter
+            assert rebuilt.state == OPEN
+            after = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
+    assert after["fallback_reason"] == "breaker_open"
 
 
 async def test_gateways_sharing_redis_share_breaker_openings(gateway_client, redis_server):

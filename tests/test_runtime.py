@@ -103,3 +103,19 @@ async def test_trip_hooks_hear_the_breakers_of_every_later_policy_once(data_dirs
         assert sorted(heard) == sorted(replaced)
     finally:
         await runtime.close()
+
+
+async def test_new_breaker_hooks_hear_only_the_breakers_an_apply_creates(data_dirs):
+    """A breaker an apply creates must take up a peer's current opening (breaker_sync.py):
+    the hook hears each new serving breaker once, and none that an apply kept."""
+    runtime = start_runtime(settings_for(data_dirs), configuration(data_dirs), Metrics())
+    created: list[Breaker] = []
+    runtime.on_new_breaker(created.append)
+    try:
+        runtime.swap(configuration(data_dirs))  # unchanged: every breaker kept
+        assert created == []
+        runtime.swap(configuration(data_dirs, ("reset_timeout_s: 1.0", "reset_timeout_s: 2.0")))
+        assert sorted(b.name for b in created) == sorted(runtime.breakers)
+        assert all(runtime.breakers[b.name] is b for b in created)
+    finally:
+        await runtime.close()
