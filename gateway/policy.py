@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -242,9 +243,11 @@ class Policy(_Strict):
 
     @property
     def arm_list(self) -> list[Arm]:
+        """The arms; a `chain` policy has one, `default` (made once per chain: routing asks
+        for the arms on every request)."""
         if self.arms is not None:
             return self.arms
-        return [Arm(name="default", weight=1, chain=self.chain or [DEFAULT_STEP])]
+        return _default_arm(tuple(self.chain or [DEFAULT_STEP]))
 
     @property
     def primary(self) -> str:
@@ -256,6 +259,12 @@ class Policy(_Strict):
         an arm (challenger v2 → v3) starts its counts afresh instead of mixing the two."""
         target = self.targets.get(arm.primary)
         return f"{target.model}:{target.version}" if target is not None else arm.primary
+
+
+@lru_cache(maxsize=1024)
+def _default_arm(chain: tuple[str, ...]) -> list[Arm]:
+    """The one arm of a `chain` policy (shared: callers read it, never change it)."""
+    return [Arm(name="default", weight=1, chain=list(chain))]
 
 
 def chain_problem(chain: list[str], targets: Mapping[str, Any] | None) -> str | None:

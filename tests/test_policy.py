@@ -518,3 +518,18 @@ def test_an_apply_names_the_arms_whose_model_changes(edit, changed):
     assert [(c["arm"], c["from"], c["to"]) for c in changes] == changed
     assert all(c["model_id"] == "customer-churn" for c in changes)
     assert arm_model_changes(running, {}) == []  # a model removed has no arms to restart
+
+
+def test_a_chain_policy_makes_its_one_arm_once():
+    """Routing asks for the arms on every request: a `chain` policy's `default` arm is one
+    object, not a new model each time."""
+
+    def chain_only(tree: dict[str, Any]) -> None:
+        tree["chain"] = tree.pop("arms")[0]["chain"]
+        del tree["sticky_by"], tree["routes"]
+
+    policy = churn_policy(chain_only)
+    (arm,) = policy.arm_list
+    assert (arm.name, arm.weight) == ("default", 1)
+    assert policy.arm_list[0] is arm
+    assert churn_policy(chain_only).arm_list[0] is arm  # one arm per chain, not per policy
