@@ -290,10 +290,19 @@ async def test_workers_of_one_machine_share_breaker_openings(gateway_client, tmp
 async def test_a_breaker_an_apply_creates_in_a_sibling_is_open_at_once(data_dirs, tmp_path):
     """Worker 0 finds Triton dead; worker 1 adopts the opening, then applies a policy that
     rebuilds its breakers (another reset timeout): the new breaker is open at once, before
-    any failure of its own."""
+    any failure of its own. (Openings last 30 s here, so the apply, however slow a machine
+    checks the bundle, comes while the opening holds.)"""
     env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
     workers_dir = tmp_path / "workers"
     workers_dir.mkdir()
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    long_openings = {"reset_timeout_s: 1.0": "reset_timeout_s: 30.0",
+                     "max_reset_timeout_s: 4.0": "max_reset_timeout_s: 60.0"}  # fmt: skip
+    text = policy.read_text()
+    for old, new in long_openings.items():
+        assert old in text
+        text = text.replace(old, new)
+    policy.write_text(text)
     apps = [
         create_app(settings_for(data_dirs, worker_index=n, workers_dir=workers_dir,
                                 watch_policies=False), env=env)
@@ -302,7 +311,7 @@ async def test_a_breaker_an_apply_creates_in_a_sibling_is_open_at_once(data_dirs
     bundle = read_bundle(data_dirs / "policies", data_dirs / "fallbacks").to_dict()
     text = bundle["policies"]["customer-churn.yaml"]
     bundle["policies"]["customer-churn.yaml"] = text.replace(
-        "reset_timeout_s: 1.0", "reset_timeout_s: 2.0"
+        "reset_timeout_s: 30.0", "reset_timeout_s: 31.0"
     )
     async with LifespanManager(apps[0]) as first_app, LifespanManager(apps[1]) as second_app:
         first, second, admin = (
@@ -315,7 +324,7 @@ async def test_a_breaker_an_apply_creates_in_a_sibling_is_open_at_once(data_dirs
             assert applied.status_code == 200, applied.text
             runtime = apps[1].state.runtime
             rebuilt = runtime.breakers[NAME]
-            assert rebuilt.config.reset_timeout_s == 2.0  # a new breaker, not the adopter
+            assert rebuilt.config.reset_timeout_s == 31.0  # a new breaker, not the adopter
             assert rebuilt.state == OPEN
             after = (await second.post("/v1/predictions", json=CHURN_REQUEST)).json()
     assert after["fallback_reason"] == "breaker_open"
