@@ -131,11 +131,16 @@ class BatchingConfig(_Strict):
     """Micro-batching: rows arriving while a batch is in flight go together as the next batch,
     at most `max_delay_ms` after the first of them; a row at an idle target goes at once.
     At most `max_in_flight` batches are on their way to the target at once; past that, rows
-    wait for one to return and go in the next (larger) batch."""
+    wait for one to return and go in the next (larger) batch.
+
+    With `gather_ms`, a row waits that long for others even at an idle target (as Triton's
+    own `max_queue_delay`): for a target with little traffic (a 10% arm), whose calls would
+    otherwise carry one row each and cost the backend as much as a full batch."""
 
     max_delay_ms: float = Field(default=1.0, gt=0, le=10)
     max_batch: int = Field(default=32, ge=2, le=1024)
     max_in_flight: int = Field(default=1, ge=1, le=1024)
+    gather_ms: float = Field(default=0.0, ge=0, le=10)
 
 
 class TritonTarget(_Strict):
@@ -302,6 +307,12 @@ def traffic_faults(policy: Policy) -> list[str]:
         f"shadows.{i}.target: {shadow.target} is not a target"
         for i, shadow in enumerate(policy.shadows)
         if shadow.target not in policy.targets
+    )
+    faults.extend(
+        f"targets.{name}.batching.gather_ms: {target.batching.gather_ms:g} must be below "
+        f"timeout_ms ({policy.timeout_ms}), which bounds each call"
+        for name, target in policy.targets.items()
+        if target.batching is not None and target.batching.gather_ms >= policy.timeout_ms
     )
     if policy.shadows and policy.shadow_batch_window_ms >= policy.timeout_ms:
         faults.append(

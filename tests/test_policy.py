@@ -103,6 +103,16 @@ def setting(*keys: str, value: Any) -> Mutation:
     return mutate
 
 
+def both(first: Mutation, second: Mutation) -> Mutation:
+    """Two mutations, one after the other."""
+
+    def mutate(doc: dict[str, Any]) -> None:
+        first(doc)
+        second(doc)
+
+    return mutate
+
+
 def removing(key: str) -> Mutation:
     def mutate(doc: dict[str, Any]) -> None:
         del doc[key]
@@ -304,6 +314,20 @@ BROKEN_POLICIES = [
         "shadow_batch_window_ms",
         "greater than or equal to 0",
         id="shadow-window-negative",
+    ),
+    pytest.param(
+        CHURN,
+        both(setting("timeout_ms", value=4), setting(*GBM, "batching", "gather_ms", value=5)),
+        "targets.churn-gbm.batching.gather_ms",
+        "must be below timeout_ms (4)",
+        id="gather-not-below-the-timeout",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "batching", "gather_ms", value=11),
+        "targets.churn-gbm.batching.gather_ms",
+        "less than or equal to 10",
+        id="gather-over-ten-ms",
     ),
     pytest.param(
         CHURN,

@@ -44,17 +44,23 @@ def identities(guards: dict) -> dict[str, int]:
     return {name: id(guard) for name, guard in guards.items()}
 
 
-def test_shadow_guards_gather_for_the_policys_window_and_serving_guards_never_do(data_dirs):
+def test_shadow_guards_gather_for_the_policys_window_and_serving_guards_as_their_target(
+    data_dirs,
+):
     """Shadow copies wait the policy's window (batching.py's `gather_first`); serving rows
-    keep the target's own batching, which sends a row at an idle target at once."""
+    keep the target's own batching: at once at an idle target, unless the target sets
+    `gather_ms` (the challenger's, in the shipped policy: 5 ms)."""
     snapshot = build_snapshot(configuration(data_dirs), Metrics())
     [shadow] = shadow_guards(snapshot).values()
     assert isinstance(shadow.backend, TritonBackend)
     assert shadow.backend.gather_s == 0.05
     assert shadow.backend._batcher.gather_first and shadow.backend._batcher.max_delay_s == 0.05
-    for guard in serving_guards(snapshot).values():
-        assert not guard.backend._batcher.gather_first
-        assert guard.backend._batcher.max_delay_s == 0.001  # the target's own batching
+    batchers = {name: guard.backend._batcher for name, guard in serving_guards(snapshot).items()}
+    gathering = {name for name, batcher in batchers.items() if batcher.gather_first}
+    assert gathering == {"churn-gbm-v2"} and batchers["churn-gbm-v2"].max_delay_s == 0.005
+    for name, batcher in batchers.items():
+        if name not in gathering:
+            assert batcher.max_delay_s == 0.001  # the target's own batching
 
 
 def test_a_reload_keeps_unchanged_guards_and_rebuilds_those_whose_window_changed(data_dirs):

@@ -57,19 +57,21 @@ class TritonBackend:
 
     def __init__(self, name: str, target: TritonTarget, gather_s: float = 0.0) -> None:
         """`gather_s` > 0 (shadow copies): with batching on, rows always gather this long
-        before a call, instead of `batching.max_delay_ms` while a call is in flight."""
+        before a call, instead of `batching.max_delay_ms` while a call is in flight; so do
+        a serving target's rows when its policy sets `batching.gather_ms`."""
         self.name = name
         self.target = target
-        self.gather_s = gather_s
+        self.gather_s = gather_s  # the caller's (runtime.py reuses guards by it)
         self._client = KServeClient(target.url, max_connections=target.max_concurrency)
         batching = target.batching
+        gather = gather_s or (batching.gather_ms / 1000 if batching is not None else 0.0)
         self._batcher = (
             MicroBatcher(
                 self._infer,
                 batching.max_batch,
-                gather_s or batching.max_delay_ms / 1000,
+                gather or batching.max_delay_ms / 1000,
                 max_in_flight=batching.max_in_flight,
-                gather_first=gather_s > 0,
+                gather_first=gather > 0,
             )
             if batching is not None
             else None

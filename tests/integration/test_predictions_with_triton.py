@@ -128,3 +128,41 @@ def sample(exposition: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not exposed")
+
+
+async def test_a_low_traffic_target_gathers_rows_even_when_idle(
+    gateway_client, triton: TritonProcess, data_dirs
+):
+    """The challenger's target sets `batching.gather_ms` (10 ms here): two requests 2 ms
+    apart at an idle target go as one Triton call of two rows, each answered as if alone.
+    (Without it the first goes at once and the second in a call of its own.)"""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    text = policy.read_text()
+    assert "gather_ms: 5.0" in text
+    policy.write_text(text.replace("gather_ms: 5.0", "gather_ms: 10.0"))
+    premium = {"x-customer-tier": "premium"}  # routed to the challenger
+    no_cache = {**premium, "cache-control": "no-cache"}
+
+    def request(i: int) -> dict:
+        features = {"customer_id": f"gather-{i}", "tenure_months": 3 + i}
+        return {**CHURN_REQUEST, "features": {**CHURN_REQUEST["features"], **features}}
+
+    async with gateway_client(env={"AIGW_TRITON_URL": triton.http_url}, root=data_dirs) as client:
+
+        async def second_after_2_ms():  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.002)
+            return await client.post("/v1/predictions", json=request(1), headers=premium)
+
+        first, second = await asyncio.gather(
+            client.post("/v1/predictions", json=request(0), headers=premium), second_after_2_ms()
+        )
+        metrics = (await client.get("/metrics")).text
+        alone = [  # asked again, one at a time
+            (await client.post("/v1/predictions", json=request(i), headers=no_cache)).json()
+            for i in (0, 1)
+        ]
+    answers = [first.json(), second.json()]
+    assert [a["served_by"] for a in answers] == ["churn-gbm-v2", "churn-gbm-v2"]
+    assert sample(metrics, 'aigw_backend_batch_rows_count{target="churn-gbm-v2"}') == 1
+    assert sample(metrics, 'aigw_backend_batch_rows_sum{target="churn-gbm-v2"}') == 2
+    assert [a["probability"] for a in answers] == [a["probability"] for a in alone]
