@@ -161,13 +161,11 @@ async def test_port_that_never_answers_is_cut_at_the_deadline(gateway_client, si
 
 
 CHALLENGER_BREAKER = (
-    """    max_concurrency: 128
-    batching: *batching
+    """gather_ms: 5.0}
     breaker: *breaker
 
   churn-logreg:""",
-    """    max_concurrency: 128
-    batching: *batching
+    """gather_ms: 5.0}
     breaker: {<<: *breaker, force: open}
 
   churn-logreg:""",
