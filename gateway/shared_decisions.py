@@ -84,7 +84,7 @@ def entry_of(value: bytes) -> str | None:
     entry = kept[-1]
     # Only a well-formed id is asked for: Redis answers anything else with an error, which
     # would read as "the stream is unreachable" (503) for what is a damaged value.
-    return entry if isinstance(entry, str) and _ENTRY_ID.fullmatch(entry) else None
+    return entry if _is_entry_id(entry) else None
 
 
 def _kept(value: bytes) -> list[Any] | None:
@@ -97,7 +97,15 @@ def _kept(value: bytes) -> list[Any] | None:
         len(DECISION_FIELDS) + 1,
     ):
         return None
+    if len(kept) == len(DECISION_FIELDS) and _is_entry_id(kept[-1]):
+        # Kept by a gateway that did not keep `arm_model` yet (its fields, then the entry): an
+        # arm model (`model:version`, or a step's name) never looks like an entry id.
+        return [*kept[:-1], _ADDED_LATER["arm_model"], kept[-1]]
     return kept
+
+
+def _is_entry_id(value: Any) -> bool:
+    return isinstance(value, str) and _ENTRY_ID.fullmatch(value) is not None
 
 
 class SharedDecisions:

@@ -98,6 +98,16 @@ def test_only_a_well_formed_stream_entry_is_asked_for(entry, expected):
     assert entry_of(orjson.dumps(KEPT)) is None  # a decision kept before entries were named
 
 
+def test_a_decision_kept_before_arm_models_reads_as_unrecorded_with_its_entry():
+    """A value a gateway wrote before it kept `arm_model` (seven fields and the entry id)
+    still gives its decision and its entry, the arm model `unrecorded`, not the entry id."""
+    older = orjson.dumps([*KEPT[:-1], "1765140000000-7"])
+    assert decision_of(older)["arm_model"] == "unrecorded"
+    assert decision_of(older)["tenant"] == "acme"
+    assert entry_of(older) == "1765140000000-7"
+    assert entry_of(orjson.dumps(KEPT)) is None  # today's fields without an entry
+
+
 async def test_a_prediction_is_judged_once_across_replicas(redis_server):
     """Ten replicas asking at once for the same prediction: exactly one is first."""
     prediction_id = uuid.uuid4().hex
