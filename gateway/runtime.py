@@ -208,8 +208,10 @@ class Runtime:
     def swap(self, config: Configuration) -> None:
         """Serve `config` from now on; targets whose spec is unchanged keep their breakers."""
         previous = self.snapshot
-        self.snapshot = build_snapshot(config, self.metrics, previous, tuple(self._trip_hooks))
-        for breaker in _new_breakers(previous, self.snapshot):
+        self.snapshot = build_snapshot(config, self.metrics, previous)
+        for breaker in _new_breakers(previous, self.snapshot):  # kept ones have their hooks
+            for trip_hook in self._trip_hooks:
+                breaker.on_trip(trip_hook)
             for hook in self._new_breaker_hooks:
                 hook(breaker)
         kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
@@ -314,20 +316,13 @@ def build_snapshot(
     config: Configuration,
     metrics: Metrics,
     previous: Snapshot | None = None,
-    trip_hooks: tuple[TripHook, ...] = (),
 ) -> Snapshot:
-    """Live parts for `config`, reusing the previous snapshot's guards for unchanged targets;
-    new serving breakers get `trip_hooks` (those kept have them already)."""
+    """Live parts for `config`, reusing the previous snapshot's guards for unchanged targets."""
     listeners = (_BreakerLog(), metrics.breaker_listener())
     reusable = _reusable_guards(previous)
-    hooked = {id(guard) for guard in reusable.values()}
     models: dict[str, ModelRuntime] = {}
     for model_id, policy in config.policies.policies.items():
         guards = _guards(model_id, policy, listeners, reusable)
-        for guard in guards.values():
-            if id(guard) not in hooked:
-                for hook in trip_hooks:
-                    guard.breaker.on_trip(hook)
         for guard in guards.values():
             metrics.breaker_state.labels(guard.breaker.name).set(
                 BREAKER_STATES[guard.breaker.state]
