@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from gateway.confidence_sequences import difference_sequence
+
 Z_95 = 1.959964
 
 
@@ -105,7 +107,8 @@ class ArmStats:
 
     def compared_with(self, reference: ArmStats) -> dict[str, Any]:
         """How this arm differs from `reference` (the policy's first arm): accuracy and
-        fallback rate, each difference with its 95% interval and whether it shows one."""
+        fallback rate, each difference with its 95% interval for one look and its 95%
+        confidence sequence for any number of looks, and whether each shows one."""
         return {
             **_compared("accuracy", self.correct, self.feedback, reference.correct,
                         reference.feedback),
@@ -313,9 +316,11 @@ Totals = Mapping[str, Mapping[str, Mapping[str, Any]]]  # model → arm_key → 
 def _compared(
     name: str, part: int, whole: int, reference_part: int, reference_whole: int
 ) -> dict[str, Any]:
-    """`<name>_difference` (this share less the reference's), its 95% interval, and `<name>`:
-    whether the interval shows a difference."""
+    """`<name>_difference` (this share less the reference's), its 95% interval for one look
+    and `<name>`: whether that interval shows a difference; and the same from the 95%
+    confidence sequence, valid however often the report is read (`<name>_anytime`)."""
     interval = difference_interval(part, whole, reference_part, reference_whole)
+    sequence = difference_sequence(part, whole, reference_part, reference_whole)
     difference = (
         round(part / whole - reference_part / reference_whole, 6) if interval is not None else None
     )
@@ -323,6 +328,8 @@ def _compared(
         f"{name}_difference": difference,
         f"{name}_difference_ci95": interval,
         name: verdict(interval),
+        f"{name}_difference_anytime95": sequence,
+        f"{name}_anytime": verdict(sequence),
     }
 
 

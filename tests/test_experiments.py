@@ -13,6 +13,7 @@ from asgi_lifespan import LifespanManager
 from gateway.api.feedback import decision_in_record
 from gateway.app import create_app
 from gateway.audit import find_record, segment_files, verify
+from gateway.confidence_sequences import difference_sequence
 from gateway.demo.triton_process import free_port
 from gateway.experiments import (
     UNRECORDED_MODEL,
@@ -286,6 +287,11 @@ def test_every_arm_but_the_first_is_compared_with_the_first():
     assert versus["accuracy_difference_ci95"] == pytest.approx(difference_interval(36, 40, 20, 40))
     assert (versus["accuracy"], versus["fallback_rate_difference"]) == ("higher", -0.25)
     assert versus["fallback_rate"] == "lower"
+    # Valid at any look, the sequence is wider: 40 outcomes a side show neither gap yet.
+    assert versus["accuracy_difference_anytime95"] == pytest.approx(
+        difference_sequence(36, 40, 20, 40)
+    )
+    assert (versus["accuracy_anytime"], versus["fallback_rate_anytime"]) == ("not_shown",) * 2
 
 
 def test_a_comparison_without_outcomes_shows_nothing():
@@ -295,6 +301,9 @@ def test_a_comparison_without_outcomes_shows_nothing():
     versus = arm_reports(experiments)["challenger"]["versus"]
     assert (versus["accuracy_difference"], versus["accuracy_difference_ci95"]) == (None, None)
     assert (versus["accuracy"], versus["fallback_rate"]) == ("not_shown", "not_shown")
+    assert (versus["accuracy_difference_anytime95"], versus["accuracy_anytime"]) == (
+        None, "not_shown",
+    )  # fmt: skip
 
 
 def test_a_new_model_behind_an_arm_starts_its_counts_afresh():
