@@ -173,11 +173,13 @@ def create_app(
         openapi_url=None,  # /openapi.json is the contract from contracts/, served by health.py
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # `/v1/feedback/` is 404, not a redirect to the caller's Host
         # The gateway makes its own spans, metrics and logs; FastAPI's would cost every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.metrics = metrics
     app.state.tracing = tracing
+    app.state.settings = settings
     metrics.watch(lambda: getattr(app.state, "runtime", None))
     app.include_router(predictions.router)
     app.include_router(async_predictions.router)
@@ -232,12 +234,16 @@ def _replica_name(settings: Settings) -> str:
 def create_admin_app(gateway: FastAPI) -> FastAPI:
     """The admin API, as its own app for its own address; it acts on `gateway`'s runtime."""
     admin = FastAPI(title="Resilient AI Gateway admin", openapi_url=None, docs_url=None,
-                    redoc_url=None, telemetry={"tracing": False, "metrics": False})  # fmt: skip
+                    redoc_url=None, redirect_slashes=False,
+                    telemetry={"tracing": False, "metrics": False})  # fmt: skip
     admin.state.gateway = gateway
     admin.state.metrics = gateway.state.metrics
     admin.include_router(admin_api.router)
     admin.add_exception_handler(Problem, _problem_handler)
     admin.add_exception_handler(HTTPException, _http_error_handler)
+    admin.add_exception_handler(Exception, _unexpected_error_handler)
+    max_header_bytes = gateway.state.settings.max_header_bytes
+    admin.add_middleware(HeaderLimitMiddleware, max_header_bytes=max_header_bytes)
     admin.add_middleware(RequestIdMiddleware)
     return admin
 

@@ -128,6 +128,8 @@ def first_duplicate_key(body: bytes) -> str | None:
         return duplicate.key
     except ValueError:
         return None  # orjson accepted it; stdlib json's stricter corners are not our concern
+    except RecursionError:
+        return None  # nested deeper than stdlib json recurses: refused for its depth instead
     return None
 
 

@@ -186,7 +186,10 @@ def callback_url_error(value: Any, *, enabled: bool, allowed: Collection[str]) -
         return FieldError(pointer, "must be an http or https URL with a host name, no user info")
     if not enabled:
         return FieldError(pointer, "callbacks are not enabled on this gateway")
-    host = httpx.URL(value).host
+    try:
+        host = httpx.URL(value).host
+    except (httpx.InvalidURL, UnicodeError):  # e.g. an `xn--` label that is no punycode
+        return FieldError(pointer, "must be an http or https URL with a valid host name")
     if not host_allowed(host, allowed):
         return FieldError(pointer, "this host is not allowed to receive callbacks")
     if is_address_literal(host) and not is_public_address(host) and not host_listed(host, allowed):

@@ -183,6 +183,7 @@ def test_hosts_must_be_listed_or_under_a_listed_domain(host, allowed, ok):
         ("http://hooks.example.com/ü", True, (), "http or https"),
         ("http://bücher.example/", True, (), "http or https"),
         ("http://-bad.example/", True, (), "http or https"),
+        ("http://xn--a.com/cb", True, (), "valid host name"),  # an A-label that is no punycode
         (" http://lead.example/", True, (), "http or https"),
         ("http://hooks.example.com/" + "a" * MAX_URL_LENGTH, True, (), "at most"),
     ],

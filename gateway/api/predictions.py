@@ -59,6 +59,7 @@ SPAN_NAME = "POST /v1/predictions"
 TIMEOUT_HEADER = "x-request-timeout-ms"
 MAX_CALLER_TIMEOUT_MS = 600_000
 _TIMEOUT_RULE = f"must be an integer from 1 to {MAX_CALLER_TIMEOUT_MS}"
+_TIMEOUT_DIGITS_AT_MOST = 16  # room for leading zeros; any more is no timeout anyone means
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
@@ -229,8 +230,12 @@ def caller_timeout(raw: str | None) -> int | None:
     if raw is None:
         return None
     value = raw.strip()
-    # isdigit() alone also says yes to '²' and other digits int() refuses: ASCII only.
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_CALLER_TIMEOUT_MS:
+    # isdigit() alone also says yes to '²' and other digits int() refuses: ASCII only. The
+    # length goes first: int() refuses more than 4,300 digits with an error of its own.
+    if (
+        not (len(value) <= _TIMEOUT_DIGITS_AT_MOST and value.isascii() and value.isdigit())
+        or not 1 <= int(value) <= MAX_CALLER_TIMEOUT_MS
+    ):
         raise Problem(
             400,
             "invalid-header",
