@@ -35,8 +35,10 @@ from gateway.problems import FaultsError
 
 log = logging.getLogger("gateway.auth")
 
-Permission = Literal["predict", "feedback", "audit:read", "admin"]
-PERMISSIONS: tuple[Permission, ...] = ("predict", "feedback", "audit:read", "admin")
+# `audit:read` reads the key's own tenant's records; `models:read` reads the model-wide
+# reports (experiments, model health), which count every tenant's traffic.
+Permission = Literal["predict", "feedback", "audit:read", "models:read", "admin"]
+PERMISSIONS: tuple[Permission, ...] = ("predict", "feedback", "audit:read", "models:read", "admin")
 KEY_PREFIX = "aigw_"
 _ID = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 

@@ -188,7 +188,7 @@ def decision_in_record(record: Mapping[str, Any]) -> Decision | None:
 @router.get("/v1/models/{model_id}/health")
 async def model_health(request: Request, model_id: str) -> Response:
     """Drift of features and predictions, and quality from feedback, per version and arm."""
-    await authorize(request, "audit:read")
+    await authorize(request, "models:read")
     runtime: Runtime = request.app.state.runtime
     if runtime.policies.get(model_id) is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
@@ -206,7 +206,7 @@ async def _siblings(runtime: Runtime) -> list[Published]:
 @router.get("/v1/experiments/{model_id}")
 async def experiment_report(request: Request, model_id: str) -> Response:
     """Per arm: requests, latency, fallback rate, outcomes and shadow agreement, with 95% CIs."""
-    await authorize(request, "audit:read")
+    await authorize(request, "models:read")
     runtime: Runtime = request.app.state.runtime
     policy = runtime.policies.get(model_id)
     if policy is None:

@@ -25,6 +25,7 @@ KEYS = {
     "auditor": ("acme", ["predict", "feedback", "audit:read"]),
     "other": ("globex", ["predict", "feedback", "audit:read"]),
     "operator": ("ops", ["admin"]),
+    "analyst": ("ops", ["models:read"]),
 }
 
 
@@ -201,9 +202,31 @@ HOSTILE = [
         "experiments-unknown-model",
         "GET",
         "/v1/experiments/nope",
-        lambda k: bearer(k["auditor"]),
+        lambda k: bearer(k["analyst"]),
         None,
         404,
+    ),
+    # Model-wide reports count every tenant's traffic: a tenant's auditor reads its own
+    # records, not them.
+    (
+        "auditor-cannot-read-experiments", "GET", "/v1/experiments/customer-churn",
+        lambda k: bearer(k["auditor"]), None, 403,
+    ),
+    (
+        "auditor-cannot-read-model-health", "GET", "/v1/models/customer-churn/health",
+        lambda k: bearer(k["auditor"]), None, 403,
+    ),
+    (
+        "analyst-reads-experiments", "GET", "/v1/experiments/customer-churn",
+        lambda k: bearer(k["analyst"]), None, 200,
+    ),
+    (
+        "analyst-reads-model-health", "GET", "/v1/models/customer-churn/health",
+        lambda k: bearer(k["analyst"]), None, 200,
+    ),
+    (
+        "analyst-cannot-read-records", "GET", f"/v1/predictions/{UUID}",
+        lambda k: bearer(k["analyst"]), None, 403,
     ),
     (
         "header-too-large",
@@ -286,9 +309,36 @@ HOSTILE = [
     ("admin-on-public-port", "GET", "/admin/policies", lambda k: bearer(k["operator"]), None, 404),
     ("very-long-path", "GET", "/v1/" + "a" * 5000, lambda k: bearer(k["predictor"]), None, 404),
     ("null-byte-path", "GET", "/v1/predictions/%00", lambda k: bearer(k["auditor"]), None, 404),
-    ("unicode-path", "GET", "/v1/experiments/%E2%98%83", lambda k: bearer(k["auditor"]), None, 404),
+    ("unicode-path", "GET", "/v1/experiments/%E2%98%83", lambda k: bearer(k["analyst"]), None, 404),
     ("healthz-needs-no-key", "GET", "/healthz", lambda k: {}, None, 200),
-]
+    # A trailing slash is another path, not a redirect (which would name the caller's Host).
+    ("slash-predictions", "POST", "/v1/predictions/", lambda k: {}, CHURN_REQUEST, 404),
+    ("slash-feedback", "POST", "/v1/feedback/", lambda k: bearer(k["auditor"]), {}, 404),
+    (
+        "slash-experiments", "GET", "/v1/experiments/customer-churn/",
+        lambda k: bearer(k["analyst"]), None, 404,
+    ),
+    (
+        "timeout-header-of-4401-digits", "POST", "/v1/predictions",
+        lambda k: {**bearer(k["predictor"]), "X-Request-Timeout-Ms": "0" * 4400 + "5"},
+        CHURN_REQUEST, 400,
+    ),
+    (
+        "timeout-header-of-4401-digits-async", "POST", "/v1/predictions:async",
+        lambda k: {**bearer(k["predictor"]), "X-Request-Timeout-Ms": "0" * 4400 + "5"},
+        CHURN_REQUEST, 400,
+    ),
+    (
+        # Deeper than stdlib json recurses (the duplicate-key check), shallower than orjson's
+        # limit: refused for its depth.
+        "nested-1000-deep", "POST", "/v1/predictions", lambda k: bearer(k["predictor"]),
+        b'{"a":' * 1000 + b"1" + b"}" * 1000, 400,
+    ),
+    (
+        "nested-1000-deep-feedback", "POST", "/v1/feedback", lambda k: bearer(k["auditor"]),
+        b'{"a":' * 1000 + b"1" + b"}" * 1000, 400,
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -325,6 +375,31 @@ async def test_admin_api_needs_the_admin_permission(keys_file, tmp_path, key_nam
         headers = bearer(keys[key_name]) if key_name else {}
         response = await admin.get("/admin/policies/history", headers=headers)
     assert response.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status"),
+    [
+        pytest.param("GET", "/admin/policies/", {}, None, 404, id="trailing-slash"),
+        pytest.param("GET", "/admin/policies", {"X-Junk": LONG}, None, 431, id="huge-header"),
+        pytest.param(
+            "POST", "/admin/policies/validate", {"Content-Type": "application/json"},
+            b'{"a":' * 1000 + b"1" + b"}" * 1000, 400, id="nested-1000-deep",
+        ),
+    ],
+)  # fmt: skip
+async def test_hostile_admin_requests_get_their_status_as_a_problem(
+    keys_file, tmp_path, method, path, headers, body, status
+):
+    """The admin listener refuses as the public one does: no redirect, 431, no 500."""
+    keys_path, keys = keys_file
+    async with secured(keys_path, tmp_path / "audit") as (_, admin):
+        response = await admin.request(
+            method, path, headers={**bearer(keys["operator"]), **headers}, content=body
+        )
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "location" not in response.headers
 
 
 async def test_a_tenant_over_its_limit_is_refused_while_another_is_not(keys_file, tmp_path):
