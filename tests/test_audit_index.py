@@ -3,11 +3,13 @@ broken index makes them slower, never wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import pytest
 
-from gateway.audit import find_record, segment_files
+from gateway import audit_index
+from gateway.audit import INDEX_DRAIN_S, find_record, segment_files
 from gateway.audit_index import INDEX_NAME, Coverage, prediction_id_of, uncovered
 from tests.test_audit import decision, new_log, write_log
 
@@ -40,6 +42,8 @@ def test_only_what_the_index_does_not_cover_is_scanned(segment, size, coverage, 
         (b'{"model_id":"m","prediction_id":"p-1","seq":1}\n', "p-1"),
         (b'{"action":"apply","seq":2,"type":"admin"}\n', None),
         (b'{"prediction_id":"","seq":3}\n', None),
+        # A caller's feature of that name sorts before the record's own id: not taken for it.
+        (b'{"features":{"prediction_id":"p-2"},"prediction_id":"p-9","seq":4}\n', "p-9"),
     ],
 )
 def test_the_id_is_read_from_the_canonical_line(line, expected):
@@ -126,3 +130,48 @@ async def test_decisions_not_yet_committed_to_the_index_are_found_while_the_log_
     with sqlite3.connect(tmp_path / INDEX_NAME) as index:
         (indexed,) = index.execute("SELECT count(*) FROM records").fetchone()
     assert indexed == 5  # committed at the latest on close
+
+
+async def test_a_feature_named_prediction_id_does_not_take_another_records_place(tmp_path):
+    """A decision whose features hold a `prediction_id` (another decision's) is indexed under
+    its own id, and the other decision keeps its row."""
+    hostile = {**decision(100), "prediction_id": "p-own", "features": {"prediction_id": "p-00002"}}
+    log = new_log(tmp_path)
+    await log.open()
+    try:
+        for record in (decision(1), decision(2), hostile, decision(3)):
+            await log.append(record)
+    finally:
+        await log.close()
+    assert find_record(tmp_path, "p-own")["features"] == {"prediction_id": "p-00002"}
+    assert find_record(tmp_path, "p-00002")["features"]["customer_id"] == "C2"
+
+
+async def test_a_lookup_finds_a_record_whose_row_is_committed_while_it_reads(tmp_path, monkeypatch):
+    """The writer commits rows and coverage together, at any moment. Here it commits while a
+    lookup reads the index (forced by running the commit inside the lookup's coverage read):
+    the record, acknowledged before the lookup began, is still found."""
+    log = new_log(tmp_path)
+    await log.open()
+    try:
+        index = log._writer._index
+        index._flush_s = 3600.0  # rows wait for an explicit commit, however slow the machine
+        await log.append(decision(1))
+        index.flush()  # the index covers the first record
+        await log.append(decision(2))  # acknowledged; its row waits for the next commit
+        for _ in range(100):  # the writer thread takes inline writes in every INDEX_DRAIN_S
+            if index._rows:
+                break
+            await asyncio.sleep(INDEX_DRAIN_S / 5)
+        assert index._rows, "the row must wait for its commit"
+        read_coverage = audit_index._coverage
+
+        def commit_then_read(connection):
+            index.flush()
+            return read_coverage(connection)
+
+        monkeypatch.setattr(audit_index, "_coverage", commit_then_read)
+        found = find_record(tmp_path, "p-00002")
+    finally:
+        await log.close()
+    assert found is not None and found["seq"] == 2
