@@ -29,6 +29,7 @@ from gateway.runtime import (
     Runtime,
     audit_log,
     baselines_of,
+    check_audit_log_free,
     load_configuration,
     start_runtime,
 )
@@ -111,6 +112,7 @@ def create_app(
     metrics = Metrics()
     tracing = tracing_from(settings)
     baselines = baselines_of(settings)  # a bad baseline fails here, with its faults
+    check_audit_log_free(settings)  # another process writing this log: one line, not a trace
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

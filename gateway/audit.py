@@ -28,10 +28,12 @@ What `verify` catches: a changed byte (hash mismatch, or a line no longer in can
 deleted, inserted, repeated or reordered record (seq and prev), a torn line, a sealed segment
 that lost its checkpoint, a missing segment file, and, given the checkpoint key, a chain rewritten
 by someone who recomputed the (unkeyed) hashes after an edit: the next checkpoint's MAC no longer
-matches. Two things it cannot see alone: such a rewrite inside the newest, not yet sealed segment,
-and records cut off at the very end of the log. Both show against an anchor kept elsewhere:
-`VerifyResult.last_seq` / `last_hash` compared with the `AuditLog.seq` / `last_hash` a running
-gateway reports.
+matches; given the rotation size, sealed segments merged into the newest, unsealed one (as such
+a rewrite must, to drop their checkpoints) show by its size. Two things it cannot see alone: a
+rewrite inside the newest, not yet sealed segment, and records cut off at the very end of the
+log. Both show against an anchor kept elsewhere: a `(seq, hash)` that `verify` reported earlier
+(`aigw audit verify` prints it; `--anchor SEQ:HASH` checks the log still holds it), or the
+`AuditLog.seq` / `last_hash` of a running gateway.
 
 Durability. `AuditLog.append` returns once the record's bytes were handed to the kernel with
 write(2), so killing the process (SIGKILL, OOM) loses no acknowledged record. A machine crash can
@@ -89,6 +91,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -129,6 +132,13 @@ class AuditUnavailable(AuditError):
 
 class AuditCorrupt(AuditError):
     """The log on disk cannot be continued: its last line is not a valid record."""
+
+
+class AuditLocked(AuditError):
+    """Another process writes this log: two writers would interleave two chains in one."""
+
+
+WRITER_LOCK_NAME = ".writer.lock"
 
 
 # ---- canonical form, hashes, pseudonyms: pure functions ---------------------------------------
@@ -186,6 +196,15 @@ def sha256_hex(data: bytes) -> str:
 def record_hash(record: Mapping[str, Any]) -> str:
     """The hash a line must carry: over its canonical JSON without the `hash` field."""
     return sha256_hex(canonical_json({k: v for k, v in record.items() if k != "hash"}))
+
+
+def carries_its_hash(entry: Mapping[str, Any]) -> bool:
+    """The line read back carries the hash of its content. False, not an error, for content
+    the gateway could never have written: orjson reads nesting it refuses to write."""
+    try:
+        return record_hash(entry) == entry["hash"]
+    except TypeError:  # "Recursion limit reached" while serialising
+        return False
 
 
 def pseudonym(field: str, value: Any, key: bytes) -> str:
@@ -333,17 +352,26 @@ class VerifyResult:
 class ChainCheck:
     """Takes a log's lines in order and names the first thing wrong; does no I/O."""
 
-    def __init__(self, checkpoint_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_key: bytes | None = None,
+        rotate_bytes: int | None = None,
+        anchor: tuple[int, str] | None = None,
+    ) -> None:
         self.seq = 0
         self.head = GENESIS
         self.records = 0
         self._key = checkpoint_key
+        self._rotate_bytes = rotate_bytes
+        self._anchor = anchor
         self._file: str | None = None
         self._file_records = 0
+        self._file_bytes = self._last_line_bytes = 0
         self._sealed = False
 
     def start_file(self, name: str) -> None:
         self._file, self._file_records, self._sealed = name, 0, False
+        self._file_bytes = self._last_line_bytes = 0
 
     def line_problem(self, line: bytes) -> str | None:
         """Why this line breaks the log, or None after taking it as the new chain head."""
@@ -356,18 +384,55 @@ class ChainCheck:
             return "not a JSON object with seq, prev and hash"
         problem = self._content_problem(entry, line) or self._order_problem(entry)
         problem = problem or (self._checkpoint_problem(entry) if is_checkpoint(entry) else None)
+        problem = problem or self._anchor_problem(entry)
         if problem is None:
             self._advance(entry)
+            self._file_bytes += len(line)
+            self._last_line_bytes = len(line)
         return problem
 
     def end_problem(self, last_file: bool) -> str | None:
         """Why the current segment may not end here, or None."""
-        if last_file or self._sealed:
+        if self._sealed:
             return None
-        return "the segment ends without its checkpoint: lines were cut off"
+        if not last_file:
+            return "the segment ends without its checkpoint: lines were cut off"
+        return self._unsealed_size_problem()
+
+    def anchor_missed(self) -> str | None:
+        """After the last line: why the anchor's record was never reached, or None."""
+        if self._anchor is None or self.seq >= self._anchor[0]:
+            return None
+        return (
+            f"the log ends at seq {self.seq}, before the anchor's seq {self._anchor[0]}: "
+            "records were cut off"
+        )
+
+    def _unsealed_size_problem(self) -> str | None:
+        # The writer seals a segment once a record takes it to `rotate_bytes`, so an unsealed
+        # newest segment held less than that before its last record (which may have crossed
+        # it just before a crash). More means segments were merged into it, as a rewrite of
+        # sealed segments must, their checkpoints' MACs being out of reach without the key.
+        if self._rotate_bytes is None:
+            return None
+        before_last = self._file_bytes - self._last_line_bytes
+        if before_last < self._rotate_bytes:
+            return None
+        return (
+            f"the newest segment holds {self._file_bytes} bytes unsealed, past the rotation "
+            f"size {self._rotate_bytes}: segments were merged into it (or the rotation size "
+            "was lowered since it was written)"
+        )
+
+    def _anchor_problem(self, entry: dict[str, Any]) -> str | None:
+        if self._anchor is None or is_checkpoint(entry) or entry["seq"] != self._anchor[0]:
+            return None
+        if hmac.compare_digest(entry["hash"], self._anchor[1]):
+            return None
+        return f"record {entry['seq']} does not carry the anchor's hash: the log was rewritten"
 
     def _content_problem(self, entry: dict[str, Any], line: bytes) -> str | None:
-        if record_hash(entry) != entry["hash"]:
+        if not carries_its_hash(entry):
             return "hash mismatch: the record was altered"
         if canonical_json(entry) + b"\n" != line:
             return "not in canonical form: the bytes were altered"
@@ -421,13 +486,21 @@ class ChainCheck:
         )
 
 
-def verify(directory: Path, checkpoint_key: bytes | None = None) -> VerifyResult:
+def verify(
+    directory: Path,
+    checkpoint_key: bytes | None = None,
+    rotate_bytes: int | None = None,
+    anchor: tuple[int, str] | None = None,
+) -> VerifyResult:
     """Walk every segment in order and report the first problem; only reads.
 
     Without `checkpoint_key` the checkpoints' MACs are not checked (see the module docstring
-    for what that leaves unseen).
+    for what that leaves unseen). With `rotate_bytes`, the log's rotation size, an unsealed
+    newest segment larger than the writer leaves one is a problem. With `anchor`, a
+    (seq, hash) taken from this log earlier and kept elsewhere, the log must still hold that
+    record with that hash.
     """
-    check = ChainCheck(checkpoint_key)
+    check = ChainCheck(checkpoint_key, rotate_bytes, anchor)
     segments = segment_files(directory)
     for index, (number, path) in enumerate(segments):
         expected = segments[index - 1][0] + 1 if index else 1
@@ -436,12 +509,18 @@ def verify(directory: Path, checkpoint_key: bytes | None = None) -> VerifyResult
             return check.result(missing, path.name, 1)
         check.start_file(path.name)
         lines = 0
-        with path.open("rb") as file:
-            for lines, line in enumerate(file, 1):
-                if problem := check.line_problem(line):
-                    return check.result(problem, path.name, lines)
+        try:
+            with path.open("rb") as file:
+                for lines, line in enumerate(file, 1):
+                    if problem := check.line_problem(line):
+                        return check.result(problem, path.name, lines)
+        except OSError as error:  # a directory or dangling link in a segment's name, say
+            return check.result(f"cannot be read: {error.strerror}", path.name, lines + 1)
         if problem := check.end_problem(last_file=index == len(segments) - 1):
             return check.result(problem, path.name, lines + 1)
+    if problem := check.anchor_missed():
+        last = segments[-1][1].name if segments else "(no segment)"
+        return check.result(problem, last, 0)
     return check.result()
 
 
@@ -570,7 +649,7 @@ def _first_line(path: Path) -> bytes:
 
 def _valid_entry(line: bytes, path: Path) -> dict[str, Any]:
     entry = parse_line(line)
-    if entry is None or record_hash(entry) != entry["hash"]:
+    if entry is None or not carries_its_hash(entry):
         raise AuditCorrupt(f"{path.name}: the last line is not a valid record; run verify")
     return entry
 
@@ -962,19 +1041,31 @@ class AuditLog:
         self._loop = asyncio.get_running_loop()
         self._inbox = queue.SimpleQueue()
         self._inline_this_turn = False  # a yield may have been left behind in a past loop
-        self._writer = await asyncio.to_thread(
-            SegmentWriter,
-            self.directory,
-            self._tail.segment,
-            self._inbox,
-            self._settle,
-            self._loop,
-            self._fsync_interval_s,
-        )
+        try:
+            self._writer = await asyncio.to_thread(
+                SegmentWriter,
+                self.directory,
+                self._tail.segment,
+                self._inbox,
+                self._settle,
+                self._loop,
+                self._fsync_interval_s,
+            )
+        except BaseException:
+            release_writer_lock(self._writer_lock)  # no writer: close() will not run
+            raise
         self._writer.start()
 
     def _recover(self) -> ChainTail:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer_lock = take_writer_lock(self.directory)
+        try:
+            return self._continue_chain()
+        except BaseException:
+            release_writer_lock(self._writer_lock)
+            raise
+
+    def _continue_chain(self) -> ChainTail:
         segments = segment_files(self.directory)
         if segments and (cut := cut_torn_tail(segments[-1][1])):
             self.torn_tail_repaired += 1
@@ -1082,6 +1173,33 @@ class AuditLog:
             return
         self._inbox.put(_STOP)
         await asyncio.to_thread(writer.join)
+        release_writer_lock(self._writer_lock)
+
+
+def take_writer_lock(directory: Path) -> int:
+    """An exclusive lock on the log for this process's life (the kernel drops it when the
+    process dies, however it dies); AuditLocked while another process holds it."""
+    fd = os.open(directory / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditLocked(
+            f"{directory}: another process writes this audit log; give each gateway process "
+            "(`aigw serve`, `aigw worker`) its own AIGW_AUDIT_DIR"
+        ) from None
+    return fd
+
+
+def release_writer_lock(fd: int) -> None:
+    os.close(fd)  # closing the only descriptor releases the flock
+
+
+def check_no_other_writer(directory: Path) -> None:
+    """AuditLocked now if another process writes the log at `directory`: a start-up check,
+    so the refusal is one clear line before serving begins (`open` takes the lock itself)."""
+    if Path(directory).is_dir():
+        release_writer_lock(take_writer_lock(Path(directory)))
 
 
 def _refuse_reserved_fields(record: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify_audit = audit.add_parser("verify", help="check the hash chain of an audit directory")
     verify_audit.add_argument("directory", type=Path, help="audit directory (AIGW_AUDIT_DIR)")
+    verify_audit.add_argument(
+        "--anchor", metavar="SEQ:HASH", type=_anchor,
+        help="a head this log had (as verify printed it, kept elsewhere): the log must still "
+        "hold that record with that hash (a log of one writer only: name a worker's directory)",
+    )  # fmt: skip
     verify_audit.set_defaults(handler=_audit_verify)
 
     contracts = commands.add_parser("contracts", help="contract documents").add_subparsers(
@@ -210,19 +216,39 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     With AIGW_AUDIT_CHECKPOINT_KEY set, rotation checkpoints' MACs are checked too.
     """
-    key = Settings().audit_checkpoint_key
+    settings = Settings()
+    key = settings.audit_checkpoint_key
     if not args.directory.is_dir():
         print(f"{args.directory}: not a directory", file=sys.stderr)
         return 2
     checked = "hash chain and checkpoint MACs" if key else "hash chain (no checkpoint key given)"
     # With several workers each keeps its own chain in `worker-N/`: every chain must hold.
-    for directory in log_directories(args.directory) or [args.directory]:
-        result = verify(directory, key.get_secret_value().encode() if key else None)
+    directories = log_directories(args.directory) or [args.directory]
+    if args.anchor is not None and directories != [args.directory]:
+        print(f"--anchor: {args.directory} holds {len(directories)} logs; name one of them",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    for directory in directories:
+        result = verify(
+            directory, key.get_secret_value().encode() if key else None,
+            rotate_bytes=settings.audit_rotate_bytes, anchor=args.anchor,
+        )  # fmt: skip
         if not result.ok:
             print(f"{directory}: {result}", file=sys.stderr)
             return 1
-        print(f"{directory}: {result.records} records, {checked} intact")
+        print(
+            f"{directory}: {result.records} records, {checked} intact; "
+            f"head {result.last_seq}:{result.last_hash}"
+        )
     return 0
+
+
+def _anchor(value: str) -> tuple[int, str]:
+    """`SEQ:HASH` as verify prints a log's head."""
+    seq, _, digest = value.partition(":")
+    if not (seq.isascii() and seq.isdigit() and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise argparse.ArgumentTypeError("must be SEQ:HASH, a record number and 64 hex digits")
+    return int(seq), digest
 
 
 def _policy_validate(args: argparse.Namespace) -> int:
@@ -427,7 +453,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     The audit log has one writer per directory: give each worker its own AIGW_AUDIT_DIR.
     """
-    from gateway.runtime import baselines_of, load_configuration
+    from gateway.runtime import baselines_of, check_audit_log_free, load_configuration
     from gateway.server import run_event_loop
     from gateway.worker import default_consumer, serve_streams
 
@@ -445,6 +471,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         config = load_configuration(settings, os.environ)
         baselines = baselines_of(settings)  # a bad baseline stops start-up, as for `serve`
+        check_audit_log_free(settings)
     except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 import pybreaker
 from pydantic import SecretStr
 
-from gateway.audit import AuditLog, worker_log_directory
+from gateway.audit import AuditLocked, AuditLog, check_no_other_writer, worker_log_directory
 from gateway.audit_forwarder import STREAM, AuditForwarder
 from gateway.auth import KeyStore
 from gateway.backends.triton import TritonBackend
@@ -27,6 +27,7 @@ from gateway.fallback import TargetGuard
 from gateway.judged_predictions import JudgedPredictions
 from gateway.monitoring import Baseline, Monitor, load_baselines
 from gateway.policy import Policy, PolicySet, TritonTarget, load_policies
+from gateway.problems import FaultsError
 from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLimiter
 from gateway.replica_statistics import ReplicaStatistics
 from gateway.resilience import Breaker, Bulkhead, RetryBudget, TripHook
@@ -386,6 +387,14 @@ def _all_guards(model: ModelRuntime) -> list[TargetGuard]:
 
 def _all_kept(model: ModelRuntime, kept: set[int]) -> bool:
     return all(id(g) in kept for g in _all_guards(model))
+
+
+def check_audit_log_free(settings: Settings) -> None:
+    """FaultsError naming the directory when another process writes this process's log."""
+    try:
+        check_no_other_writer(worker_log_directory(settings.audit_dir, settings.worker_index))
+    except AuditLocked as error:
+        raise FaultsError([f"AIGW_AUDIT_DIR: {error}"]) from None
 
 
 def audit_log(settings: Settings) -> AuditLog:

@@ -29,7 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.audit import parse_line, record_hash
+from gateway.audit import carries_its_hash, parse_line
 from gateway.experiments import UNRECORDED_MODEL
 
 log = logging.getLogger("gateway.shared_decisions")
@@ -141,7 +141,7 @@ class SharedDecisions:
             if (
                 record is not None
                 and record.get("prediction_id") == prediction_id
-                and record_hash(record) == record["hash"]
+                and carries_its_hash(record)
             ):
                 return record
         return None

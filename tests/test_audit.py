@@ -26,6 +26,7 @@ from gateway import audit
 from gateway.audit import (
     GENESIS,
     AuditCorrupt,
+    AuditLocked,
     AuditLog,
     AuditUnavailable,
     ChainCheck,
@@ -34,9 +35,11 @@ from gateway.audit import (
     checkpoint,
     checkpoint_mac,
     find_record,
+    is_checkpoint,
     pseudonymise,
     record_hash,
     segment_files,
+    segment_name,
     verify,
 )
 from gateway.audit_index import INDEX_NAME
@@ -531,6 +534,116 @@ async def test_without_the_checkpoint_key_a_recomputed_chain_goes_unseen(rotated
     rewrite_the_chain_after_an_edit(rotated_log)
     assert verify(rotated_log).ok
     assert not verify(rotated_log, CHECKPOINT_KEY).ok
+
+
+def merge_a_rewritten_history_into_one_unsealed_segment(directory: Path) -> None:
+    """Rewrite the chain after an edit in the first segment, drop every checkpoint the key
+    would expose, and put all lines in one newest segment: what a forger without the key can
+    do to keep each later line's hash and prev consistent."""
+    prev, lines = GENESIS, []
+    for _, path in segment_files(directory):
+        for line in read_lines(path):
+            entry = orjson.loads(line)
+            if is_checkpoint(entry):
+                continue
+            if entry.get("prediction_id") == "p-00002":
+                entry["served_by"] = "rules"
+            entry["prev"] = prev
+            entry["hash"] = prev = record_hash(entry)
+            lines.append(canonical_json(entry) + b"\n")
+        path.unlink()
+    (directory / segment_name(1)).write_bytes(b"".join(lines))
+
+
+async def test_a_history_merged_into_the_unsealed_segment_shows_by_its_size(rotated_log):
+    """The checkpoints' MACs cannot be forged, so a rewrite must drop them and leave one
+    unsealed segment, bigger than the writer ever leaves one: verify, told the rotation
+    size, refuses it. Without the size the rewrite passes even with the key."""
+    merge_a_rewritten_history_into_one_unsealed_segment(rotated_log)
+    assert verify(rotated_log, CHECKPOINT_KEY).ok
+    result = verify(rotated_log, CHECKPOINT_KEY, rotate_bytes=3000)
+    assert not result.ok and "segments were merged" in result.problem
+    assert result.file == segment_name(1)
+
+
+async def test_a_segment_whose_last_record_crossed_the_rotation_size_before_a_crash_passes(
+    tmp_path,
+):
+    """The writer seals after the record that reaches the rotation size: a crash between the
+    two leaves that record unsealed, which is no tampering."""
+    await write_log(tmp_path, 5)
+    lines = read_lines(segment(tmp_path, 0))
+    before_last = sum(len(line) for line in lines[:-1])
+    assert verify(tmp_path, CHECKPOINT_KEY, rotate_bytes=before_last + 1).ok
+    result = verify(tmp_path, CHECKPOINT_KEY, rotate_bytes=before_last)
+    assert not result.ok and "past the rotation size" in result.problem
+
+
+@pytest.mark.parametrize(
+    ("tamper", "what"),
+    [
+        (lambda lines: lines[:-2], "before the anchor's seq 30: records were cut off"),
+        (lambda lines: [*lines[:-1], forged(lines[-1], served_by="rules")], "was rewritten"),
+        (lambda lines: lines, None),
+        (lambda lines: [*lines, forged(lines[-1], seq=31, prev=orjson.loads(lines[-1])["hash"])],
+         None),  # a log that grew past the anchor still holds it
+    ],
+    ids=["tail-cut", "tail-rewritten", "untouched", "grown"],
+)  # fmt: skip
+async def test_an_anchor_kept_elsewhere_shows_what_the_unsealed_tail_hides(tmp_path, tamper, what):
+    """A cut or a rewrite inside the newest, unsealed segment passes every check of the log
+    alone; against the head verify reported earlier (kept elsewhere) it shows."""
+    await write_log(tmp_path, 30)
+    head = verify(tmp_path, CHECKPOINT_KEY)
+    edit_lines(segment(tmp_path, 0), lambda lines: lines.__setitem__(slice(None), tamper(lines)))
+    assert verify(tmp_path, CHECKPOINT_KEY).ok  # alone, nothing shows
+    result = verify(tmp_path, CHECKPOINT_KEY, anchor=(head.last_seq, head.last_hash))
+    if what is None:
+        assert result.ok, str(result)
+    else:
+        assert not result.ok and what in result.problem, str(result)
+
+
+def test_a_line_nested_deeper_than_the_writer_writes_is_altered_not_a_crash(tmp_path):
+    """orjson reads nesting it refuses to write: verify calls such a line altered, and open
+    refuses the log as corrupt, instead of failing on the serialiser's own error."""
+    deep = b"[" * 300 + b"]" * 300
+    line = b'{"hash":"' + b"0" * 64 + b'","prev":"' + GENESIS.encode() + b'","seq":1,"x":'
+    (tmp_path / segment_name(1)).write_bytes(line + deep + b"}\n")
+    result = verify(tmp_path)
+    assert not result.ok and "hash mismatch" in result.problem
+    with pytest.raises(AuditCorrupt):
+        asyncio.run(new_log(tmp_path).open())
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling-link"])
+def test_a_segment_that_cannot_be_read_is_named(tmp_path, kind):
+    path = tmp_path / segment_name(1)
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone")
+    result = verify(tmp_path)
+    assert not result.ok and "cannot be read" in result.problem and result.file == path.name
+
+
+async def test_a_second_writer_of_one_log_is_refused_until_the_first_closes(tmp_path):
+    """Two writers would interleave two chains in one log (verify would call it tampering):
+    the second is refused, naming the directory, and may open once the first has closed."""
+    first, second = new_log(tmp_path), new_log(tmp_path)
+    await first.open()
+    try:
+        await first.append(decision(1))
+        with pytest.raises(AuditLocked, match="another process writes this audit log"):
+            await second.open()
+    finally:
+        await first.close()
+    await second.open()
+    try:
+        await second.append(decision(2))
+    finally:
+        await second.close()
+    assert verify(tmp_path, CHECKPOINT_KEY).records == 2
 
 
 def test_an_empty_directory_verifies_as_an_empty_log(tmp_path):

@@ -13,6 +13,7 @@ from gateway.app import create_app
 from gateway.audit import AuditUnavailable, verify
 from gateway.cli import main
 from gateway.demo.triton_process import free_port
+from gateway.problems import FaultsError
 from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
 
@@ -123,6 +124,46 @@ async def test_aigw_audit_verify_names_the_place_of_tampering(
     capsys.readouterr()
     assert main(["audit", "verify", str(tmp_path)]) == 1
     assert f"{segment.name}:3:" in capsys.readouterr().err
+
+
+async def test_aigw_audit_verify_prints_the_head_and_checks_an_anchor(
+    gateway_client, tmp_path, capsys
+):
+    """verify prints each log's head (`SEQ:HASH`) to keep elsewhere; `--anchor` with it
+    fails once the log's tail was cut back past it, which the chain alone cannot show."""
+    async with gateway_client(env=nowhere(), audit_dir=tmp_path) as client:
+        for i in range(4):
+            await client.post("/v1/predictions", json=churn_request(f"a-{i}", i))
+    capsys.readouterr()
+    assert main(["audit", "verify", str(tmp_path)]) == 0
+    head = capsys.readouterr().out.rsplit("head ", 1)[1].strip()
+    seq, digest = head.split(":")
+    assert (int(seq), digest) == (verify(tmp_path).last_seq, verify(tmp_path).last_hash)
+    assert main(["audit", "verify", str(tmp_path), "--anchor", head]) == 0
+    (segment,) = sorted(tmp_path.glob("audit-*.jsonl"))
+    segment.write_text("".join(segment.read_text().splitlines(keepends=True)[:-1]))
+    assert main(["audit", "verify", str(tmp_path)]) == 0  # alone, a cut tail looks whole
+    assert main(["audit", "verify", str(tmp_path), "--anchor", head]) == 1
+    assert "records were cut off" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("anchor", ["12", "x:" + "0" * 64, "3:" + "0" * 63, "3:" + "G" * 64])
+def test_aigw_audit_verify_refuses_an_anchor_it_cannot_read(tmp_path, capsys, anchor):
+    with pytest.raises(SystemExit) as exit_:
+        main(["audit", "verify", str(tmp_path), "--anchor", anchor])
+    assert exit_.value.code == 2
+    assert "--anchor: must be SEQ:HASH" in capsys.readouterr().err
+
+
+async def test_a_gateway_does_not_start_on_a_log_another_process_writes(tmp_path):
+    """One writer per log: a second gateway on the same AIGW_AUDIT_DIR stops before serving,
+    naming the directory (two writers would interleave two chains in one log)."""
+    settings = settings_for(REPO, audit_dir=tmp_path, watch_policies=False)
+    first = create_app(settings, env=nowhere())
+    async with LifespanManager(first):
+        with pytest.raises(FaultsError, match=r"AIGW_AUDIT_DIR: .*another process writes"):
+            create_app(settings, env=nowhere())
+    create_app(settings, env=nowhere())  # free again once the first has stopped
 
 
 async def test_records_are_shipped_to_the_redis_stream(gateway_client, tmp_path, redis_server):
