@@ -11,6 +11,7 @@ starts with a fresh buffer, so it never repeats its parent's ids.
 from __future__ import annotations
 
 import os
+import re
 
 _ID_BYTES = 16
 _BUFFER_BYTES = 4096
@@ -56,3 +57,12 @@ def new_uuid4() -> str:
 def new_hex_id() -> bytes:
     """A random UUID as 32 hex digits (ASCII bytes), as `uuid.uuid4().hex` gives it."""
     return _uuid4_bytes().hex().encode()
+
+
+_PREDICTION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_prediction_id(value: str) -> bool:
+    """Shaped as the ids this gateway gives (lower-case UUID text), and nothing more: a
+    trailing newline, which `$` would let through, is not."""
+    return _PREDICTION_ID.fullmatch(value) is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 
-from gateway.ids import new_hex_id, new_uuid4
+import pytest
+
+from gateway.ids import is_prediction_id, new_hex_id, new_uuid4
 
 MANY = 20_000  # more than one 4 KiB buffer's worth (256 ids)
 
@@ -45,3 +47,18 @@ def test_a_forked_child_does_not_repeat_its_parents_next_ids():
     parent = {new_uuid4() for _ in range(10)}
     assert len(child) == 10
     assert not child & parent
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0f8fad5b-d9cb-469f-a165-70867728950e", True),
+        ("0f8fad5b-d9cb-469f-a165-70867728950e\n", False),  # `$` would let it through
+        ("0F8FAD5B-D9CB-469F-A165-70867728950E", False),  # the gateway writes lower case
+        ("0f8fad5b-d9cb-469f-a165-70867728950", False),
+        ("0f8fad5bd9cb469fa16570867728950e", False),
+        ("", False),
+    ],
+)
+def test_a_prediction_id_is_exactly_the_shape_the_gateway_gives(value, expected):
+    assert is_prediction_id(value) is expected

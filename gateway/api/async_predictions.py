@@ -9,7 +9,6 @@ synchronous answers (and jobs whose outcome aged out) stay retrievable.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ from gateway.api.records import answer_record
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.callbacks import allowed_hosts, callback_url_error
+from gateway.ids import is_prediction_id
 from gateway.jobs import Backpressure, Job, JobBackend, JobRejected, job_from_request
 from gateway.problems import FieldError, Problem
 from gateway.routing import routing_headers
@@ -32,7 +32,6 @@ from gateway.tracing import current_trace_id
 router = APIRouter()
 
 ASYNC_PATH = "/v1/predictions:async"
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # The synchronous response schema (contracts: PredictionResponse), in its order.
 ENVELOPE_FIELDS = (
     "prediction", "probability", "model_version", "latency_ms", "prediction_id",
@@ -127,7 +126,7 @@ async def get_prediction(request: Request, prediction_id: str) -> Response:
     """The answer (200, the synchronous envelope), pending (202), or unknown (404)."""
     principal = await authorize(request, "predict")
     runtime: Runtime = request.app.state.runtime
-    if not _UUID.match(prediction_id):
+    if not is_prediction_id(prediction_id):
         raise _unknown()
     jobs: JobBackend = request.app.state.jobs
     try:

@@ -5,20 +5,17 @@
 
 from __future__ import annotations
 
-import re
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.access import authorize
 from gateway.api.records import answer_record
 from gateway.api.responses import json_response
+from gateway.ids import is_prediction_id
 from gateway.problems import Problem
 from gateway.runtime import Runtime
 
 router = APIRouter()
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @router.get("/v1/predictions/{prediction_id}/explanation")
@@ -26,7 +23,7 @@ async def explain_prediction(request: Request, prediction_id: str) -> Response:
     """Which arm, which steps were tried and why, which rule matched, what was answered."""
     principal = await authorize(request, "audit:read")
     runtime: Runtime = request.app.state.runtime
-    if not _UUID.match(prediction_id):
+    if not is_prediction_id(prediction_id):
         raise Problem(404, "unknown-prediction", "Unknown prediction", "no prediction has this id")
     record = await answer_record(runtime, prediction_id)
     if (
