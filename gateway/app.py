@@ -188,6 +188,8 @@ def create_app(
     app.include_router(audit.router)
     app.include_router(feedback.router)
     app.include_router(health.router)
+    if settings.public_metrics:
+        app.include_router(health.metrics_router)
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)
@@ -241,6 +243,7 @@ def create_admin_app(gateway: FastAPI) -> FastAPI:
     admin.state.gateway = gateway
     admin.state.metrics = gateway.state.metrics
     admin.include_router(admin_api.router)
+    admin.include_router(health.metrics_router)
     admin.add_exception_handler(Problem, _problem_handler)
     admin.add_exception_handler(HTTPException, _http_error_handler)
     admin.add_exception_handler(Exception, _unexpected_error_handler)

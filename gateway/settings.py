@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # The admin API listens apart from the public API, on loopback unless told otherwise.
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=8081, ge=0, le=65535)
+    # /metrics is always on the admin listener; on the public one too unless this is off
+    # (its labels name tenants and models: switch it off where callers reach that port).
+    public_metrics: bool = True
     # Policy and fallback files are watched and re-applied when they change.
     watch_policies: bool = True
     watch_interval_s: float = Field(default=1.0, gt=0)

@@ -1,4 +1,4 @@
-"""Liveness, readiness and the contract document itself."""
+"""Liveness, readiness, the contract document itself, and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ async def openapi_document(request: Request) -> Response:
     return json_response(runtime.contracts.document)
 
 
-@router.get("/metrics")
+metrics_router = APIRouter()  # on the admin listener always, on the public one if allowed
+
+
+@metrics_router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of this replica's metrics."""
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -493,3 +493,27 @@ async def test_no_key_or_key_hash_reaches_logs_metrics_or_audit(keys_file, tmp_p
     segments = b"".join(p.read_bytes() for p in sorted(audit_dir.glob("audit-*.jsonl")))
     records = [json.loads(line) for line in segments.decode().splitlines()]
     assert {r["tenant"] for r in records if r.get("type") == "prediction"} == {"acme", "globex"}
+
+
+@pytest.mark.parametrize("public_metrics", [True, False])
+async def test_metrics_are_on_the_admin_listener_and_on_the_public_one_only_if_allowed(
+    tmp_path, public_metrics
+):
+    """/metrics names tenants and models in its labels: with AIGW_PUBLIC_METRICS=false only
+    the admin listener serves it, which Prometheus scrapes without a key either way."""
+    settings = settings_for(
+        REPO, audit_dir=tmp_path, watch_policies=False, public_metrics=public_metrics
+    )
+    app = create_app(settings, env=NOWHERE)
+    async with LifespanManager(app) as manager:
+        public = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://g"
+        )
+        admin = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_admin_app(app)), base_url="http://a"
+        )
+        async with public, admin:
+            on_admin = await admin.get("/metrics")
+            on_public = await public.get("/metrics")
+    assert on_admin.status_code == 200 and "aigw_requests_total" in on_admin.text
+    assert on_public.status_code == (200 if public_metrics else 404)
