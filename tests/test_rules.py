@@ -109,6 +109,23 @@ def test_rule_failing_at_run_time_does_not_match(churn):
     assert churn.first_match({}) is None
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        "1 / (features.tenure_months - 2) > 0",
+        "[1, 2][features.tenure_months] == 1",
+        "features.tenure_months * 9223372036854775807 > 0",
+    ],
+    ids=["division-by-zero", "index-out-of-range", "overflow"],
+)
+def test_rule_raising_any_error_at_run_time_does_not_match(data_dirs, contracts, when):
+    """Whatever CEL raises for one request, the rule does not match and the next one may."""
+    fallbacks = data_dirs / "fallbacks"
+    write_fallbacks(fallbacks, [rule("fragile", when), GOOD_RULE])
+    loaded = load_fallbacks(fallbacks, contracts)["customer-churn"]
+    assert loaded.first_match(features(2, 50.0)).rule == "short-tenure"
+
+
 # --- broken rules ---------------------------------------------------------------------------------
 
 
@@ -163,6 +180,27 @@ def test_rule_failing_at_run_time_does_not_match(churn):
             "when: must be a boolean condition",
             ["str"],
             id="string-result",
+        ),
+        pytest.param(
+            "[1][features.tenure_months] == 1",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="index-out-of-range-on-sample",
+        ),
+        pytest.param(
+            "features.tenure_months + 9223372036854775807 > 0",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="overflow-on-sample",
+        ),
+        pytest.param(
+            "1 / (features.tenure_months - 1) > 0",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="division-by-zero-on-sample",
         ),
     ],
 )
