@@ -43,6 +43,7 @@ NUMERIC_FEATURE_TYPES = ("integer", "number", "boolean")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _HOST_PORT = r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
+MAX_PORT = 65_535
 
 
 class PolicyError(FaultsError):
@@ -147,9 +148,7 @@ class TritonTarget(_Strict):
     """One model on one Triton server, pinned to a version."""
 
     kind: Literal["triton"] = "triton"
-    url: str = Field(
-        pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", description="host:port of Triton HTTP"
-    )
+    url: str = Field(pattern=_HOST_PORT, description="host:port of Triton HTTP")
     # The name goes into the request line to Triton: no spaces, slashes or control characters.
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     version: str = Field(pattern=r"^[0-9]+$")
@@ -158,6 +157,15 @@ class TritonTarget(_Strict):
     max_concurrency: int = Field(default=64, ge=1)
     breaker: BreakerConfig = BreakerConfig()
     batching: BatchingConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _port_is_a_port(cls, url: str) -> str:
+        # Five digits pass the pattern; a port above 65535 would load, then fail every call.
+        port = int(url.rsplit(":", 1)[1])
+        if not 1 <= port <= MAX_PORT:
+            raise ValueError(f"port {port} is not a TCP port (1-{MAX_PORT})")
+        return url
 
 
 class RetryConfig(_Strict):

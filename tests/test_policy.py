@@ -344,6 +344,20 @@ BROKEN_POLICIES = [
         id="file-is-a-list",
     ),
     pytest.param(CHURN, "", "", "the file must hold a mapping", id="file-is-empty"),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="127.0.0.1:99999"),
+        "targets.churn-gbm.url",
+        "port 99999 is not a TCP port (1-65535)",
+        id="url-port-above-65535",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="127.0.0.1:0"),
+        "targets.churn-gbm.url",
+        "port 0 is not a TCP port",
+        id="url-port-zero",
+    ),
 ]
 
 
