@@ -29,7 +29,8 @@ class FallbackError(FaultsError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A NaN probability would load and then answer with a number that is no probability.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StaticAnswer(_Strict):

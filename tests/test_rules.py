@@ -231,11 +231,19 @@ def test_cel_syntax_error_gives_its_position(data_dirs, contracts):
     [
         (rule("too-sure", "true", probability=1.5), "probability", "less than or equal to 1"),
         (rule("negative", "true", probability=-0.1), "probability", "greater than or equal to 0"),
+        (rule("not-a-number", "true", probability=float("nan")), "probability", "finite number"),
         ({**GOOD_RULE, "prediction": ""}, "prediction", "at least 1 character"),
         ({**GOOD_RULE, "when": ""}, "when", "at least 1 character"),
         ({**GOOD_RULE, "whne": "true"}, "whne", "Extra inputs are not permitted"),
     ],
-    ids=["probability-over-one", "probability-negative", "empty-prediction", "empty-when", "typo"],
+    ids=[
+        "probability-over-one",
+        "probability-negative",
+        "probability-nan",
+        "empty-prediction",
+        "empty-when",
+        "typo",
+    ],
 )
 def test_bad_rule_answer_is_refused_naming_file_and_rule(
     data_dirs, contracts, spec, field, fragment
