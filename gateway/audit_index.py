@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from gateway.sqlite_wal import enable_write_ahead_log
 
 log = logging.getLogger("gateway.audit")
@@ -55,9 +57,21 @@ def prediction_id_of(line: bytes) -> str | None:
     start = line.find(_ID_FIELD)
     if start < 0:
         return None
+    if line.count(_ID_FIELD) > 1:
+        # A caller's features may hold a key of that name too, and sort before the record's
+        # own: only the parsed top level says which is the record's.
+        return _top_level_id(line)
     start += len(_ID_FIELD)
     end = line.find(b'"', start)
     return line[start:end].decode() if end > start else None
+
+
+def _top_level_id(line: bytes) -> str | None:
+    try:
+        value = orjson.loads(line).get("prediction_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def located(segment: int, offset: int, lines: Iterable[bytes]) -> Iterator[tuple[str, int, int]]:
@@ -220,10 +234,15 @@ def index_lookup(
     try:
         connection = _connect(directory, read_only=True)
         try:
+            # Coverage first: the writer commits rows and coverage together, so a row missing
+            # after this read was missing at it too, and lies beyond the coverage read, where
+            # the caller scans. Read the other way round, a commit between the two reads
+            # would give no row and a coverage that skips the record.
+            coverage = _coverage(connection)
             row = connection.execute(
                 "SELECT segment, offset FROM records WHERE id = ?", (prediction_id,)
             ).fetchone()
-            return _coverage(connection), (row[0], row[1]) if row else None
+            return coverage, (row[0], row[1]) if row else None
         finally:
             connection.close()
     except sqlite3.Error:

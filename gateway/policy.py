@@ -33,6 +33,7 @@ from pydantic import (
 
 from gateway.contracts import ContractSet
 from gateway.problems import FaultsError
+from gateway.yaml_files import read_yaml
 
 RULES_STEP = "rules"
 STALE_CACHE_STEP = "stale-cache"
@@ -478,7 +479,7 @@ def _policy_files(directory: Path, faults: list[str]) -> list[Path]:
 
 def _load_one(path: Path, env: Mapping[str, str], faults: list[str]) -> Policy | None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         faults.append(yaml_fault(path, error))
         return None

@@ -22,6 +22,7 @@ from gateway.contracts import ContractSet
 from gateway.expressions import compile_condition, holds, sample_features
 from gateway.policy import validation_lines, yaml_fault
 from gateway.problems import FaultsError
+from gateway.yaml_files import read_yaml
 
 
 class FallbackError(FaultsError):
@@ -118,7 +119,7 @@ def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:
 
 def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallbacks | None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
         spec = FallbackFile.model_validate(raw)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         faults.append(yaml_fault(path, error))

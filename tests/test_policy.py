@@ -120,6 +120,21 @@ def removing(key: str) -> Mutation:
     return mutate
 
 
+def shipped_text_with(old: str, new: str) -> str:
+    """The shipped churn policy's text with `old` replaced by `new` (anchors kept)."""
+    text = (REPO / "policies" / CHURN).read_text(encoding="utf-8")
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def alias_bomb(levels: int) -> str:
+    """Each level a list of ten aliases of the previous one: a few hundred bytes of text,
+    ten to the power `levels` values once the aliases are followed."""
+    lines = ["bomb0: &bomb0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"bomb{i}: &bomb{i} [{', '.join([f'*bomb{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 GBM = ("targets", "churn-gbm")
 GBM_BREAKER = (*GBM, "breaker")
 GBM_FEATURES = (*GBM, "inputs", 0, "features")
@@ -346,6 +361,64 @@ BROKEN_POLICIES = [
     pytest.param(CHURN, "", "", "the file must hold a mapping", id="file-is-empty"),
     pytest.param(
         CHURN,
+        "[" * 50_000 + "]" * 50_000,
+        "line 1, column 65",
+        "cannot be read: nested too deeply (more than 64 levels)",
+        id="nested-too-deeply",
+    ),
+    pytest.param(
+        CHURN,
+        "model_id: customer-churn\nx: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n",
+        "line 2, column 253",
+        "cannot be read: nested too deeply (more than 64 levels)",
+        id="mappings-nested-too-deeply",
+    ),
+    pytest.param(
+        CHURN,
+        "a: &a [" + "[" * 40 + "]" * 40 + "]\nb: &b [" + "[" * 30 + "*a" + "]" * 30 + "]\n",
+        "line 2, column 14",
+        "cannot be read: nested too deeply once aliases are followed",
+        id="nested-too-deeply-through-aliases",
+    ),
+    pytest.param(
+        CHURN,
+        "model_id: customer-churn\nloop: &loop [*loop]\n",
+        "line 2, column 7",
+        "cannot be read: an alias refers to itself",
+        id="alias-containing-itself",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("timeout_ms: 400\n", "timeout_ms: 400\ntimeout_ms: 5\n"),
+        "line 7, column 1",
+        "cannot be read: key 'timeout_ms' appears twice",
+        id="top-level-key-twice",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("    weight: 90\n", "    weight: 90\n    weight: 0\n"),
+        "line 20, column 5",
+        "cannot be read: key 'weight' appears twice",
+        id="arm-weight-twice",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with(
+            "breaker: *breaker", "breaker: {<<: *breaker, force: open, force: closed}"
+        ),
+        "line 95, column 42",
+        "cannot be read: key 'force' appears twice",
+        id="key-twice-beside-a-merge",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("\ncache:", "\n" + alias_bomb(8) + "cache:"),
+        "line 44, column 8",
+        "cannot be read: more than 100000 values once aliases are followed",
+        id="alias-bomb",
+    ),
+    pytest.param(
+        CHURN,
         setting(*GBM, "url", value="127.0.0.1:99999"),
         "targets.churn-gbm.url",
         "port 99999 is not a TCP port (1-65535)",
@@ -498,6 +571,20 @@ def test_broken_policy_is_refused_naming_file_and_field(
     path = write_policy(policies, name, content)
     faults = faults_of(policies, contracts)
     assert_fault(faults, path, field, fragment)
+
+
+def test_a_merge_key_may_override_what_it_merges(data_dirs, contracts):
+    """`{<<: *anchor, key: value}` is no repeated key: the merged mapping's key is overridden,
+    as the README's kill switch does with `{<<: *breaker, force: open}`."""
+    write_policy(
+        data_dirs / "policies",
+        CHURN,
+        shipped_text_with("breaker: *breaker", "breaker: {<<: *breaker, force: open}"),
+    )
+    targets = load_policies(data_dirs / "policies", contracts, {}).get("customer-churn").targets
+    assert targets["churn-gbm-v2"].breaker.force == "open"
+    assert targets["churn-gbm-v2"].breaker.reset_timeout_s == 1.0  # merged from the anchor
+    assert targets["churn-gbm"].breaker.force is None
 
 
 def test_mutations_alone_are_the_fault(data_dirs, contracts):

@@ -292,6 +292,49 @@ def test_missing_fallbacks_directory_is_a_fault(data_dirs, contracts):
     assert faults_of(missing, contracts) == [f"{missing}: fallbacks directory not found"]
 
 
+SHIPPED_TEXT = (REPO / "fallbacks" / CHURN).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param(
+            "[" * 50_000 + "]" * 50_000,
+            "line 1, column 65: cannot be read: nested too deeply (more than 64 levels)",
+            id="nested-too-deeply",
+        ),
+        pytest.param(
+            SHIPPED_TEXT.replace("\nrules:", "\nrules: []\nrules:"),
+            "line 7, column 1: cannot be read: key 'rules' appears twice",
+            id="rules-twice",
+        ),
+        pytest.param(
+            SHIPPED_TEXT.replace(
+                "    probability: 0.74\n", "    probability: 0.74\n    prediction: stay\n"
+            ),
+            "line 11, column 5: cannot be read: key 'prediction' appears twice",
+            id="rule-answer-twice",
+        ),
+        pytest.param(
+            SHIPPED_TEXT
+            + "bomb0: &b0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"bomb{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 10)}]\n" for i in range(1, 8)),
+            "cannot be read: more than 100000 values once aliases are followed",
+            id="alias-bomb",
+        ),
+    ],
+)
+def test_unreadable_fallback_file_is_one_fault_naming_the_line(
+    data_dirs, contracts, text, fragment
+):
+    """A file nested too deeply, with a key written twice or too large once its aliases are
+    followed is refused with its line; a repeated key never silently wins."""
+    path = data_dirs / "fallbacks" / CHURN
+    path.write_text(text, encoding="utf-8")
+    fault = only_fault_starting(faults_of(data_dirs / "fallbacks", contracts), f"{path}: ")
+    assert fragment in fault
+
+
 def test_yaml_syntax_fault_is_one_line(data_dirs, contracts):
     """A fallback file that is not YAML is one `file: ...` fault line giving the position."""
     fallbacks = data_dirs / "fallbacks"

@@ -15,7 +15,7 @@ import yaml
 from asgi_lifespan import LifespanManager
 
 from gateway.app import create_admin_app, create_app
-from gateway.auth import add_key, revoke_key
+from gateway.auth import KeysFileError, add_key, parse_keys_file, revoke_key
 from gateway.demo.triton_process import free_port
 from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
@@ -493,3 +493,19 @@ async def test_no_key_or_key_hash_reaches_logs_metrics_or_audit(keys_file, tmp_p
     segments = b"".join(p.read_bytes() for p in sorted(audit_dir.glob("audit-*.jsonl")))
     records = [json.loads(line) for line in segments.decode().splitlines()]
     assert {r["tenant"] for r in records if r.get("type") == "prediction"} == {"acme", "globex"}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("keys: " + "[" * 50_000 + "]" * 50_000, "nested too deeply (more than 64 levels)"),
+        ("keys: []\nkeys: []\n", "key 'keys' appears twice"),
+    ],
+    ids=["nested-too-deeply", "key-twice"],
+)
+def test_an_unreadable_keys_file_is_one_fault_naming_it(text, fragment):
+    """A keys file nested too deeply or with a key written twice is a fault, not a crash."""
+    with pytest.raises(KeysFileError) as caught:
+        parse_keys_file(text, "keys.yaml")
+    [fault] = caught.value.faults
+    assert fault.startswith("keys.yaml: cannot be read: ") and fragment in fault, fault
