@@ -99,8 +99,13 @@ def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbac
         raise FallbackError([f"{directory}: fallbacks directory not found"])
     for path in sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml")):
         fallbacks = _load_one(path, contracts, faults)
-        if fallbacks is not None:
-            result[fallbacks.model_id] = fallbacks
+        if fallbacks is None:
+            continue
+        if fallbacks.model_id in result:
+            # As for policies: a leftover copy must not silently replace the model's rules.
+            faults.append(f"{path}: model_id: {fallbacks.model_id} is defined by another file too")
+            continue
+        result[fallbacks.model_id] = fallbacks
     faults.extend(
         f"{directory}: model {m} has no fallback file (its chain needs a default)"
         for m in contracts.models
@@ -130,6 +135,9 @@ def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallback
     model = contracts.models.get(spec.model_id)
     if model is None:
         faults.append(f"{path}: model_id: {spec.model_id} is not a model of the contract")
+        return None
+    if spec.model_id != path.stem:
+        faults.append(f"{path}: model_id: {spec.model_id} must match the file name")
         return None
     sample = sample_features(model.feature_types)
     rules = []

@@ -286,6 +286,29 @@ def test_fallback_file_for_unknown_model_is_a_fault(data_dirs, contracts):
     only_fault_starting(faults, f"{path}: model_id: fraud-score is not a model of the contract")
 
 
+@pytest.mark.parametrize(
+    ("copy_name", "fault"),
+    [
+        ("customer-churn2.yaml", "customer-churn must match the file name"),
+        ("customer-churn.yml", "customer-churn is defined by another file too"),
+    ],
+    ids=["other-name", "other-suffix"],
+)
+def test_a_second_fallback_file_for_a_model_is_blamed_not_the_original(
+    data_dirs, contracts, copy_name, fault
+):
+    """A copy of a model's fallbacks is refused, and never replaces the rules of the file
+    named after the model."""
+    fallbacks = data_dirs / "fallbacks"
+    copy = fallbacks / copy_name
+    copy.write_text(yaml.safe_dump({
+        "model_id": "customer-churn", "rules": [],
+        "default": {"prediction": "churn", "probability": 0.9},
+    }))  # fmt: skip
+    faults = faults_of(fallbacks, contracts)
+    assert faults == [f"{copy}: model_id: {fault}"]
+
+
 def test_missing_fallbacks_directory_is_a_fault(data_dirs, contracts):
     """A missing fallbacks directory is a fault naming it."""
     missing = data_dirs / "no-fallbacks"
