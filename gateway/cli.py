@@ -29,7 +29,7 @@ from gateway.policy import load_policies
 from gateway.policy_store import read_bundle
 from gateway.problems import FaultsError
 from gateway.routing import compile_routes
-from gateway.rules import load_fallbacks
+from gateway.rules import labels_of, load_fallbacks
 from gateway.settings import Settings
 from gateway.simulation import simulate
 
@@ -243,7 +243,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
     try:
         contracts = load_contracts(settings.contracts_dir)
         policies = load_policies(directory, contracts, os.environ)
-        load_fallbacks(settings.fallbacks_dir, contracts)
+        load_fallbacks(settings.fallbacks_dir, contracts, labels_of(policies))
     except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.contracts import ContractSet
 from gateway.expressions import compile_condition, holds, sample_features
-from gateway.policy import validation_lines, yaml_fault
+from gateway.policy import Labels, PolicySet, validation_lines, yaml_fault
 from gateway.problems import FaultsError
 from gateway.yaml_files import read_yaml
 
@@ -91,8 +91,13 @@ class Fallbacks:
         return None
 
 
-def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbacks]:
-    """Read, compile and check every fallback file; raise FallbackError listing every fault."""
+def load_fallbacks(
+    directory: Path, contracts: ContractSet, labels: Mapping[str, Labels] | None = None
+) -> dict[str, Fallbacks]:
+    """Read, compile and check every fallback file; raise FallbackError listing every fault.
+
+    With `labels` (each model's policy labels), every answer must be one of its model's labels:
+    a typo would otherwise be served as a prediction the model never makes."""
     faults: list[str] = []
     result: dict[str, Fallbacks] = {}
     if not directory.is_dir():
@@ -101,6 +106,10 @@ def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbac
         fallbacks = _load_one(path, contracts, faults)
         if fallbacks is None:
             continue
+        if labels is not None and fallbacks.model_id in labels:
+            faults.extend(
+                f"{path}: {fault}" for fault in label_faults(fallbacks, labels[fallbacks.model_id])
+            )
         if fallbacks.model_id in result:
             # As for policies: a leftover copy must not silently replace the model's rules.
             faults.append(f"{path}: model_id: {fallbacks.model_id} is defined by another file too")
@@ -114,6 +123,26 @@ def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbac
     if faults:
         raise FallbackError(faults)
     return result
+
+
+def labels_of(policies: PolicySet) -> dict[str, Labels]:
+    """Each model's labels: what its fallback answers must predict."""
+    return {model_id: policy.labels for model_id, policy in policies.policies.items()}
+
+
+def label_faults(fallbacks: Fallbacks, labels: Labels) -> list[str]:
+    """Answers whose prediction is not one of the policy's labels, at their field paths."""
+    known = (labels.positive, labels.negative)
+    answers = [
+        (f"rules.{i} ({rule.name}): prediction", rule.answer)
+        for i, rule in enumerate(fallbacks.rules)
+    ]
+    answers.append(("default.prediction", fallbacks.default))
+    return [
+        f"{where}: {answer.prediction} is not a label of the policy ({' or '.join(known)})"
+        for where, answer in answers
+        if answer.prediction not in known
+    ]
 
 
 def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:

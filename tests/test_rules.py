@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from gateway.contracts import ContractSet, load_contracts
-from gateway.rules import FallbackError, Fallbacks, StaticAnswer, load_fallbacks
+from gateway.policy import load_policies
+from gateway.rules import FallbackError, Fallbacks, StaticAnswer, labels_of, load_fallbacks
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = "customer-churn.yaml"
@@ -307,6 +308,26 @@ def test_a_second_fallback_file_for_a_model_is_blamed_not_the_original(
     }))  # fmt: skip
     faults = faults_of(fallbacks, contracts)
     assert faults == [f"{copy}: model_id: {fault}"]
+
+
+def test_an_answer_that_is_not_a_label_of_the_policy_is_refused(data_dirs, contracts):
+    """Given the policies' labels, every rule's and the default's prediction must be one of
+    them: a typo is refused naming the field, not served as a label the model never gives."""
+    fallbacks = data_dirs / "fallbacks"
+    path = fallbacks / CHURN
+    doc = {
+        "model_id": "customer-churn",
+        "rules": [GOOD_RULE, {**GOOD_RULE, "name": "typo", "prediction": "chrun"}],
+        "default": {"prediction": "Stay", "probability": 0.27},
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    labels = labels_of(load_policies(REPO / "policies", contracts, {}))
+    with pytest.raises(FallbackError) as caught:
+        load_fallbacks(fallbacks, contracts, labels)
+    assert caught.value.faults == [
+        f"{path}: rules.1 (typo): prediction: chrun is not a label of the policy (churn or stay)",
+        f"{path}: default.prediction: Stay is not a label of the policy (churn or stay)",
+    ]
 
 
 def test_missing_fallbacks_directory_is_a_fault(data_dirs, contracts):
