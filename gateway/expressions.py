@@ -8,10 +8,24 @@ at load with the CEL position, never at request time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
 import cel
+
+# CEL's comprehension macros: each runs its body once per element of a list or map.
+_MACRO_CALL = re.compile(r"\.\s*(all|exists|exists_one|map|filter)\s*\(")
+# Comprehensions nested deeper than this are refused. Nesting multiplies: seven levels over
+# ten-element lists are ten million evaluations, seconds during which the cel binding holds
+# the GIL and the whole gateway (event loop included) stands still, at load and on every
+# request. Two levels (a list of lists checked element by element) is as deep as a routing or
+# fallback condition has reason to go; no shipped or tested condition uses more than one.
+MAX_COMPREHENSION_DEPTH = 2
+# Quoted strings, whose text may look like a macro call: triple-quoted first, then single.
+_STRING_LITERAL = re.compile(
+    "(?s)'''.*?'''" + r'|""".*?"""' + r"|'(?:\\.|[^'\\])*'" + r'|"(?:\\.|[^"\\])*"'
+)
 
 # A representative value per JSON Schema type, for checking conditions at load.
 _SAMPLE_VALUES: dict[str, Any] = {"string": "sample", "integer": 1, "number": 1.5, "boolean": True}
@@ -24,6 +38,12 @@ def sample_features(feature_types: Mapping[str, str]) -> dict[str, Any]:
 
 def compile_condition(source: str, allowed: Collection[str], sample: Mapping[str, Any]) -> Any:
     """A compiled CEL program that is a boolean on `sample`; ValueError says what is wrong."""
+    depth = comprehension_depth(source)
+    if depth > MAX_COMPREHENSION_DEPTH:
+        raise ValueError(
+            f"nests comprehensions (all, exists, exists_one, map, filter) {depth} deep; "
+            f"at most {MAX_COMPREHENSION_DEPTH}, as each level multiplies the work per request"
+        )
     try:
         program = cel.compile(source)
     except ValueError as error:
@@ -50,6 +70,22 @@ def holds(program: Any, context: Mapping[str, Any]) -> bool:
     # cannot be evaluated for one request must leave the chain to its next step, never fail it.
     except Exception:
         return False
+
+
+def comprehension_depth(source: str) -> int:
+    """How deeply comprehension macros nest in `source`: 0 for none, 2 for `.all()` inside
+    `.all()`. Read from the text, string literals left out, so it is known before CEL runs."""
+    code = _STRING_LITERAL.sub(lambda m: " " * len(m.group(0)), source)
+    macro_parentheses = {match.end() - 1 for match in _MACRO_CALL.finditer(code)}
+    deepest = 0
+    frames: list[bool] = []  # per open parenthesis: whether it opens a macro's arguments
+    for index, char in enumerate(code):
+        if char == "(":
+            frames.append(index in macro_parentheses)
+            deepest = max(deepest, sum(frames))
+        elif char == ")" and frames:
+            frames.pop()
+    return deepest
 
 
 def one_line(error: Exception) -> str:

@@ -336,6 +336,10 @@ def test_shadows_leave_out_the_target_that_served(policy, feature_types, served_
         ('headers["x-tier"]', ("fails on a valid input",)),
         ("[1][features.tenure_months] == 1", ("fails on a valid input",)),
         ("features.tenure_months + 9223372036854775807 > 0", ("fails on a valid input",)),
+        (
+            "[1].all(a, [1].all(b, [1].exists(c, tenant == 'x')))",
+            ("nests comprehensions (all, exists, exists_one, map, filter) 3 deep; at most 2",),
+        ),
     ],
     ids=[
         "syntax-error",
@@ -344,6 +348,7 @@ def test_shadows_leave_out_the_target_that_served(policy, feature_types, served_
         "fails-on-sample",
         "index-out-of-range-on-sample",
         "overflow-on-sample",
+        "comprehensions-three-deep",
     ],
 )
 def test_compile_routes_refuses_a_broken_condition_naming_the_route(

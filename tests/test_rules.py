@@ -110,6 +110,17 @@ def test_rule_failing_at_run_time_does_not_match(churn):
     assert churn.first_match({}) is None
 
 
+def test_comprehensions_two_deep_are_allowed(data_dirs, contracts):
+    """Two levels of comprehensions load and answer; a macro's name inside a string literal
+    is text, not a level."""
+    fallbacks = data_dirs / "fallbacks"
+    when = '[1, 2].exists(a, [3].all(b, features.tenure_months > 2)) && ".all(.all(" != ""'
+    write_fallbacks(fallbacks, [rule("two-deep", when), GOOD_RULE])
+    loaded = load_fallbacks(fallbacks, contracts)["customer-churn"]
+    assert loaded.first_match(features(3, 50.0)).rule == "two-deep"
+    assert loaded.first_match(features(1, 50.0)).rule == "short-tenure"
+
+
 @pytest.mark.parametrize(
     "when",
     [
@@ -202,6 +213,22 @@ def test_rule_raising_any_error_at_run_time_does_not_match(data_dirs, contracts,
             "when: fails on a valid input",
             [],
             id="division-by-zero-on-sample",
+        ),
+        pytest.param(
+            "[1, 2].all(a, [1, 2].all(b, [1, 2].all(c, features.tenure_months > c)))",
+            0.5,
+            "when: nests comprehensions (all, exists, exists_one, map, filter) 3 deep; at most 2",
+            [],
+            id="comprehensions-three-deep",
+        ),
+        pytest.param(
+            "[0,1,2,3,4,5,6,7,8,9].all(v0, [0,1,2,3,4,5,6,7,8,9].exists(v1, "
+            "[0,1,2,3,4,5,6,7,8,9].filter(v2, [0,1,2,3,4,5,6,7,8,9].map(v3, v3).size() > 0)"
+            ".size() > 0 && features.tenure_months > v1))",
+            0.5,
+            "when: nests comprehensions (all, exists, exists_one, map, filter) 4 deep",
+            [],
+            id="comprehensions-four-deep",
         ),
     ],
 )
