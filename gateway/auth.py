@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.policy import validation_lines
 from gateway.problems import FaultsError
+from gateway.yaml_files import read_yaml
 
 log = logging.getLogger("gateway.auth")
 
@@ -103,7 +104,7 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 def parse_keys_file(text: str, source: str) -> KeysFile:
     """A keys file, checked; KeysFileError lists `file: field: message` faults."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(text, max_values=None) or {}
         keys = KeysFile.model_validate(raw)
     except yaml.YAMLError as error:
         raise KeysFileError([f"{source}: cannot be read: {' '.join(str(error).split())}"]) from None

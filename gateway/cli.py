@@ -30,7 +30,7 @@ from gateway.policy import load_policies
 from gateway.policy_store import read_bundle
 from gateway.problems import FaultsError
 from gateway.routing import compile_routes
-from gateway.rules import load_fallbacks
+from gateway.rules import labels_of, load_fallbacks
 from gateway.settings import Settings
 from gateway.simulation import simulate
 
@@ -45,7 +45,19 @@ DEMO_CURL = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.handler in _CHECKING_COMMANDS:
+        return _without_traceback(args)
     return args.handler(args)
+
+
+def _without_traceback(args: argparse.Namespace) -> int:
+    """Run a command that reads operator files. Their faults are reported by the command;
+    whatever else goes wrong is still one line and exit 1, never a traceback to read."""
+    try:
+        return args.handler(args)
+    except Exception as error:
+        print(f"aigw: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,7 +269,7 @@ def _policy_validate(args: argparse.Namespace) -> int:
     try:
         contracts = load_contracts(settings.contracts_dir)
         policies = load_policies(directory, contracts, os.environ)
-        load_fallbacks(settings.fallbacks_dir, contracts)
+        load_fallbacks(settings.fallbacks_dir, contracts, labels_of(policies))
     except FaultsError as error:
         for fault in error.faults:
             print(fault, file=sys.stderr)
@@ -271,11 +283,18 @@ def _admin_url(args: argparse.Namespace) -> str:
     return args.admin_url or f"http://{settings.admin_host}:{settings.admin_port}"
 
 
-def _local_bundle(args: argparse.Namespace) -> dict:
+def _local_bundle(args: argparse.Namespace) -> dict | None:
+    """The local files as a bundle, or None once the files that cannot be read are printed."""
     settings = Settings()
-    return read_bundle(
-        args.policies or settings.policies_dir, args.fallbacks or settings.fallbacks_dir
-    ).to_dict()
+    try:
+        bundle = read_bundle(
+            args.policies or settings.policies_dir, args.fallbacks or settings.fallbacks_dir
+        )
+    except FaultsError as error:
+        for fault in error.faults:
+            print(fault, file=sys.stderr)
+        return None
+    return bundle.to_dict()
 
 
 def _call_admin(args: argparse.Namespace, method: str, path: str, body: dict | None = None):  # type: ignore[no-untyped-def]
@@ -299,7 +318,10 @@ def _call_admin(args: argparse.Namespace, method: str, path: str, body: dict | N
 
 
 def _policy_diff(args: argparse.Namespace) -> int:
-    result = _call_admin(args, "POST", "/admin/policies/diff", {"bundle": _local_bundle(args)})
+    bundle = _local_bundle(args)
+    if bundle is None:
+        return 1
+    result = _call_admin(args, "POST", "/admin/policies/diff", {"bundle": bundle})
     if result is None:
         return 1
     print(result["diff"] or "no differences", end="" if result["diff"] else "\n")
@@ -312,8 +334,10 @@ def _policy_diff(args: argparse.Namespace) -> int:
 
 
 def _policy_apply(args: argparse.Namespace) -> int:
-    body = {"author": args.author, "bundle": _local_bundle(args)}
-    result = _call_admin(args, "POST", "/admin/policies", body)
+    bundle = _local_bundle(args)
+    if bundle is None:
+        return 1
+    result = _call_admin(args, "POST", "/admin/policies", {"author": args.author, "bundle": bundle})
     if result is None:
         return 1
     print(f"applied version {result['version']} ({result['content_hash'][:12]})")
@@ -351,8 +375,8 @@ def _policy_simulate(args: argparse.Namespace) -> int:
             print(fault, file=sys.stderr)
         return 1
     try:
-        inputs = [orjson.loads(line) for line in args.inputs.read_bytes().splitlines() if line]
-    except (OSError, orjson.JSONDecodeError) as error:
+        inputs = _json_objects(args.inputs)
+    except (OSError, ValueError) as error:
         print(f"{args.inputs}: cannot be read as JSON lines: {error}", file=sys.stderr)
         return 1
 
@@ -365,6 +389,22 @@ def _policy_simulate(args: argparse.Namespace) -> int:
     report = simulate(tables(running), tables(proposed), inputs)
     print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def _json_objects(path: Path) -> list[dict]:
+    """One JSON object per non-blank line; ValueError names the first line that is not one."""
+    objects = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            raise ValueError(f"line {number}: {error}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"line {number}: a {type(value).__name__}, not a JSON object")
+        objects.append(value)
+    return objects
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -486,6 +526,9 @@ def _worker(args: argparse.Namespace) -> int:
         serve_streams(settings, config, models, consumer, args.metrics_port, baselines), settings
     )
     return 0
+
+
+_CHECKING_COMMANDS = (_policy_validate, _policy_diff, _policy_apply, _policy_simulate)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from gateway.problems import FaultsError, FieldError, json_pointer
+from gateway.yaml_files import read_yaml
 
 PREDICTIONS_PATH = "/v1/predictions"
 FEEDBACK_SCHEMA = "#/components/schemas/FeedbackRequest"
@@ -145,7 +146,7 @@ def _read_documents(directory: Path) -> list[tuple[Path, Any]]:
     documents = []
     for path in paths:
         try:
-            documents.append((path, yaml.safe_load(path.read_text(encoding="utf-8"))))
+            documents.append((path, read_yaml(path.read_text(encoding="utf-8"), max_values=None)))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ContractError([f"{path}: cannot be read: {error}"]) from None
     return documents

@@ -8,12 +8,24 @@ at load with the CEL position, never at request time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
 import cel
 
-RUNTIME_ERRORS = (TypeError, ValueError, KeyError, RuntimeError)
+# CEL's comprehension macros: each runs its body once per element of a list or map.
+_MACRO_CALL = re.compile(r"\.\s*(all|exists|exists_one|map|filter)\s*\(")
+# Comprehensions nested deeper than this are refused. Nesting multiplies: seven levels over
+# ten-element lists are ten million evaluations, seconds during which the cel binding holds
+# the GIL and the whole gateway (event loop included) stands still, at load and on every
+# request. Two levels (a list of lists checked element by element) is as deep as a routing or
+# fallback condition has reason to go; no shipped or tested condition uses more than one.
+MAX_COMPREHENSION_DEPTH = 2
+# Quoted strings, whose text may look like a macro call: triple-quoted first, then single.
+_STRING_LITERAL = re.compile(
+    "(?s)'''.*?'''" + r'|""".*?"""' + r"|'(?:\\.|[^'\\])*'" + r'|"(?:\\.|[^"\\])*"'
+)
 
 # A representative value per JSON Schema type, for checking conditions at load.
 _SAMPLE_VALUES: dict[str, Any] = {"string": "sample", "integer": 1, "number": 1.5, "boolean": True}
@@ -26,6 +38,12 @@ def sample_features(feature_types: Mapping[str, str]) -> dict[str, Any]:
 
 def compile_condition(source: str, allowed: Collection[str], sample: Mapping[str, Any]) -> Any:
     """A compiled CEL program that is a boolean on `sample`; ValueError says what is wrong."""
+    depth = comprehension_depth(source)
+    if depth > MAX_COMPREHENSION_DEPTH:
+        raise ValueError(
+            f"nests comprehensions (all, exists, exists_one, map, filter) {depth} deep; "
+            f"at most {MAX_COMPREHENSION_DEPTH}, as each level multiplies the work per request"
+        )
     try:
         program = cel.compile(source)
     except ValueError as error:
@@ -35,7 +53,8 @@ def compile_condition(source: str, allowed: Collection[str], sample: Mapping[str
         raise ValueError(f"refers to unknown variables: {', '.join(unknown)}")
     try:
         result = program.execute(dict(sample))
-    except RUNTIME_ERRORS as error:
+    # Any exception (see `holds`): the condition fails on a valid input, whatever CEL raised.
+    except Exception as error:
         raise ValueError(f"fails on a valid input: {one_line(error)}") from None
     if not isinstance(result, bool):
         raise ValueError(f"must be a boolean condition, gives {type(result).__name__}")
@@ -46,8 +65,27 @@ def holds(program: Any, context: Mapping[str, Any]) -> bool:
     """Whether a checked condition is true for `context`; an error at run time means false."""
     try:
         return program.execute(context) is True
-    except RUNTIME_ERRORS:
+    # Every exception, not a list: the cel binding's set is open (ZeroDivisionError,
+    # OverflowError, IndexError... besides TypeError and KeyError), and a condition that
+    # cannot be evaluated for one request must leave the chain to its next step, never fail it.
+    except Exception:
         return False
+
+
+def comprehension_depth(source: str) -> int:
+    """How deeply comprehension macros nest in `source`: 0 for none, 2 for `.all()` inside
+    `.all()`. Read from the text, string literals left out, so it is known before CEL runs."""
+    code = _STRING_LITERAL.sub(lambda m: " " * len(m.group(0)), source)
+    macro_parentheses = {match.end() - 1 for match in _MACRO_CALL.finditer(code)}
+    deepest = 0
+    frames: list[bool] = []  # per open parenthesis: whether it opens a macro's arguments
+    for index, char in enumerate(code):
+        if char == "(":
+            frames.append(index in macro_parentheses)
+            deepest = max(deepest, sum(frames))
+        elif char == ")" and frames:
+            frames.pop()
+    return deepest
 
 
 def one_line(error: Exception) -> str:

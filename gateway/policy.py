@@ -33,6 +33,7 @@ from pydantic import (
 
 from gateway.contracts import ContractSet
 from gateway.problems import FaultsError
+from gateway.yaml_files import read_yaml
 
 RULES_STEP = "rules"
 STALE_CACHE_STEP = "stale-cache"
@@ -49,16 +50,34 @@ class PolicyError(FaultsError):
     """One or more policy files are invalid; `faults` holds `file: field: message` lines."""
 
 
+# Upper bounds of numeric fields. Each is far above any sensible setting, and keeps every
+# number finite and within 64 bits: content hashing (orjson) refuses bigger integers, a sum of
+# weights near the float maximum overflows to inf (sending all traffic to one arm), and an
+# infinite TTL or timeout cannot become the integer milliseconds Redis and timers take.
+MAX_COUNT = 10_000  # breaker counts, as `window`
+MAX_CONCURRENCY = 100_000
+MAX_CACHE_ENTRIES = 100_000_000
+MAX_TTL_S = 366 * 86_400  # a year
+MAX_RESET_TIMEOUT_S = 86_400  # a day
+MAX_CALL_MS = 600_000  # as `timeout_ms`: no call lasts longer
+MAX_WEIGHT = 1_000_000
+MAX_SCALE = 1e9  # |scale| and |offset|: a float32 tensor still holds any sensible feature
+MAX_OUTPUT_INDEX = 1_000_000
+MAX_PORT = 65_535
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in any float: each would load and then behave unlike what the file
+    # says (a NaN scale sends NaN tensors, an infinite weight takes every request).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FeatureInput(_Strict):
     """One contract feature placed in an input tensor, as `value * scale + offset`."""
 
     feature: str
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE)
+    offset: float = Field(default=0.0, ge=-MAX_SCALE, le=MAX_SCALE)
 
 
 class TensorInput(_Strict):
@@ -80,7 +99,7 @@ class TensorOutput(_Strict):
     """Where the positive-class probability is in Triton's answer."""
 
     name: str = "probability"
-    index: int = Field(default=0, ge=0)
+    index: int = Field(default=0, ge=0, le=MAX_OUTPUT_INDEX)
 
 
 class Labels(_Strict):
@@ -101,16 +120,16 @@ class BreakerConfig(_Strict):
     window, on a failure rate or a slow-call rate at or above the configured share.
     """
 
-    failure_threshold: int = Field(default=5, ge=1)
+    failure_threshold: int = Field(default=5, ge=1, le=MAX_COUNT)
     failure_rate: float = Field(default=0.5, gt=0, le=1)
-    slow_call_ms: float = Field(default=1000, gt=0)
+    slow_call_ms: float = Field(default=1000, gt=0, le=MAX_CALL_MS)
     slow_call_rate: float = Field(default=1.0, gt=0, le=1)
-    window: int = Field(default=20, ge=1, le=10_000)
-    min_calls: int = Field(default=10, ge=1)
-    reset_timeout_s: float = Field(default=5.0, gt=0)
-    max_reset_timeout_s: float = Field(default=60.0, gt=0)
-    success_threshold: int = Field(default=2, ge=1)
-    half_open_max_calls: int = Field(default=1, ge=1)
+    window: int = Field(default=20, ge=1, le=MAX_COUNT)
+    min_calls: int = Field(default=10, ge=1, le=MAX_COUNT)
+    reset_timeout_s: float = Field(default=5.0, gt=0, le=MAX_RESET_TIMEOUT_S)
+    max_reset_timeout_s: float = Field(default=60.0, gt=0, le=MAX_RESET_TIMEOUT_S)
+    success_threshold: int = Field(default=2, ge=1, le=MAX_COUNT)
+    half_open_max_calls: int = Field(default=1, ge=1, le=MAX_COUNT)
     # An operator's override. `open`: no call goes to the target, every chain goes on to its
     # next step (reason `breaker_open`): the kill switch for a model answering wrongly with
     # 200s, which no breaker would catch. `closed`: calls always go, whatever they return.
@@ -147,17 +166,24 @@ class TritonTarget(_Strict):
     """One model on one Triton server, pinned to a version."""
 
     kind: Literal["triton"] = "triton"
-    url: str = Field(
-        pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", description="host:port of Triton HTTP"
-    )
+    url: str = Field(pattern=_HOST_PORT, description="host:port of Triton HTTP")
     # The name goes into the request line to Triton: no spaces, slashes or control characters.
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     version: str = Field(pattern=r"^[0-9]+$")
     inputs: list[TensorInput] = Field(min_length=1)
     output: TensorOutput = TensorOutput()
-    max_concurrency: int = Field(default=64, ge=1)
+    max_concurrency: int = Field(default=64, ge=1, le=MAX_CONCURRENCY)
     breaker: BreakerConfig = BreakerConfig()
     batching: BatchingConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _port_is_a_port(cls, url: str) -> str:
+        # Five digits pass the pattern; a port above 65535 would load, then fail every call.
+        port = int(url.rsplit(":", 1)[1])
+        if not 1 <= port <= MAX_PORT:
+            raise ValueError(f"port {port} is not a TCP port (1-{MAX_PORT})")
+        return url
 
 
 class RetryConfig(_Strict):
@@ -171,7 +197,7 @@ class Arm(_Strict):
     """One arm of an experiment: a share of traffic and the chain that serves it."""
 
     name: str = Field(pattern=_NAME)
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, le=MAX_WEIGHT)
     chain: list[str] = Field(min_length=1)
 
     @property
@@ -198,9 +224,9 @@ class CacheConfig(_Strict):
     """Exact-match caching of primary answers, and how long a stale copy may stand in."""
 
     enabled: bool = True
-    ttl_s: float = Field(default=300, gt=0)
-    stale_ttl_s: float = Field(default=86_400, ge=0)
-    max_entries: int = Field(default=10_000, ge=1)
+    ttl_s: float = Field(default=300, gt=0, le=MAX_TTL_S)
+    stale_ttl_s: float = Field(default=86_400, ge=0, le=MAX_TTL_S)
+    max_entries: int = Field(default=10_000, ge=1, le=MAX_CACHE_ENTRIES)
     per_tenant: bool = False
 
 
@@ -453,7 +479,7 @@ def _policy_files(directory: Path, faults: list[str]) -> list[Path]:
 
 def _load_one(path: Path, env: Mapping[str, str], faults: list[str]) -> Policy | None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         faults.append(yaml_fault(path, error))
         return None

@@ -22,7 +22,7 @@ from gateway.policy_store import (
     load_bundle,
     read_bundle,
 )
-from gateway.runtime import Runtime
+from gateway.runtime import Configuration, Runtime
 
 log = logging.getLogger("gateway.policy")
 
@@ -52,7 +52,7 @@ class PolicyManager:
     async def validate(self, bundle: Bundle) -> list[str]:
         """Every fault of `bundle`, or none; changes nothing."""
         try:
-            await asyncio.to_thread(load_bundle, bundle, self.runtime.settings, self._env)
+            await self._load(bundle)
         except BundleError as error:
             return error.faults
         return []
@@ -61,7 +61,7 @@ class PolicyManager:
         """The arms whose model `bundle` would change (their statistics start afresh), or
         None when the bundle does not load (`validate` lists why)."""
         try:
-            config = await asyncio.to_thread(load_bundle, bundle, self.runtime.settings, self._env)
+            config = await self._load(bundle)
         except BundleError:
             return None
         return arm_model_changes(self.runtime.policies.policies, config.policies.policies)
@@ -73,11 +73,9 @@ class PolicyManager:
             if current is not None and current.content_hash == bundle.content_hash:
                 return current  # already running: nothing to apply or announce
             try:
-                config = await asyncio.to_thread(
-                    load_bundle, bundle, self.runtime.settings, self._env
-                )
+                config = await self._load(bundle)
             except BundleError as error:
-                await self._refused(bundle, author, source, error.faults)
+                await self._refused(bundle.content_hash, author, source, error.faults)
                 raise
             self.runtime.swap(config)
             version = self.history.record(bundle, author=author, source=source)
@@ -96,23 +94,54 @@ class PolicyManager:
         return await self.apply(earlier.bundle, author=author, source=f"rollback:{number}")
 
     async def watch_files(self, interval_s: float) -> None:
-        """Apply what operators change on disk; an invalid change is refused and reported."""
-        settings = self.runtime.settings
+        """Apply what operators change on disk; an invalid change is refused and reported.
+
+        Nothing one poll meets ends the watch: a file that cannot be read is refused as an
+        invalid edit is, and anything unexpected is logged, then the next poll runs."""
         while True:
             await asyncio.sleep(interval_s)
+            try:
+                await self._apply_disk_changes()
+            except Exception:
+                log.exception("policy files could not be checked; watching on")
+
+    async def _apply_disk_changes(self) -> None:
+        settings = self.runtime.settings
+        try:
             bundle = await asyncio.to_thread(
                 read_bundle, settings.policies_dir, settings.fallbacks_dir
             )
-            if bundle.content_hash == self._disk_hash:
-                continue
-            self._disk_hash = bundle.content_hash  # report a bad edit once, not every poll
-            # A refused bundle is already logged, counted and audited by apply().
-            with contextlib.suppress(BundleError):
-                await self.apply(bundle, author="files", source="files")
+        except BundleError as error:
+            unreadable = "unreadable:" + "\n".join(error.faults)
+            if unreadable != self._disk_hash:
+                self._disk_hash = unreadable  # report it once, not every poll
+                await self._refused(None, "files", "files", error.faults)
+            return
+        if bundle.content_hash == self._disk_hash:
+            return
+        self._disk_hash = bundle.content_hash  # report a bad edit once, not every poll
+        # A refused bundle is already logged, counted and audited by apply().
+        with contextlib.suppress(BundleError):
+            await self.apply(bundle, author="files", source="files")
 
-    async def _refused(self, bundle: Bundle, author: str, source: str, faults: list[str]) -> None:
+    async def _load(self, bundle: Bundle) -> Configuration:
+        """`bundle` loaded off the event loop; BundleError for any failure, an unexpected one
+        included (logged with its traceback): a bundle that cannot be loaded is refused, never
+        a 500 for the operator, never the end of the file watcher."""
+        try:
+            return await asyncio.to_thread(load_bundle, bundle, self.runtime.settings, self._env)
+        except BundleError:
+            raise
+        except Exception as error:
+            log.exception("policy bundle could not be loaded")
+            problem = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+            raise BundleError([f"(bundle): cannot be loaded: {problem}"]) from None
+
+    async def _refused(
+        self, content_hash: str | None, author: str, source: str, faults: list[str]
+    ) -> None:
         self.runtime.metrics.policy_reloads.labels("refused").inc()
-        details = {"author": author, "source": source, "content_hash": bundle.content_hash}
+        details = {"author": author, "source": source, "content_hash": content_hash}
         log.warning("policy refused", extra={**details, "faults": faults})
         await self._audit("refused", {**details, "faults": faults[:50]})
 

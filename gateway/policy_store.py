@@ -86,18 +86,30 @@ def _safe_file_name(name: object) -> bool:
 
 
 def read_bundle(policies_dir: Path, fallbacks_dir: Path) -> Bundle:
-    """The bundle on disk now."""
-    return Bundle(policies=_read_section(policies_dir), fallbacks=_read_section(fallbacks_dir))
+    """The bundle on disk now; BundleError names each file that cannot be read as text."""
+    faults: list[str] = []
+    policies = _read_section(policies_dir, "policies", faults)
+    fallbacks = _read_section(fallbacks_dir, "fallbacks", faults)
+    if faults:
+        raise BundleError(faults)
+    return Bundle(policies=policies, fallbacks=fallbacks)
 
 
-def _read_section(directory: Path) -> dict[str, str]:
+def _read_section(directory: Path, section: str, faults: list[str]) -> dict[str, str]:
     if not directory.is_dir():
         return {}
-    return {
-        p.name: p.read_text(encoding="utf-8")
-        for p in sorted(directory.iterdir())
-        if p.suffix in (".yaml", ".yml") and p.is_file()
-    }
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in (".yaml", ".yml"):
+            continue
+        try:
+            if path.is_file():
+                files[path.name] = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue  # removed since the directory was listed (an editor's scratch file)
+        except (OSError, UnicodeDecodeError) as error:
+            faults.append(f"{section}/{path.name}: cannot be read: {' '.join(str(error).split())}")
+    return files
 
 
 def load_bundle(bundle: Bundle, settings: Settings, env: Mapping[str, str]) -> Configuration:

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.contracts import ContractSet
 from gateway.expressions import compile_condition, holds, sample_features
-from gateway.policy import validation_lines, yaml_fault
+from gateway.policy import Labels, PolicySet, validation_lines, yaml_fault
 from gateway.problems import FaultsError
+from gateway.yaml_files import read_yaml
 
 
 class FallbackError(FaultsError):
@@ -29,7 +30,8 @@ class FallbackError(FaultsError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A NaN probability would load and then answer with a number that is no probability.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StaticAnswer(_Strict):
@@ -89,16 +91,30 @@ class Fallbacks:
         return None
 
 
-def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbacks]:
-    """Read, compile and check every fallback file; raise FallbackError listing every fault."""
+def load_fallbacks(
+    directory: Path, contracts: ContractSet, labels: Mapping[str, Labels] | None = None
+) -> dict[str, Fallbacks]:
+    """Read, compile and check every fallback file; raise FallbackError listing every fault.
+
+    With `labels` (each model's policy labels), every answer must be one of its model's labels:
+    a typo would otherwise be served as a prediction the model never makes."""
     faults: list[str] = []
     result: dict[str, Fallbacks] = {}
     if not directory.is_dir():
         raise FallbackError([f"{directory}: fallbacks directory not found"])
     for path in sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml")):
         fallbacks = _load_one(path, contracts, faults)
-        if fallbacks is not None:
-            result[fallbacks.model_id] = fallbacks
+        if fallbacks is None:
+            continue
+        if labels is not None and fallbacks.model_id in labels:
+            faults.extend(
+                f"{path}: {fault}" for fault in label_faults(fallbacks, labels[fallbacks.model_id])
+            )
+        if fallbacks.model_id in result:
+            # As for policies: a leftover copy must not silently replace the model's rules.
+            faults.append(f"{path}: model_id: {fallbacks.model_id} is defined by another file too")
+            continue
+        result[fallbacks.model_id] = fallbacks
     faults.extend(
         f"{directory}: model {m} has no fallback file (its chain needs a default)"
         for m in contracts.models
@@ -109,6 +125,26 @@ def load_fallbacks(directory: Path, contracts: ContractSet) -> dict[str, Fallbac
     return result
 
 
+def labels_of(policies: PolicySet) -> dict[str, Labels]:
+    """Each model's labels: what its fallback answers must predict."""
+    return {model_id: policy.labels for model_id, policy in policies.policies.items()}
+
+
+def label_faults(fallbacks: Fallbacks, labels: Labels) -> list[str]:
+    """Answers whose prediction is not one of the policy's labels, at their field paths."""
+    known = (labels.positive, labels.negative)
+    answers = [
+        (f"rules.{i} ({rule.name}): prediction", rule.answer)
+        for i, rule in enumerate(fallbacks.rules)
+    ]
+    answers.append(("default.prediction", fallbacks.default))
+    return [
+        f"{where}: {answer.prediction} is not a label of the policy ({' or '.join(known)})"
+        for where, answer in answers
+        if answer.prediction not in known
+    ]
+
+
 def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:
     """Compile one rule and try it on `sample`; ValueError says what is wrong and where."""
     program = compile_condition(spec.when, ("features",), {"features": dict(sample)})
@@ -117,7 +153,7 @@ def compile_rule(spec: RuleSpec, sample: Mapping[str, Any]) -> Rule:
 
 def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallbacks | None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
         spec = FallbackFile.model_validate(raw)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         faults.append(yaml_fault(path, error))
@@ -128,6 +164,9 @@ def _load_one(path: Path, contracts: ContractSet, faults: list[str]) -> Fallback
     model = contracts.models.get(spec.model_id)
     if model is None:
         faults.append(f"{path}: model_id: {spec.model_id} is not a model of the contract")
+        return None
+    if spec.model_id != path.stem:
+        faults.append(f"{path}: model_id: {spec.model_id} must match the file name")
         return None
     sample = sample_features(model.feature_types)
     rules = []

@@ -32,7 +32,7 @@ from gateway.rate_limit import MemoryRateLimiter, RedisRateLimiter, SharedRateLi
 from gateway.replica_statistics import ReplicaStatistics
 from gateway.resilience import Breaker, Bulkhead, RetryBudget, TripHook
 from gateway.routing import RouteTable, compile_routes
-from gateway.rules import Fallbacks, load_fallbacks
+from gateway.rules import Fallbacks, labels_of, load_fallbacks
 from gateway.settings import Settings
 from gateway.shadow import ShadowRunner
 from gateway.shared_decisions import SharedDecisions
@@ -70,10 +70,11 @@ def load_configuration(settings: Settings, env: Mapping[str, str]) -> Configurat
     """Load contracts, policies and fallbacks; raise ContractError, PolicyError or
     FallbackError listing every fault, so nothing is ever half-loaded."""
     contracts = load_contracts(settings.contracts_dir)
+    policies = load_policies(settings.policies_dir, contracts, env)
     return Configuration(
         contracts=contracts,
-        policies=load_policies(settings.policies_dir, contracts, env),
-        fallbacks=load_fallbacks(settings.fallbacks_dir, contracts),
+        policies=policies,
+        fallbacks=load_fallbacks(settings.fallbacks_dir, contracts, labels_of(policies)),
     )
 
 

@@ -164,3 +164,82 @@ def test_apply_on_one_gateway_process_reaches_another_through_redis(
         a.stop()
         b.stop()
     assert seen == after_a != before
+
+
+SHIPPED_POLICY = "policies/customer-churn.yaml"
+
+
+def hostile_copy(data_dirs: Path, old: str, new: str) -> Path:
+    """The shipped policy in data_dirs with `old` replaced by `new`; its path."""
+    policy = data_dirs / SHIPPED_POLICY
+    text = policy.read_text()
+    assert old in text
+    policy.write_text(text.replace(old, new, 1))
+    return policy
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fault"),
+    [
+        pytest.param(
+            "max_entries: 100000",
+            "max_entries: 100000000000000000000000000",
+            "cache.max_entries: Input should be less than or equal to 100000000",
+            id="integer-beyond-64-bits",
+        ),
+        pytest.param(
+            "timeout_ms: 400\n",
+            "timeout_ms: 400\nx: " + "[" * 50_000 + "]" * 50_000 + "\n",
+            "line 7, column 67: cannot be read: nested too deeply (more than 64 levels)",
+            id="nested-too-deeply",
+        ),
+        pytest.param(
+            "timeout_ms: 400\n",
+            "timeout_ms: 400\ntimeout_ms: 5\n",
+            "line 7, column 1: cannot be read: key 'timeout_ms' appears twice",
+            id="key-twice",
+        ),
+    ],
+)
+def test_policy_validate_of_a_hostile_file_is_one_line_per_fault(
+    data_dirs, capsys, monkeypatch, old, new, fault
+):
+    """`aigw policy validate` names the file and the fault, exits 1, prints no traceback."""
+    monkeypatch.setenv("AIGW_CONTRACTS_DIR", str(data_dirs / "contracts"))
+    monkeypatch.setenv("AIGW_FALLBACKS_DIR", str(data_dirs / "fallbacks"))
+    policy = hostile_copy(data_dirs, old, new)
+    assert main(["policy", "validate", str(policy.parent)]) == 1
+    err = capsys.readouterr().err
+    assert f"{policy}: {fault}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("action", ["diff", "apply"])
+def test_policy_diff_and_apply_name_a_file_that_cannot_be_read(data_dirs, capsys, action):
+    """A file that is not UTF-8 is named, and nothing is sent: exit 1, no traceback."""
+    (data_dirs / "policies" / "notes.yaml").write_bytes(b"# caf\xe9\n")
+    author = ["--author", "ci"] if action == "apply" else []
+    code = main(["policy", action, "--admin-url", f"http://127.0.0.1:{free_port()}",
+                 "--policies", str(data_dirs / "policies"), *author])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("policies/notes.yaml: cannot be read: 'utf-8' codec can't decode"), err
+    assert "cannot reach the admin API" not in err
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [("1", "line 2: a int, not a JSON object"), ("[1, 2]", "line 2: a list, not a JSON object")],
+    ids=["number", "list"],
+)
+def test_simulate_names_the_input_line_that_is_not_an_object(
+    data_dirs, tmp_path, capsys, monkeypatch, line, problem
+):
+    """An inputs line that is valid JSON but no object is refused by its number, exit 1."""
+    monkeypatch.setenv("AIGW_CONTRACTS_DIR", str(data_dirs / "contracts"))
+    monkeypatch.setenv("AIGW_POLICIES_DIR", str(data_dirs / "policies"))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"model_id": "customer-churn", "features": {}}\n' + line + "\n")
+    assert main(["policy", "simulate", str(data_dirs / "policies"), "--inputs", str(inputs)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{inputs}: cannot be read as JSON lines: {problem}\n"

@@ -63,6 +63,7 @@ BROKEN = [
     pytest.param("extra.yaml", "openapi: [3.1.0\n", FILE, id="yaml-syntax"),
     pytest.param("extra.yaml", "- just\n- a list\n", FILE, id="not-a-mapping"),
     pytest.param("extra.yaml", "", FILE, id="empty-file"),
+    pytest.param("extra.yaml", "[" * 50_000 + "]" * 50_000, FILE, id="nested-too-deeply"),
     pytest.param("extra.yaml", b"openapi: 3.1.0\ninfo: \xff\xfe\n", FILE, id="not-utf8"),
     pytest.param(
         "extra.yml",

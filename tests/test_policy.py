@@ -120,6 +120,21 @@ def removing(key: str) -> Mutation:
     return mutate
 
 
+def shipped_text_with(old: str, new: str) -> str:
+    """The shipped churn policy's text with `old` replaced by `new` (anchors kept)."""
+    text = (REPO / "policies" / CHURN).read_text(encoding="utf-8")
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def alias_bomb(levels: int) -> str:
+    """Each level a list of ten aliases of the previous one: a few hundred bytes of text,
+    ten to the power `levels` values once the aliases are followed."""
+    lines = ["bomb0: &bomb0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"bomb{i}: &bomb{i} [{', '.join([f'*bomb{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 GBM = ("targets", "churn-gbm")
 GBM_BREAKER = (*GBM, "breaker")
 GBM_FEATURES = (*GBM, "inputs", 0, "features")
@@ -344,6 +359,192 @@ BROKEN_POLICIES = [
         id="file-is-a-list",
     ),
     pytest.param(CHURN, "", "", "the file must hold a mapping", id="file-is-empty"),
+    pytest.param(
+        CHURN,
+        "[" * 50_000 + "]" * 50_000,
+        "line 1, column 65",
+        "cannot be read: nested too deeply (more than 64 levels)",
+        id="nested-too-deeply",
+    ),
+    pytest.param(
+        CHURN,
+        "model_id: customer-churn\nx: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n",
+        "line 2, column 253",
+        "cannot be read: nested too deeply (more than 64 levels)",
+        id="mappings-nested-too-deeply",
+    ),
+    pytest.param(
+        CHURN,
+        "a: &a [" + "[" * 40 + "]" * 40 + "]\nb: &b [" + "[" * 30 + "*a" + "]" * 30 + "]\n",
+        "line 2, column 14",
+        "cannot be read: nested too deeply once aliases are followed",
+        id="nested-too-deeply-through-aliases",
+    ),
+    pytest.param(
+        CHURN,
+        "model_id: customer-churn\nloop: &loop [*loop]\n",
+        "line 2, column 7",
+        "cannot be read: an alias refers to itself",
+        id="alias-containing-itself",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("timeout_ms: 400\n", "timeout_ms: 400\ntimeout_ms: 5\n"),
+        "line 7, column 1",
+        "cannot be read: key 'timeout_ms' appears twice",
+        id="top-level-key-twice",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("    weight: 90\n", "    weight: 90\n    weight: 0\n"),
+        "line 20, column 5",
+        "cannot be read: key 'weight' appears twice",
+        id="arm-weight-twice",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with(
+            "breaker: *breaker", "breaker: {<<: *breaker, force: open, force: closed}"
+        ),
+        "line 95, column 42",
+        "cannot be read: key 'force' appears twice",
+        id="key-twice-beside-a-merge",
+    ),
+    pytest.param(
+        CHURN,
+        shipped_text_with("\ncache:", "\n" + alias_bomb(8) + "cache:"),
+        "line 44, column 8",
+        "cannot be read: more than 100000 values once aliases are followed",
+        id="alias-bomb",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="127.0.0.1:99999"),
+        "targets.churn-gbm.url",
+        "port 99999 is not a TCP port (1-65535)",
+        id="url-port-above-65535",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "url", value="127.0.0.1:0"),
+        "targets.churn-gbm.url",
+        "port 0 is not a TCP port",
+        id="url-port-zero",
+    ),
+    pytest.param(
+        CHURN,
+        setting("cache", "max_entries", value=10**26),
+        "cache.max_entries",
+        "less than or equal to 100000000",
+        id="max-entries-beyond-64-bits",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "max_concurrency", value=10**23),
+        "targets.churn-gbm.max_concurrency",
+        "less than or equal to 100000",
+        id="max-concurrency-beyond-64-bits",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "failure_threshold", value=10**23),
+        "targets.churn-gbm.breaker.failure_threshold",
+        "less than or equal to 10000",
+        id="failure-threshold-beyond-64-bits",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM, "output", "index", value=2**64),
+        "targets.churn-gbm.output.index",
+        "less than or equal to 1000000",
+        id="output-index-beyond-64-bits",
+    ),
+    pytest.param(
+        CHURN,
+        setting("cache", "ttl_s", value=float("inf")),
+        "cache.ttl_s",
+        "finite number",
+        id="cache-ttl-infinite",
+    ),
+    pytest.param(
+        CHURN,
+        setting("cache", "stale_ttl_s", value=float("inf")),
+        "cache.stale_ttl_s",
+        "finite number",
+        id="stale-ttl-infinite",
+    ),
+    pytest.param(
+        CHURN,
+        setting("cache", "ttl_s", value=1e12),
+        "cache.ttl_s",
+        "less than or equal to 31622400",
+        id="cache-ttl-beyond-a-year",
+    ),
+    pytest.param(
+        CHURN,
+        setting(*GBM_BREAKER, "slow_call_ms", value=float("inf")),
+        "targets.churn-gbm.breaker.slow_call_ms",
+        "finite number",
+        id="slow-call-infinite",
+    ),
+    pytest.param(
+        CHURN,
+        both(
+            setting(*GBM_BREAKER, "reset_timeout_s", value=float("inf")),
+            setting(*GBM_BREAKER, "max_reset_timeout_s", value=float("inf")),
+        ),
+        "targets.churn-gbm.breaker.reset_timeout_s",
+        "finite number",
+        id="reset-timeout-infinite",
+    ),
+    pytest.param(
+        CHURN,
+        setting(
+            *GBM_FEATURES,
+            value=[{"feature": "tenure_months", "scale": float("nan")}, "monthly_charges"],
+        ),
+        "targets.churn-gbm.inputs.0.features.0.scale",
+        "finite number",
+        id="scale-nan",
+    ),
+    pytest.param(
+        CHURN,
+        setting(
+            *GBM_FEATURES,
+            value=[{"feature": "tenure_months", "offset": float("-inf")}, "monthly_charges"],
+        ),
+        "targets.churn-gbm.inputs.0.features.0.offset",
+        "finite number",
+        id="offset-minus-infinity",
+    ),
+    pytest.param(
+        CHURN,
+        setting("arms", 0, "weight", value=float("inf")),
+        "arms.0.weight",
+        "finite number",
+        id="weight-infinite",
+    ),
+    pytest.param(
+        CHURN,
+        setting("arms", 0, "weight", value=float("nan")),
+        "arms.0.weight",
+        "finite number",
+        id="weight-nan",
+    ),
+    pytest.param(
+        CHURN,
+        both(setting("arms", 0, "weight", value=1e308), setting("arms", 1, "weight", value=1e308)),
+        "arms.0.weight",
+        "less than or equal to 1000000",
+        id="weights-whose-sum-overflows",
+    ),
+    pytest.param(
+        CHURN,
+        setting("labels", "threshold", value=float("nan")),
+        "labels.threshold",
+        "finite number",
+        id="threshold-nan",
+    ),
 ]
 
 
@@ -370,6 +571,20 @@ def test_broken_policy_is_refused_naming_file_and_field(
     path = write_policy(policies, name, content)
     faults = faults_of(policies, contracts)
     assert_fault(faults, path, field, fragment)
+
+
+def test_a_merge_key_may_override_what_it_merges(data_dirs, contracts):
+    """`{<<: *anchor, key: value}` is no repeated key: the merged mapping's key is overridden,
+    as the README's kill switch does with `{<<: *breaker, force: open}`."""
+    write_policy(
+        data_dirs / "policies",
+        CHURN,
+        shipped_text_with("breaker: *breaker", "breaker: {<<: *breaker, force: open}"),
+    )
+    targets = load_policies(data_dirs / "policies", contracts, {}).get("customer-churn").targets
+    assert targets["churn-gbm-v2"].breaker.force == "open"
+    assert targets["churn-gbm-v2"].breaker.reset_timeout_s == 1.0  # merged from the anchor
+    assert targets["churn-gbm"].breaker.force is None
 
 
 def test_mutations_alone_are_the_fault(data_dirs, contracts):

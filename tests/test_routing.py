@@ -236,6 +236,27 @@ def test_first_matching_route_wins(policy, feature_types):
     assert (newer.arm.name, newer.route) == ("challenger", "everyone")
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        "1 / (features.tenure_months - 2) > 5",
+        "[1, 2][features.tenure_months] == 1",
+        "features.tenure_months * 9223372036854775807 > 0",
+    ],
+    ids=["division-by-zero", "index-out-of-range", "overflow"],
+)
+def test_route_failing_at_run_time_does_not_hold(policy, feature_types, when):
+    """A route whose condition errors for one request (whatever CEL raises) does not hold:
+    the next route or the split decides, and the request is served."""
+    routes = [
+        Route(name="fragile", when=when, arm="challenger"),
+        Route(name="everyone", when="true", arm="control"),
+    ]
+    table = compile_routes(variant(policy, routes=routes), feature_types)
+    features = {"customer_id": "c", "tenure_months": 2, "monthly_charges": 10.0}
+    assert table.assign(features, {}, "default", "r1").route == "everyone"
+
+
 # --- sticky values ----------------------------------------------------------------------------
 
 
@@ -313,8 +334,22 @@ def test_shadows_leave_out_the_target_that_served(policy, feature_types, served_
         ('request.ip == "10.0.0.1"', ("refers to unknown variables: request",)),
         ("features.tenure_months + 1", ("must be a boolean condition, gives int",)),
         ('headers["x-tier"]', ("fails on a valid input",)),
+        ("[1][features.tenure_months] == 1", ("fails on a valid input",)),
+        ("features.tenure_months + 9223372036854775807 > 0", ("fails on a valid input",)),
+        (
+            "[1].all(a, [1].all(b, [1].exists(c, tenant == 'x')))",
+            ("nests comprehensions (all, exists, exists_one, map, filter) 3 deep; at most 2",),
+        ),
     ],
-    ids=["syntax-error", "unknown-variable", "not-boolean", "fails-on-sample"],
+    ids=[
+        "syntax-error",
+        "unknown-variable",
+        "not-boolean",
+        "fails-on-sample",
+        "index-out-of-range-on-sample",
+        "overflow-on-sample",
+        "comprehensions-three-deep",
+    ],
 )
 def test_compile_routes_refuses_a_broken_condition_naming_the_route(
     policy, feature_types, when, fragments

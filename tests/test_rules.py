@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from gateway.contracts import ContractSet, load_contracts
-from gateway.rules import FallbackError, Fallbacks, StaticAnswer, load_fallbacks
+from gateway.policy import load_policies
+from gateway.rules import FallbackError, Fallbacks, StaticAnswer, labels_of, load_fallbacks
 
 REPO = Path(__file__).resolve().parents[1]
 CHURN = "customer-churn.yaml"
@@ -109,6 +110,34 @@ def test_rule_failing_at_run_time_does_not_match(churn):
     assert churn.first_match({}) is None
 
 
+def test_comprehensions_two_deep_are_allowed(data_dirs, contracts):
+    """Two levels of comprehensions load and answer; a macro's name inside a string literal
+    is text, not a level."""
+    fallbacks = data_dirs / "fallbacks"
+    when = '[1, 2].exists(a, [3].all(b, features.tenure_months > 2)) && ".all(.all(" != ""'
+    write_fallbacks(fallbacks, [rule("two-deep", when), GOOD_RULE])
+    loaded = load_fallbacks(fallbacks, contracts)["customer-churn"]
+    assert loaded.first_match(features(3, 50.0)).rule == "two-deep"
+    assert loaded.first_match(features(1, 50.0)).rule == "short-tenure"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "1 / (features.tenure_months - 2) > 0",
+        "[1, 2][features.tenure_months] == 1",
+        "features.tenure_months * 9223372036854775807 > 0",
+    ],
+    ids=["division-by-zero", "index-out-of-range", "overflow"],
+)
+def test_rule_raising_any_error_at_run_time_does_not_match(data_dirs, contracts, when):
+    """Whatever CEL raises for one request, the rule does not match and the next one may."""
+    fallbacks = data_dirs / "fallbacks"
+    write_fallbacks(fallbacks, [rule("fragile", when), GOOD_RULE])
+    loaded = load_fallbacks(fallbacks, contracts)["customer-churn"]
+    assert loaded.first_match(features(2, 50.0)).rule == "short-tenure"
+
+
 # --- broken rules ---------------------------------------------------------------------------------
 
 
@@ -164,6 +193,43 @@ def test_rule_failing_at_run_time_does_not_match(churn):
             ["str"],
             id="string-result",
         ),
+        pytest.param(
+            "[1][features.tenure_months] == 1",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="index-out-of-range-on-sample",
+        ),
+        pytest.param(
+            "features.tenure_months + 9223372036854775807 > 0",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="overflow-on-sample",
+        ),
+        pytest.param(
+            "1 / (features.tenure_months - 1) > 0",
+            0.5,
+            "when: fails on a valid input",
+            [],
+            id="division-by-zero-on-sample",
+        ),
+        pytest.param(
+            "[1, 2].all(a, [1, 2].all(b, [1, 2].all(c, features.tenure_months > c)))",
+            0.5,
+            "when: nests comprehensions (all, exists, exists_one, map, filter) 3 deep; at most 2",
+            [],
+            id="comprehensions-three-deep",
+        ),
+        pytest.param(
+            "[0,1,2,3,4,5,6,7,8,9].all(v0, [0,1,2,3,4,5,6,7,8,9].exists(v1, "
+            "[0,1,2,3,4,5,6,7,8,9].filter(v2, [0,1,2,3,4,5,6,7,8,9].map(v3, v3).size() > 0)"
+            ".size() > 0 && features.tenure_months > v1))",
+            0.5,
+            "when: nests comprehensions (all, exists, exists_one, map, filter) 4 deep",
+            [],
+            id="comprehensions-four-deep",
+        ),
     ],
 )
 def test_broken_rule_is_refused_naming_file_and_rule(
@@ -193,11 +259,19 @@ def test_cel_syntax_error_gives_its_position(data_dirs, contracts):
     [
         (rule("too-sure", "true", probability=1.5), "probability", "less than or equal to 1"),
         (rule("negative", "true", probability=-0.1), "probability", "greater than or equal to 0"),
+        (rule("not-a-number", "true", probability=float("nan")), "probability", "finite number"),
         ({**GOOD_RULE, "prediction": ""}, "prediction", "at least 1 character"),
         ({**GOOD_RULE, "when": ""}, "when", "at least 1 character"),
         ({**GOOD_RULE, "whne": "true"}, "whne", "Extra inputs are not permitted"),
     ],
-    ids=["probability-over-one", "probability-negative", "empty-prediction", "empty-when", "typo"],
+    ids=[
+        "probability-over-one",
+        "probability-negative",
+        "probability-nan",
+        "empty-prediction",
+        "empty-when",
+        "typo",
+    ],
 )
 def test_bad_rule_answer_is_refused_naming_file_and_rule(
     data_dirs, contracts, spec, field, fragment
@@ -240,10 +314,96 @@ def test_fallback_file_for_unknown_model_is_a_fault(data_dirs, contracts):
     only_fault_starting(faults, f"{path}: model_id: fraud-score is not a model of the contract")
 
 
+@pytest.mark.parametrize(
+    ("copy_name", "fault"),
+    [
+        ("customer-churn2.yaml", "customer-churn must match the file name"),
+        ("customer-churn.yml", "customer-churn is defined by another file too"),
+    ],
+    ids=["other-name", "other-suffix"],
+)
+def test_a_second_fallback_file_for_a_model_is_blamed_not_the_original(
+    data_dirs, contracts, copy_name, fault
+):
+    """A copy of a model's fallbacks is refused, and never replaces the rules of the file
+    named after the model."""
+    fallbacks = data_dirs / "fallbacks"
+    copy = fallbacks / copy_name
+    copy.write_text(yaml.safe_dump({
+        "model_id": "customer-churn", "rules": [],
+        "default": {"prediction": "churn", "probability": 0.9},
+    }))  # fmt: skip
+    faults = faults_of(fallbacks, contracts)
+    assert faults == [f"{copy}: model_id: {fault}"]
+
+
+def test_an_answer_that_is_not_a_label_of_the_policy_is_refused(data_dirs, contracts):
+    """Given the policies' labels, every rule's and the default's prediction must be one of
+    them: a typo is refused naming the field, not served as a label the model never gives."""
+    fallbacks = data_dirs / "fallbacks"
+    path = fallbacks / CHURN
+    doc = {
+        "model_id": "customer-churn",
+        "rules": [GOOD_RULE, {**GOOD_RULE, "name": "typo", "prediction": "chrun"}],
+        "default": {"prediction": "Stay", "probability": 0.27},
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    labels = labels_of(load_policies(REPO / "policies", contracts, {}))
+    with pytest.raises(FallbackError) as caught:
+        load_fallbacks(fallbacks, contracts, labels)
+    assert caught.value.faults == [
+        f"{path}: rules.1 (typo): prediction: chrun is not a label of the policy (churn or stay)",
+        f"{path}: default.prediction: Stay is not a label of the policy (churn or stay)",
+    ]
+
+
 def test_missing_fallbacks_directory_is_a_fault(data_dirs, contracts):
     """A missing fallbacks directory is a fault naming it."""
     missing = data_dirs / "no-fallbacks"
     assert faults_of(missing, contracts) == [f"{missing}: fallbacks directory not found"]
+
+
+SHIPPED_TEXT = (REPO / "fallbacks" / CHURN).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param(
+            "[" * 50_000 + "]" * 50_000,
+            "line 1, column 65: cannot be read: nested too deeply (more than 64 levels)",
+            id="nested-too-deeply",
+        ),
+        pytest.param(
+            SHIPPED_TEXT.replace("\nrules:", "\nrules: []\nrules:"),
+            "line 7, column 1: cannot be read: key 'rules' appears twice",
+            id="rules-twice",
+        ),
+        pytest.param(
+            SHIPPED_TEXT.replace(
+                "    probability: 0.74\n", "    probability: 0.74\n    prediction: stay\n"
+            ),
+            "line 11, column 5: cannot be read: key 'prediction' appears twice",
+            id="rule-answer-twice",
+        ),
+        pytest.param(
+            SHIPPED_TEXT
+            + "bomb0: &b0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"bomb{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 10)}]\n" for i in range(1, 8)),
+            "cannot be read: more than 100000 values once aliases are followed",
+            id="alias-bomb",
+        ),
+    ],
+)
+def test_unreadable_fallback_file_is_one_fault_naming_the_line(
+    data_dirs, contracts, text, fragment
+):
+    """A file nested too deeply, with a key written twice or too large once its aliases are
+    followed is refused with its line; a repeated key never silently wins."""
+    path = data_dirs / "fallbacks" / CHURN
+    path.write_text(text, encoding="utf-8")
+    fault = only_fault_starting(faults_of(data_dirs / "fallbacks", contracts), f"{path}: ")
+    assert fragment in fault
 
 
 def test_yaml_syntax_fault_is_one_line(data_dirs, contracts):

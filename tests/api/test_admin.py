@@ -187,6 +187,34 @@ async def test_edited_files_are_applied_and_broken_edits_refused(data_dirs):
 REFUSED_ONCE = 'aigw_policy_reloads_total{outcome="refused"} 1.0'
 
 
+async def test_a_file_that_cannot_be_read_is_refused_and_the_watcher_goes_on(data_dirs):
+    """A file that is not UTF-8 is refused once (counted, audited); once it is gone the
+    watcher applies the next valid edit: it never stops watching."""
+    policies = data_dirs / "policies"
+    policy = policies / "customer-churn.yaml"
+    original = policy.read_text()
+    async with gateway_and_admin(data_dirs, watch_interval_s=0.05) as (public, admin, audit_dir):
+        (policies / "notes.yaml").write_bytes(b"# caf\xe9\n")
+        metrics = await until_metric(public, REFUSED_ONCE)
+        await asyncio.sleep(0.2)  # more polls: still refused once, not once a poll
+        again = (await public.get("/metrics")).text
+        (policies / "notes.yaml").unlink()
+        replace_atomically(policy, original.replace(*ALL_TO_CHALLENGER))
+        version = await until_version(admin, 2)
+    assert REFUSED_ONCE in metrics and REFUSED_ONCE in again
+    assert version["source"] == "files"
+    refusals = [
+        json.loads(line)
+        for path in audit_dir.glob("audit-*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"action":"refused"' in line
+    ]
+    assert [r["faults"] for r in refusals] == [
+        ["policies/notes.yaml: cannot be read: 'utf-8' codec can't decode byte 0xe9 in position 5: "
+         "invalid continuation byte"]
+    ]  # fmt: skip
+
+
 async def until_metric(public: httpx.AsyncClient, line: str, within_s: float = 10.0) -> str:
     """The metrics text once it holds `line`; AssertionError after `within_s`."""
     for _ in range(int(within_s / 0.05)):

@@ -15,7 +15,7 @@ import yaml
 from asgi_lifespan import LifespanManager
 
 from gateway.app import create_admin_app, create_app
-from gateway.auth import add_key, revoke_key
+from gateway.auth import KeysFileError, add_key, parse_keys_file, revoke_key
 from gateway.demo.triton_process import free_port
 from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
@@ -517,3 +517,19 @@ async def test_metrics_are_on_the_admin_listener_and_on_the_public_one_only_if_a
             on_public = await public.get("/metrics")
     assert on_admin.status_code == 200 and "aigw_requests_total" in on_admin.text
     assert on_public.status_code == (200 if public_metrics else 404)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("keys: " + "[" * 50_000 + "]" * 50_000, "nested too deeply (more than 64 levels)"),
+        ("keys: []\nkeys: []\n", "key 'keys' appears twice"),
+    ],
+    ids=["nested-too-deeply", "key-twice"],
+)
+def test_an_unreadable_keys_file_is_one_fault_naming_it(text, fragment):
+    """A keys file nested too deeply or with a key written twice is a fault, not a crash."""
+    with pytest.raises(KeysFileError) as caught:
+        parse_keys_file(text, "keys.yaml")
+    [fault] = caught.value.faults
+    assert fault.startswith("keys.yaml: cannot be read: ") and fragment in fault, fault
