@@ -16,6 +16,9 @@ import cel
 
 # CEL's comprehension macros: each runs its body once per element of a list or map.
 _MACRO_CALL = re.compile(r"\.\s*(all|exists|exists_one|map|filter)\s*\(")
+_MACRO_BINDING = re.compile(
+    r"\.\s*(all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,"
+)
 # Comprehensions nested deeper than this are refused. Nesting multiplies: seven levels over
 # ten-element lists are ten million evaluations, seconds during which the cel binding holds
 # the GIL and the whole gateway (event loop included) stands still, at load and on every
@@ -48,7 +51,10 @@ def compile_condition(source: str, allowed: Collection[str], sample: Mapping[str
         program = cel.compile(source)
     except ValueError as error:
         raise ValueError(f"does not compile: {one_line(error)}") from None
-    unknown = [v for v in program.variables() if v not in allowed]
+    # The cel binding lists a macro's iteration variable (`x` in `l.exists(x, x > 2)`) among
+    # the expression's variables; it is bound by the macro, not looked up in the context.
+    bound = iteration_variables(source)
+    unknown = [v for v in program.variables() if v not in allowed and v not in bound]
     if unknown:
         raise ValueError(f"refers to unknown variables: {', '.join(unknown)}")
     try:
@@ -70,6 +76,12 @@ def holds(program: Any, context: Mapping[str, Any]) -> bool:
     # cannot be evaluated for one request must leave the chain to its next step, never fail it.
     except Exception:
         return False
+
+
+def iteration_variables(source: str) -> set[str]:
+    """The names comprehension macros bind in `source` (their first argument)."""
+    code = _STRING_LITERAL.sub(lambda m: " " * len(m.group(0)), source)
+    return {match.group(2) for match in _MACRO_BINDING.finditer(code)}
 
 
 def comprehension_depth(source: str) -> int:

@@ -365,6 +365,27 @@ def test_compile_routes_refuses_a_broken_condition_naming_the_route(
         assert fragment in message
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        'headers.exists(name, name.startsWith("x-customer"))',
+        "[1, 2].all(n, n < features.tenure_months + 5)",
+        '[3, 4].map(n, n * 2).exists(m, m > 7) && tenant != ""',
+        '"x.exists(q, q)" != "" && [1].exists(n, n == 1)',  # a macro inside a string binds none
+    ],
+)
+def test_a_condition_may_use_the_variables_its_comprehensions_bind(policy, feature_types, when):
+    """A macro's iteration variable is bound by the macro, not an unknown name."""
+    routes = [*policy.routes, Route(name="iterating", when=when, arm="control")]
+    compile_routes(variant(policy, routes=routes), feature_types)
+
+
+def test_an_unknown_name_inside_a_comprehension_is_still_refused(policy, feature_types):
+    routes = [*policy.routes, Route(name="broken", when="[1].exists(n, n == q)", arm="control")]
+    with pytest.raises(ValueError, match="refers to unknown variables: q"):
+        compile_routes(variant(policy, routes=routes), feature_types)
+
+
 # --- policy faults in arms, routes and shadows ------------------------------------------------
 
 
