@@ -22,6 +22,7 @@ from gateway.api.responses import problem_response
 from gateway.breaker_sync import BreakerFileSync, BreakerSync
 from gateway.job_memory import jobs_backend
 from gateway.policy_manager import PolicyManager
+from gateway.policy_store import read_bundle
 from gateway.policy_sync import PolicyFileSync, PolicySync
 from gateway.problems import Problem
 from gateway.runtime import (
@@ -108,6 +109,9 @@ def create_app(
 ) -> FastAPI:
     """The gateway app; files are loaded and checked now, so a bad file fails here, loudly."""
     settings = settings or Settings()
+    # Read before loading: version 1 is then never newer than what runs, and an edit landing
+    # while the files load differs from it, so the watcher applies it.
+    startup_bundle = read_bundle(settings.policies_dir, settings.fallbacks_dir)
     config = config or load_configuration(settings, os.environ if env is None else env)
     metrics = Metrics()
     tracing = tracing_from(settings)
@@ -125,7 +129,7 @@ def create_app(
         forwarder = runtime.audit_forwarder
         app.state.runtime = runtime
         manager = PolicyManager(runtime, os.environ if env is None else env)
-        manager.start_from_disk()
+        manager.start_from_disk(startup_bundle)
         app.state.policy_manager = manager
         breaker_syncs = _breaker_syncs(settings, runtime)
         for sync in breaker_syncs:

@@ -509,6 +509,7 @@ def _worker(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
+        startup_bundle = read_bundle(settings.policies_dir, settings.fallbacks_dir)
         config = load_configuration(settings, os.environ)
         baselines = baselines_of(settings)  # a bad baseline stops start-up, as for `serve`
         check_audit_log_free(settings)
@@ -523,7 +524,10 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     consumer = args.consumer or default_consumer()
     run_event_loop(
-        serve_streams(settings, config, models, consumer, args.metrics_port, baselines), settings
+        serve_streams(
+            settings, config, models, consumer, args.metrics_port, baselines, startup_bundle
+        ),
+        settings,
     )
     return 0
 

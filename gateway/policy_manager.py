@@ -42,10 +42,13 @@ class PolicyManager:
         """Await `hook(version)` after each version is applied (replica sync hooks in)."""
         self._on_applied.append(hook)
 
-    def start_from_disk(self) -> PolicyVersion:
-        """Record the bundle the gateway started with as version 1."""
+    def start_from_disk(self, bundle: Bundle | None = None) -> PolicyVersion:
+        """Record the bundle the gateway started with as version 1: `bundle`, read before
+        the configuration was loaded (an edit made since is the watcher's to apply), else
+        the files now."""
         settings = self.runtime.settings
-        bundle = read_bundle(settings.policies_dir, settings.fallbacks_dir)
+        if bundle is None:
+            bundle = read_bundle(settings.policies_dir, settings.fallbacks_dir)
         self._disk_hash = bundle.content_hash
         return self.history.record(bundle, author="startup", source="files")
 

@@ -41,6 +41,7 @@ from gateway.garbage import settle_startup_heap
 from gateway.jobs import Job, JobRejected, run_job
 from gateway.monitoring import Baseline
 from gateway.policy_manager import PolicyManager
+from gateway.policy_store import Bundle
 from gateway.policy_sync import PolicySync
 from gateway.runtime import (
     Configuration,
@@ -340,8 +341,11 @@ async def serve_streams(
     consumer: str,
     metrics_port: int | None = None,
     baselines: dict[str, Baseline] | None = None,
+    startup_bundle: Bundle | None = None,
 ) -> None:
-    """Run a worker per model on one runtime until SIGTERM or SIGINT, then stop cleanly."""
+    """Run a worker per model on one runtime until SIGTERM or SIGINT, then stop cleanly.
+
+    `startup_bundle` is the policy files as read before `config` was loaded (version 1)."""
     if baselines is None:
         baselines = baselines_of(settings)
     runtime = start_runtime(settings, config, baselines=baselines)
@@ -362,7 +366,7 @@ async def serve_streams(
         loop.add_signal_handler(sig, stop.set)
     if metrics_port is not None:
         _serve_metrics(runtime, metrics_port)
-    policies = await _follow_policies(settings, runtime)
+    policies = await _follow_policies(settings, runtime, startup_bundle)
     # With AIGW_SHARE_STATISTICS its answers count in every replica's reports.
     statistics = runtime.start_publishing_statistics()
     try:
@@ -433,11 +437,13 @@ class _PolicyFollowing:
             await self._sync.stop()
 
 
-async def _follow_policies(settings: Settings, runtime: Runtime) -> _PolicyFollowing:
+async def _follow_policies(
+    settings: Settings, runtime: Runtime, startup_bundle: Bundle | None
+) -> _PolicyFollowing:
     """Workers answer with the policies the gateways run: a change is validated and swapped
     in exactly as `aigw serve` does it (and recorded in this worker's audit log)."""
     manager = PolicyManager(runtime, os.environ)
-    manager.start_from_disk()
+    manager.start_from_disk(startup_bundle)
     watcher = None
     if settings.watch_policies:
         watcher = asyncio.create_task(manager.watch_files(settings.watch_interval_s))

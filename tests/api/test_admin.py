@@ -184,6 +184,26 @@ async def test_edited_files_are_applied_and_broken_edits_refused(data_dirs):
     assert REFUSED_ONCE in metrics
 
 
+async def test_an_edit_made_while_the_gateway_starts_is_applied_not_taken_for_running(data_dirs):
+    """Files are loaded when the app is made and serving starts later: an edit in between
+    is not what runs, so version 1 must not claim it; the watcher applies it as version 2."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    app = create_app(
+        settings_for(data_dirs, audit_dir=data_dirs / "audit", watch_interval_s=0.05), env=NOWHERE
+    )
+    replace_atomically(policy, policy.read_text().replace(*ALL_TO_CHALLENGER))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=create_admin_app(app))
+        public = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://g"
+        )
+        async with public, httpx.AsyncClient(transport=transport, base_url="http://a") as admin:
+            version = await until_version(admin, 2)
+            answer = (await public.post("/v1/predictions", json=CHURN_REQUEST)).json()
+    assert version["source"] == "files"
+    assert answer["arm"] == "challenger"
+
+
 REFUSED_ONCE = 'aigw_policy_reloads_total{outcome="refused"} 1.0'
 
 
