@@ -334,6 +334,10 @@ def traffic_faults(policy: Policy) -> list[str]:
         for i, shadow in enumerate(policy.shadows)
         if shadow.target not in policy.targets
     )
+    # Named twice, a shadow would be sent two copies of a request and a route be reported
+    # (audit records, metrics) under a name that does not say which one decided.
+    faults.extend(_repeated("shadows", "target", [s.target for s in policy.shadows]))
+    faults.extend(_repeated("routes", "name", [r.name for r in policy.routes]))
     faults.extend(
         f"targets.{name}.batching.gather_ms: {target.batching.gather_ms:g} must be below "
         f"timeout_ms ({policy.timeout_ms}), which bounds each call"
@@ -345,6 +349,17 @@ def traffic_faults(policy: Policy) -> list[str]:
             f"shadow_batch_window_ms: {policy.shadow_batch_window_ms:g} must be below "
             f"timeout_ms ({policy.timeout_ms}), which bounds each shadow copy"
         )
+    return faults
+
+
+def _repeated(section: str, field: str, values: list[str]) -> list[str]:
+    """A fault for each entry of `section` whose `field` repeats an earlier entry's."""
+    first_at: dict[str, int] = {}
+    faults = []
+    for i, value in enumerate(values):
+        if value in first_at:
+            faults.append(f"{section}.{i}.{field}: {value} is already {section}.{first_at[value]}")
+        first_at.setdefault(value, i)
     return faults
 
 

@@ -418,6 +418,16 @@ TRAFFIC_FAULTS = [
         id="duplicate-arm-names",
     ),
     pytest.param(
+        lambda d: d["shadows"].append(dict(d["shadows"][0])),
+        "shadows.1.target: churn-logreg is already shadows.0",
+        id="duplicate-shadow-targets",
+    ),
+    pytest.param(
+        lambda d: d["routes"].append({**d["routes"][0], "arm": "control"}),
+        "routes.1.name: premium-tier is already routes.0",
+        id="duplicate-route-names",
+    ),
+    pytest.param(
         lambda d: [set_in(d, "arms", i, "weight", value=0) for i in (0, 1)],
         "arms: the weights add up to nothing",
         id="zero-total-weight",
