@@ -15,8 +15,8 @@ from gateway.api.access import authorize
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.policy_manager import PolicyManager
-from gateway.policy_store import Bundle, BundleError, bundle_diff
-from gateway.problems import FieldError, Problem
+from gateway.policy_store import BUNDLE_SECTIONS, Bundle, BundleError, bundle_diff
+from gateway.problems import FieldError, Problem, json_pointer
 
 
 async def require_admin(request: Request) -> None:
@@ -57,8 +57,21 @@ def _author_of(payload: Any) -> str:
 
 
 def _invalid(detail: str, faults: list[str], prefix: str = "") -> Problem:
-    errors = [FieldError(prefix + f.split(":", 1)[0] if prefix else "", f) for f in faults[:100]]
+    errors = [
+        FieldError(prefix + f.split(":", 1)[0] if prefix else fault_pointer(f), f)
+        for f in faults[:100]
+    ]
     return Problem(422, "invalid-policy", "The policy bundle is invalid", detail, errors=errors)
+
+
+def fault_pointer(fault: str) -> str:
+    """Where in the request body a load fault lies: the bundle file it names
+    (`policies/customer-churn.yaml: arms.0.weight: ...` → /bundle/policies/customer-churn.yaml),
+    else the bundle as a whole."""
+    section, _, name = fault.split(":", 1)[0].partition("/")
+    if section in BUNDLE_SECTIONS and name and "/" not in name:
+        return json_pointer(["bundle", section, name])
+    return "/bundle"
 
 
 @router.get("/policies")

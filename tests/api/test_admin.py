@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
+from gateway.api.admin import fault_pointer
 from gateway.app import create_admin_app, create_app
 from gateway.demo.triton_process import free_port
 from gateway.policy_store import read_bundle
@@ -101,6 +103,8 @@ async def test_invalid_bundle_is_refused_with_its_faults_and_changes_nothing(dat
             "policies/customer-churn.yaml: arms.0.chain: chain names unknown steps: churn-nope"
             in response.text
         )
+        pointers = {error["pointer"] for error in response.json()["errors"]}
+        assert pointers == {"/bundle/policies/customer-churn.yaml"}  # the file at fault
     assert current["version"] == 1
     assert still.status_code == 200
     assert 'aigw_policy_reloads_total{outcome="refused"} 1.0' in metrics
@@ -318,3 +322,17 @@ async def test_a_new_model_behind_an_arm_is_reported_apart_after_an_apply(data_d
     assert list(earlier) == ["churn_gbm_v2:1"]
     assert (earlier["churn_gbm_v2:1"]["requests"], earlier["churn_gbm_v2:1"]["feedback"]) == (1, 1)
     assert report["arms"]["control"]["earlier_models"] == {}  # its model did not change
+
+
+@pytest.mark.parametrize(
+    ("fault", "pointer"),
+    [
+        ("policies/churn.yaml: arms.0.weight: must be finite", "/bundle/policies/churn.yaml"),
+        ("fallbacks/churn.yaml: rules.1.when: does not compile", "/bundle/fallbacks/churn.yaml"),
+        ("(bundle): cannot be loaded: TypeError: x", "/bundle"),
+        ("contracts/x.yaml: something", "/bundle"),
+        ("policies: no file", "/bundle"),
+    ],
+)  # fmt: skip
+def test_a_load_fault_points_at_the_bundle_file_it_names(fault, pointer):
+    assert fault_pointer(fault) == pointer
