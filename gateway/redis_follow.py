@@ -38,5 +38,11 @@ async def follow_with_backoff(
                 log.warning(f"{name} lost redis", extra={"error": type(error).__name__})
                 backoff = first_backoff_s  # it was up a moment ago: try again soon
             follower.connected = False
+        except Exception:
+            # A bug, or a failure this loop does not know (the audit log refusing a peer's
+            # policy record, say): following must outlive it, or the replica stops learning
+            # its peers' changes for the rest of its life.
+            log.exception(f"{name} failed; following again")
+            follower.connected = False
         await asyncio.sleep(backoff)
         backoff = min(max_backoff_s, backoff * 2)
