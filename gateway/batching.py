@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.backends import BackendRejected, BackendTimeout
+from gateway.backends import BackendError, BackendRejected, BackendTimeout
 
 Rows = dict[str, np.ndarray]
 Send = Callable[[Rows, float, Mapping[str, str] | None], Awaitable[np.ndarray]]
@@ -116,7 +116,7 @@ class MicroBatcher:
         finally:
             self._in_flight -= 1
             self._send_gathered()
-        return output[0:1]
+        return one_row_each(output, 1)[0]
 
     def _count(self, rows: int) -> None:
         self.batches += 1
@@ -164,19 +164,20 @@ class MicroBatcher:
             output = await self._send(
                 stack_rows([p.row for p in batch]), timeout_s, batch[0].headers
             )
+            answers = one_row_each(output, len(batch))
         except BackendRejected:
             if len(batch) == 1:
                 _fail(batch[0], BackendRejected("triton refused the row"))
                 return
             await asyncio.gather(*(self._send_batch([p]) for p in batch))
             return
-        except Exception as error:  # the target's failure is every row's
+        except Exception as error:  # the target's failure (or its answer's) is every row's
             for pending in batch:
                 _fail(pending, error)
             return
-        for index, pending in enumerate(batch):
+        for pending, answer in zip(batch, answers, strict=True):
             if not pending.future.done():
-                pending.future.set_result(output[index : index + 1])
+                pending.future.set_result(answer)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -184,6 +185,20 @@ class MicroBatcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def one_row_each(output: np.ndarray, rows: int) -> list[np.ndarray]:
+    """The answer split back into one row per row sent; BackendError unless it has exactly
+    that many. Rows are matched by position, so an answer of any other length would hand
+    callers each other's results."""
+    if not isinstance(output, np.ndarray) or output.ndim == 0 or output.shape[0] != rows:
+        got = (
+            "no rows"
+            if not isinstance(output, np.ndarray) or output.ndim == 0
+            else (f"{output.shape[0]} rows")
+        )
+        raise BackendError(f"the answer has {got} for {rows} sent")
+    return [output[index : index + 1] for index in range(rows)]
 
 
 def _fail(pending: _Pending, error: BaseException) -> None:

@@ -8,6 +8,7 @@ tried is recorded with its outcome, so the decision can be explained afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -41,6 +42,21 @@ class TargetGuard:
     bulkhead: Bulkhead
     retry_budget: RetryBudget
     model_version: str
+
+    async def backend_answer(
+        self, features: Mapping[str, Any], timeout_s: float, headers: Mapping[str, str] | None
+    ) -> float:
+        """The backend's probability; whatever it raises is a BackendError. Backends turn
+        their clients' errors into BackendErrors, but an answer no check foresaw (or a bug)
+        may raise anything: that is this call's failure, counted against the target, and the
+        chain goes on, never a 500 nor a breaker permit left unsettled."""
+        try:
+            return await self.backend.predict(features, timeout_s, headers)
+        except BackendError:
+            raise
+        except Exception as error:
+            log.warning("backend call raised an unexpected error", exc_info=True)
+            raise BackendError(f"unexpected {type(error).__name__}: {error}"[:300]) from None
 
 
 @dataclass(frozen=True)
@@ -196,7 +212,10 @@ async def call_target(
         call_started = ctx.clock()
         try:
             headers = {**ctx.headers, **ctx.outgoing_headers()}
-            probability = await guard.backend.predict(features, budget, headers)
+            probability = await guard.backend_answer(features, budget, headers)
+        except asyncio.CancelledError:  # the caller left: no verdict on the backend
+            guard.breaker.record(permit, Outcome.IGNORED, 0.0, ctx.clock())
+            raise
         except BackendError as error:
             outcome = Outcome.IGNORED if isinstance(error, BackendRejected) else Outcome.FAILURE
             if ctx.observe_call is not None:

@@ -71,7 +71,10 @@ class ShadowRunner:
             return
         started = time.monotonic()
         try:
-            probability = await guard.backend.predict(features, self._timeout_s, None)
+            probability = await guard.backend_answer(features, self._timeout_s, None)
+        except asyncio.CancelledError:  # dropped (a reload, shutdown): no verdict on the backend
+            guard.breaker.record(permit, Outcome.IGNORED, 0.0, time.monotonic())
+            raise
         except BackendError:
             guard.breaker.record(
                 permit, Outcome.FAILURE, time.monotonic() - started, time.monotonic()

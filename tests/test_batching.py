@@ -289,3 +289,38 @@ async def test_gathering_first_sends_a_full_batch_without_waiting():
     )
     assert send.batches == [4]
     assert len(outputs) == 4
+
+
+class MisshapenSend(ScriptedSend):
+    """Answers a batch with the wrong number of rows: one short, or a 0-d value."""
+
+    def __init__(self, answer):
+        super().__init__(delay_s=0.01)
+        self.answer = answer
+
+    async def __call__(self, rows, timeout_s, headers):
+        correct = await super().__call__(rows, timeout_s, headers)
+        return self.answer(correct)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda rows: rows[1:],
+        lambda rows: np.concatenate([rows, rows]),
+        lambda rows: np.float32(0.5),
+    ],
+    ids=["a-row-short", "twice-the-rows", "no-batch-dimension"],
+)
+async def test_an_answer_with_other_than_one_row_per_row_fails_every_row_at_once(answer):
+    """Rows are matched with the answer by position: with any other number of rows each
+    caller could be handed another's result. Every row fails (and falls back) at once, as
+    for any failure of the target, none waiting out its deadline."""
+    batcher = MicroBatcher(MisshapenSend(answer), max_batch=64, max_delay_s=0.002)
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(
+        *(batcher.submit(row(i), 5.0) for i in range(6)), return_exceptions=True
+    )
+    assert all(isinstance(r, BackendError) for r in results), results
+    assert "for 1 sent" in str(results[0]) and "for 5 sent" in str(results[1])
+    assert asyncio.get_running_loop().time() - started < 4.0  # not the 5 s deadline

@@ -8,6 +8,7 @@ produces those errors is tested against a real server in tests/integration.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,14 @@ class FakeClock:
 
 
 class ScriptedBackend:
-    """Plays a script of answers: a float is returned, a BackendError is raised.
+    """Plays a script of answers: a float is returned, an exception (a BackendError, or what
+    a bug in a backend would raise) is raised.
 
     Each call may cost `cost_s` of fake time. Calls beyond the script fail the test, so a
     backend that must not be called gets an empty script.
     """
 
-    def __init__(self, clock: FakeClock, *script: float | BackendError, cost_s: float = 0.0):
+    def __init__(self, clock: FakeClock, *script: float | BaseException, cost_s: float = 0.0):
         self.clock = clock
         self.script = list(script)
         self.cost_s = cost_s
@@ -85,7 +87,7 @@ class ScriptedBackend:
         assert self.script, "the backend was called more often than scripted"
         self.clock.advance(self.cost_s)
         answer = self.script.pop(0)
-        if isinstance(answer, BackendError):
+        if isinstance(answer, BaseException):
             raise answer
         return answer
 
@@ -306,6 +308,55 @@ async def test_rejected_does_not_count_against_the_breaker(clock, fallbacks, err
     )
     await run_chain(TWO_MODELS, NO_RULE_MATCH, deadline(clock), ctx)
     assert target_breaker.state == state
+
+
+@pytest.mark.parametrize(
+    "error", [AttributeError("'int' object has no attribute 'get'"), IndexError("too many")]
+)
+async def test_an_unexpected_error_from_a_backend_is_its_failure_and_the_chain_goes_on(
+    clock, fallbacks, error
+):
+    """Whatever a backend raises (an answer no check foresaw, a bug) fails its step, counts
+    against its breaker and leaves no half-open probe permit behind: the next step answers,
+    the breaker re-opens, and once its opening ends it lets a probe through again."""
+    breaker = tripped_breaker(START - 1.0)  # its second of opening has just ended
+    primary = ScriptedBackend(clock, error)
+    ctx = context(
+        clock, fallbacks,
+        primary=guard(primary, breaker=breaker), secondary=guard(ScriptedBackend(clock, 0.3)),
+    )  # fmt: skip
+    result = await run_chain(TWO_MODELS, NO_RULE_MATCH, deadline(clock), ctx)
+    assert outcomes(result)[:2] == [
+        ("primary", "failed", "backend_error"),
+        ("secondary", "answered", None),
+    ]
+    assert type(error).__name__ in result.steps[0].error
+    assert breaker.state == OPEN  # the probe's failure was counted
+    clock.advance(10.0)
+    assert breaker.try_acquire(clock()) is not None  # no probe permit was left unsettled
+
+
+class HangingBackend:
+    """Never answers: the call waits until its caller is cancelled."""
+
+    async def predict(self, features, timeout_s, headers) -> float:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_call_cancelled_by_its_caller_gives_its_probe_permit_back(clock, fallbacks):
+    """A request cancelled mid-call (a stream worker stopping, say) passes no verdict on the
+    backend, and its half-open probe permit is returned: the next request may probe."""
+    breaker = tripped_breaker(START - 1.0)
+    ctx = context(clock, fallbacks, primary=guard(HangingBackend(), breaker=breaker))
+    call = asyncio.create_task(run_chain(TWO_MODELS, NO_RULE_MATCH, deadline(clock), ctx))
+    await asyncio.sleep(0.01)
+    assert breaker.try_acquire(clock()) is None  # the one probe is out
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert breaker.state == HALF_OPEN
+    assert breaker.try_acquire(clock()) is not None
 
 
 async def test_open_breaker_skips_the_target_without_calling_it(clock, fallbacks):

@@ -357,6 +357,8 @@ def read_output(response: _Response, name: str) -> np.ndarray:
         outputs: Sequence[dict[str, Any]] = meta["outputs"]
     except (ValueError, TypeError, KeyError) as error:
         raise KServeProtocolError(f"unreadable answer: {error}") from None
+    if not isinstance(outputs, list) or not all(isinstance(spec, dict) for spec in outputs):
+        raise KServeProtocolError("unreadable answer: `outputs` is not a list of objects")
     offset = header_length
     for spec in outputs:
         size = _binary_size(spec)
@@ -375,7 +377,7 @@ def _binary_size(spec: Mapping[str, Any]) -> int | None:
 def _tensor(spec: Mapping[str, Any], body: bytes, offset: int, size: int | None) -> np.ndarray:
     dtype = NUMPY_DTYPES.get(str(spec.get("datatype")))
     shape = spec.get("shape")
-    if dtype is None or not isinstance(shape, list):
+    if dtype is None or not _is_shape(shape):
         raise KServeProtocolError(f"output {spec.get('name')!r}: unsupported datatype or shape")
     try:
         if size is None:
@@ -388,6 +390,15 @@ def _tensor(spec: Mapping[str, Any], body: bytes, offset: int, size: int | None)
         return flat.reshape(shape)
     except (KeyError, ValueError, TypeError) as error:
         raise KServeProtocolError(f"output {spec.get('name')!r}: {error}") from None
+
+
+def _is_shape(shape: Any) -> bool:
+    """A tensor shape with a batch dimension: a non-empty list of non-negative integers."""
+    return (
+        isinstance(shape, list)
+        and len(shape) > 0
+        and all(type(size) is int and size >= 0 for size in shape)
+    )
 
 
 def error_message(body: bytes) -> str:
