@@ -218,16 +218,20 @@ class Runtime:
                 hook(breaker)
         kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
         retired = [m for m in previous.models.values() if not _all_kept(m, kept)]
-        self._retired.extend(retired)
+        self._retired.extend(retired)  # closed at shutdown if still open then
         # Requests that started on the old snapshot may still use retired clients: close
-        # them only after the longest request budget has passed.
+        # them only after the longest request budget has passed. Each swap closes what it
+        # retired itself, judged by what it kept: a second swap within the grace retires
+        # parts the first one kept, which the first one's close must leave alone.
         grace_s = max((p.timeout_ms for p in previous.policies.policies.values()), default=0)
         asyncio.get_running_loop().call_later(
-            grace_s / 1000 + 1.0, lambda: asyncio.ensure_future(self._close_retired(kept))
+            grace_s / 1000 + 1.0,
+            lambda: asyncio.ensure_future(self._close_retired(retired, kept)),
         )
 
-    async def _close_retired(self, kept: set[int]) -> None:
-        retired, self._retired = self._retired, []
+    async def _close_retired(self, retired: list[ModelRuntime], kept: set[int]) -> None:
+        closing = {id(m) for m in retired}
+        self._retired = [m for m in self._retired if id(m) not in closing]
         backends = [g.backend for m in retired for g in _all_guards(m) if id(g) not in kept]
         await asyncio.gather(*(m.shadows.close() for m in retired), return_exceptions=True)
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)

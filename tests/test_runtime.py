@@ -5,6 +5,7 @@ No Triton is called: building a snapshot creates clients but connects nothing.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from gateway.backends.triton import TritonBackend
@@ -123,5 +124,31 @@ async def test_new_breaker_hooks_hear_only_the_breakers_an_apply_creates(data_di
         runtime.swap(configuration(data_dirs, ("reset_timeout_s: 1.0", "reset_timeout_s: 2.0")))
         assert sorted(b.name for b in created) == sorted(runtime.breakers)
         assert all(runtime.breakers[b.name] is b for b in created)
+    finally:
+        await runtime.close()
+
+
+async def test_two_swaps_within_the_grace_close_every_backend_they_retired(data_dirs, monkeypatch):
+    """v1 → v2, then v2 → v3 before v1's clients were closed: once each grace has passed,
+    the clients of v1 and of v2 are both closed, and only v3's stay open."""
+    closed: list[int] = []
+    close = TritonBackend.close
+
+    async def recording_close(self) -> None:
+        closed.append(id(self))
+        await close(self)
+
+    monkeypatch.setattr(TritonBackend, "close", recording_close)
+    version = ('model: churn_gbm\n    version: "1"', 'model: churn_gbm\n    version: "{}"')
+    runtime = start_runtime(settings_for(data_dirs), configuration(data_dirs), Metrics())
+    try:
+        v1 = runtime.models[MODEL].guards["churn-gbm"].backend
+        runtime.swap(configuration(data_dirs, (version[0], version[1].format(2))))
+        v2 = runtime.models[MODEL].guards["churn-gbm"].backend
+        runtime.swap(configuration(data_dirs, (version[1].format(2), version[1].format(3))))
+        v3 = runtime.models[MODEL].guards["churn-gbm"].backend
+        await asyncio.sleep(0.4 + 1.0 + 0.3)  # the longest timeout_ms (400 ms) + 1 s, and some
+        assert id(v1) in closed and id(v2) in closed
+        assert id(v3) not in closed
     finally:
         await runtime.close()
