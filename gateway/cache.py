@@ -61,14 +61,15 @@ Entry = tuple[str, CachedPrediction, float]  # key, value, TTL in seconds
 def cache_key(
     model_id: str,
     target: str,
-    model_version: str,
+    answer_spec: str,
     contract_version: str,
     features: Mapping[str, Any],
     tenant: str | None = None,
 ) -> str:
-    """The key of one exact input; features must already be canonical (see contracts.py)."""
+    """The key of one exact input; features must already be canonical (see contracts.py).
+    `answer_spec` (Policy.answer_spec) names everything that shapes the target's answer."""
     material = orjson.dumps(
-        [model_id, target, model_version, contract_version, tenant, features],
+        [model_id, target, answer_spec, contract_version, tenant, features],
         option=orjson.OPT_SORT_KEYS,
     )
     return KEY_PREFIX + hashlib.sha256(material).hexdigest()

@@ -278,8 +278,9 @@ def _key(
     if not policy.cache.enabled or target is None or target.breaker.force == "open":
         return None
     tenant = request.tenant if policy.cache.per_tenant else None
+    answer_spec = snapshot.models[policy.model_id].answer_specs[assignment.arm.primary]
     return cache_key(
-        policy.model_id, assignment.arm.primary, target.version, snapshot.contracts.version,
+        policy.model_id, assignment.arm.primary, answer_spec, snapshot.contracts.version,
         request.features, tenant,
     )  # fmt: skip
 

@@ -291,6 +291,19 @@ class Policy(_Strict):
         target = self.targets.get(arm.primary)
         return f"{target.model}:{target.version}" if target is not None else arm.primary
 
+    def answer_spec(self, target_name: str) -> str:
+        """A digest of everything that shapes `target_name`'s answer to an input: the model
+        and version asked, how features become its input tensors, which output is read and
+        how a probability becomes a label. Cached answers are keyed by it, so an apply that
+        changes any of these (a threshold, a scale) is never answered from entries made
+        before; what does not change an answer (its address, its breaker) keeps them."""
+        target = self.targets[target_name]
+        material = [
+            target.model, target.version, [tensor.model_dump() for tensor in target.inputs],
+            target.output.model_dump(), self.labels.model_dump(),
+        ]  # fmt: skip
+        return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
 
 @lru_cache(maxsize=1024)
 def _default_arm(chain: tuple[str, ...]) -> list[Arm]:

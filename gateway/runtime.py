@@ -85,6 +85,7 @@ class ModelRuntime:
     guards: dict[str, TargetGuard]
     routes: RouteTable
     shadows: ShadowRunner
+    answer_specs: dict[str, str]  # target → Policy.answer_spec, for cache keys
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,7 @@ def build_snapshot(
                 policy.timeout_ms / 1000,
                 on_drop=metrics.shadow_dropped_counter(model_id),
             ),
+            answer_specs={name: policy.answer_spec(name) for name in policy.targets},
         )
     return Snapshot(config=config, models=models)
 

@@ -772,3 +772,32 @@ def test_a_chain_policy_makes_its_one_arm_once():
     assert (arm.name, arm.weight) == ("default", 1)
     assert policy.arm_list[0] is arm
     assert churn_policy(chain_only).arm_list[0] is arm  # one arm per chain, not per policy
+
+
+# --- what shapes a target's answer (cache keys) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "same"),
+    [
+        (setting("labels", "threshold", value=0.4), False),
+        (setting("labels", "positive", value="leave"), False),
+        (setting(*GBM, "model", value="churn_gbm_v3"), False),
+        (setting(*GBM, "version", value="2"), False),
+        (setting(*GBM_FEATURES, value=[{"feature": "tenure_months", "scale": 2.0},
+                                       "monthly_charges"]), False),
+        (setting(*GBM, "output", value={"name": "probability", "index": 1}), False),
+        (setting(*GBM, "url", value="triton-b:8000"), True),
+        (setting(*GBM_BREAKER, "failure_threshold", value=9), True),
+        (setting("arms", 0, "weight", value=50), True),
+        (setting("cache", "ttl_s", value=60), True),
+    ],
+    ids=["threshold", "positive-label", "model", "version", "scale", "output-index", "url",
+         "breaker", "weight", "ttl"],
+)  # fmt: skip
+def test_a_targets_answer_spec_changes_with_what_shapes_its_answer_only(edit, same):
+    """Cached answers are keyed by it: an apply that changes how an answer is made starts
+    from an empty cache for that target; one that changes where or how often it is asked
+    keeps the entries."""
+    before, after = churn_policy(), churn_policy(edit)
+    assert (before.answer_spec("churn-gbm") == after.answer_spec("churn-gbm")) is same

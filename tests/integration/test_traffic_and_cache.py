@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from gateway.demo.triton_process import TritonProcess, free_port
+from tests.api.test_admin import replace_atomically
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.triton
@@ -239,3 +240,27 @@ async def test_shadow_copies_gather_into_few_triton_calls(
         assert calls <= 4, f"{calls} Triton calls for 20 gathered copies"
     else:
         assert calls >= 10, f"{calls} Triton calls for 20 copies sent as they came"
+
+
+async def test_an_apply_that_changes_how_answers_are_made_is_not_answered_from_the_cache(
+    gateway_client, triton, data_dirs
+):
+    """Cached answers are keyed by what shapes them (Policy.answer_spec): after an apply
+    moves the label threshold, the same request is asked again, and its label agrees with
+    its probability under the new threshold, instead of the old label for up to the TTL."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    request = request_for(f"spec-{uuid.uuid4()}")
+    env = {"AIGW_TRITON_URL": triton.http_url}
+    async with gateway_client(env=env, root=data_dirs, watch_interval_s=0.05) as client:
+        first = (await client.post("/v1/predictions", json=request)).json()
+        again = (await client.post("/v1/predictions", json=request)).json()
+        replace_atomically(policy, policy.read_text().replace("threshold: 0.5", "threshold: 0.0"))
+        for _ in range(200):  # the watcher applies the edit as version 2
+            ready = (await client.get("/readyz")).json()
+            if ready["checks"].get("policy_version") == "2":
+                break
+            await asyncio.sleep(0.05)
+        assert ready["checks"].get("policy_version") == "2"
+        after = (await client.post("/v1/predictions", json=request)).json()
+    assert (first["cached"], again["cached"], after["cached"]) == (False, True, False)
+    assert after["prediction"] == "churn"  # every probability is at or above a 0.0 threshold
