@@ -81,13 +81,16 @@ def stale_key(key: str) -> str:
 
 
 class PredictionCache(Protocol):
-    """Where answers are kept. Errors never escape: a failing store is a miss."""
+    """Where answers are kept. Errors never escape: a failing store is a miss.
 
-    async def get(self, key: str) -> CachedPrediction | None: ...
+    `within_s` is what the request may still spend: a store with round trips gives up
+    after that long (a miss, a write not made), so a slow store never makes an answer late."""
+
+    async def get(self, key: str, within_s: float | None = None) -> CachedPrediction | None: ...
 
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None: ...
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    async def set_many(self, entries: Sequence[Entry], within_s: float | None = None) -> None:
         """Each (key, value, ttl_s), in one round trip where the store has round trips."""
         ...
 
@@ -108,7 +111,7 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, key: str) -> CachedPrediction | None:
+    async def get(self, key: str, within_s: float | None = None) -> CachedPrediction | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -124,7 +127,7 @@ class MemoryCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    async def set_many(self, entries: Sequence[Entry], within_s: float | None = None) -> None:
         for key, value, ttl_s in entries:
             await self.set(key, value, ttl_s)
 
@@ -160,32 +163,36 @@ class RedisCache:
     def available(self) -> bool:
         return self._clock() >= self._resting_until
 
-    async def get(self, key: str) -> CachedPrediction | None:
-        data = await self._call(self._redis.get(key))
+    async def get(self, key: str, within_s: float | None = None) -> CachedPrediction | None:
+        data = await self._call(self._redis.get(key), within_s)
         return CachedPrediction.from_json(data) if data else None
 
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
         await self._call(self._redis.set(key, value.to_json(), px=_milliseconds(ttl_s)))
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    async def set_many(self, entries: Sequence[Entry], within_s: float | None = None) -> None:
         # A miss keeps its answer and its stale copy: one round trip on the request's path,
         # not one per key. Not a transaction: either write alone is a valid cache state.
         pipe = self._redis.pipeline(transaction=False)
         for key, value, ttl_s in entries:
             pipe.set(key, value.to_json(), px=_milliseconds(ttl_s))
-        await self._call(pipe.execute())
+        await self._call(pipe.execute(), within_s)
 
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def _call(self, operation: Awaitable[Any]) -> Any:
-        if not self.available:
+    async def _call(self, operation: Awaitable[Any], within_s: float | None = None) -> Any:
+        own_limit_s = self._timeout_s * 2
+        if not self.available or (within_s is not None and within_s <= 0):
             _discard(operation)
             return None
+        cut_short = within_s is not None and within_s < own_limit_s
         try:
-            async with asyncio.timeout(self._timeout_s * 2):
+            async with asyncio.timeout(within_s if cut_short else own_limit_s):
                 return await operation
         except (RedisError, OSError, TimeoutError) as error:
+            if cut_short and isinstance(error, TimeoutError):
+                return None  # the request ran out of time: that says nothing of Redis's health
             self.errors += 1
             self._resting_until = self._clock() + self._retry_after_s
             log.warning("redis cache unavailable", extra={"error": type(error).__name__})
@@ -203,23 +210,40 @@ def _discard(operation: Awaitable[Any]) -> None:
 
 
 class SingleFlight:
-    """Concurrent identical misses share one computation instead of each calling a backend."""
+    """Concurrent identical misses share one computation instead of each calling a backend.
+
+    A follower takes the leader's result only within its own time (`wait_s`) and only when
+    `shareable` says so: the leader's run spent the leader's budget, through the leader's
+    chain, so a degraded result says how the leader fared, not how this caller must. A
+    follower that will not take it runs its own computation, alone."""
 
     def __init__(self) -> None:
         self._in_flight: dict[str, asyncio.Future] = {}
         self.coalesced = 0
 
-    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    async def run(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        wait_s: float | None = None,
+        shareable: Callable[[T], bool] = lambda result: True,
+    ) -> tuple[T, bool]:
         """The result for `key`, and whether it was shared from another caller's run."""
         while (existing := self._in_flight.get(key)) is not None:
-            self.coalesced += 1
             try:
-                return await asyncio.shield(existing), True
+                async with asyncio.timeout(wait_s):
+                    result = await asyncio.shield(existing)
+            except TimeoutError:
+                return await compute(), False  # out of time to wait: answer with what is left
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not existing.cancelled() or (task is not None and task.cancelling()):
                     raise  # this caller itself was cancelled
-                # The leader was cancelled, not this caller: lead (or join) a new run.
+                continue  # the leader was cancelled, not this caller: lead (or join) anew
+            if not shareable(result):
+                return await compute(), False
+            self.coalesced += 1
+            return result, True
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:

@@ -135,18 +135,31 @@ async def answer_first(runtime: Runtime, request: PredictionInput) -> tuple[Answ
         request.features, request.headers, request.tenant, prediction_id
     )
     key = _key(snapshot, policy, assignment, request)
+    budget = _Budget(
+        Deadline.after(
+            request_budget_ms(policy.timeout_ms, request.caller_timeout_ms) / 1000,
+            request.started,
+        ),
+        runtime.settings.response_margin_ms / 1000,
+    )
     with runtime.tracing.span("cache.lookup"):
-        cached = await runtime.cache.get(key) if key and request.use_cache else None
+        looked_up = key and request.use_cache
+        cached = await runtime.cache.get(key, budget.left()) if looked_up else None
     if key:
         runtime.metrics.observe_cache(_cache_event(cached, request.use_cache))
     if cached is not None:
         result, coalesced = _from_cache(cached), False
     elif key:
+        # Another request's answer only while this one has time to wait, and only a primary
+        # answer: a degraded one says how the other fared, through its own chain and budget.
         result, coalesced = await runtime.single_flight.run(
-            key, lambda: _walk(runtime, snapshot, model, policy, assignment, request, key)
+            key,
+            lambda: _walk(runtime, snapshot, model, policy, assignment, request, key, budget),
+            wait_s=budget.left(),
+            shareable=lambda shared: not shared.degraded,
         )
     else:
-        result = await _walk(runtime, snapshot, model, policy, assignment, request, None)
+        result = await _walk(runtime, snapshot, model, policy, assignment, request, None, budget)
         coalesced = False
     answer = _answer(
         snapshot, policy, prediction_id, assignment, request, result, cached, coalesced
@@ -224,6 +237,18 @@ def _step_fields(step: StepRecord) -> dict[str, Any]:
     return {name: value for name, value in fields if value not in (None, 0, 0.0)}
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """A request's deadline, less the margin kept for sending the answer."""
+
+    deadline: Deadline
+    margin_s: float
+
+    def left(self) -> float:
+        """Seconds this request may still spend before it must answer."""
+        return max(0.0, self.deadline.remaining(time.monotonic()) - self.margin_s)
+
+
 async def _walk(
     runtime: Runtime,
     snapshot: Snapshot,
@@ -232,19 +257,20 @@ async def _walk(
     assignment: Assignment,
     request: PredictionInput,
     key: str | None,
+    budget: _Budget,
 ) -> ChainResult:
-    budget_ms = request_budget_ms(policy.timeout_ms, request.caller_timeout_ms)
     ctx = ChainContext(
         guards=model.guards,
         fallbacks=snapshot.fallbacks[request.model_id],
-        stale_lookup=_stale_lookup(runtime, key),
-        margin_s=runtime.settings.response_margin_ms / 1000,
+        stale_lookup=_stale_lookup(runtime, key, budget),
+        margin_s=budget.margin_s,
         observe_call=runtime.metrics.observe_backend_call,
         span=runtime.tracing.span,
         outgoing_headers=trace_headers,
     )
-    deadline = Deadline.after(budget_ms / 1000, request.started)
-    result = await run_chain(policy, request.features, deadline, ctx, chain=assignment.arm.chain)
+    result = await run_chain(
+        policy, request.features, budget.deadline, ctx, chain=assignment.arm.chain
+    )
     if key and not result.degraded:
         kept = CachedPrediction(
             result.prediction, result.probability, result.model_version, result.served_by
@@ -252,16 +278,16 @@ async def _walk(
         entries = [(key, kept, policy.cache.ttl_s)]
         if policy.cache.stale_ttl_s > 0:
             entries.append((stale_key(key), kept, policy.cache.stale_ttl_s))
-        await runtime.cache.set_many(entries)
+        await runtime.cache.set_many(entries, budget.left())
     return result
 
 
-def _stale_lookup(runtime: Runtime, key: str | None):  # type: ignore[no-untyped-def]
+def _stale_lookup(runtime: Runtime, key: str | None, budget: _Budget):  # type: ignore[no-untyped-def]
     if key is None:
         return None
 
     async def lookup() -> StaleAnswer | None:
-        kept = await runtime.cache.get(stale_key(key))
+        kept = await runtime.cache.get(stale_key(key), budget.left())
         if kept is None:
             return None
         return StaleAnswer(kept.prediction, kept.probability, kept.model_version)

@@ -102,6 +102,11 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def subscribers(self, channel: str) -> int:
         """How many connections are subscribed to `channel` (PUBSUB NUMSUB)."""
         import redis

@@ -317,10 +317,9 @@ async def test_an_answer_with_other_than_one_row_per_row_fails_every_row_at_once
     caller could be handed another's result. Every row fails (and falls back) at once, as
     for any failure of the target, none waiting out its deadline."""
     batcher = MicroBatcher(MisshapenSend(answer), max_batch=64, max_delay_s=0.002)
-    started = asyncio.get_running_loop().time()
     results = await asyncio.gather(
         *(batcher.submit(row(i), 5.0) for i in range(6)), return_exceptions=True
     )
     assert all(isinstance(r, BackendError) for r in results), results
+    # The answer's own error, not BackendTimeout: no row waited out its 5 s deadline.
     assert "for 1 sent" in str(results[0]) and "for 5 sent" in str(results[1])
-    assert asyncio.get_running_loop().time() - started < 4.0  # not the 5 s deadline

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -293,6 +295,29 @@ async def test_redis_killed_mid_run_is_survived_and_used_again_once_back():
         server.stop()
 
 
+async def test_a_frozen_redis_costs_a_request_no_more_than_the_time_it_has_left():
+    """Redis stops answering (SIGSTOP): a call given 20 ms gives up then, a miss, and counts
+    no error: the request ran out of time, Redis has not been shown ill. Without a limit of
+    the request's, the cache's own (1 s here) applies and a failure counts."""
+    server = RedisServer(free_port())
+    server.start()
+    cache = RedisCache(server.url, timeout_s=0.5)
+    try:
+        await cache.set("k", ANSWER, ttl_s=60)
+        os.kill(server.pid, signal.SIGSTOP)
+        assert await cache.get("k", within_s=0.02) is None
+        await cache.set_many([("k", OTHER, 60)], within_s=0.02)
+        # No error counted: both calls ended at the request's limit, not at the cache's own
+        # (which counts one and rests, as the next call shows).
+        assert (cache.errors, cache.available) == (0, True)
+        assert await cache.get("k") is None  # its own limit: a failure, and a rest
+        assert (cache.errors, cache.available) == (1, False)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await cache.close()
+        server.stop()
+
+
 # --- SingleFlight -----------------------------------------------------------------------------
 
 
@@ -405,3 +430,33 @@ async def test_degraded_answers_are_never_cached(gateway_client):
     assert [b["degraded"] for b in bodies] == [True, True, True]
     assert [b["cached"] for b in bodies] == [False, False, False]
     assert len({b["prediction_id"] for b in bodies}) == 3
+
+
+async def test_a_follower_waits_no_longer_than_its_own_time_then_answers_alone():
+    """A follower with 20 ms left does not wait for a leader that needs longer: it computes
+    its own result, and the leader's run goes on for the leader."""
+    flight, slow, quick = SingleFlight(), Computation("leader's"), Computation("own")
+    leader = asyncio.create_task(flight.run("k", slow))
+    await asyncio.sleep(0)
+    quick.released.set()
+    assert await flight.run("k", quick, wait_s=0.02) == ("own", False)
+    slow.released.set()
+    assert await leader == ("leader's", False)
+    assert (slow.calls, quick.calls, flight.coalesced) == (1, 1, 0)
+
+
+async def test_a_follower_does_not_take_a_result_it_may_not_share():
+    """A degraded answer says how the leader fared, with the leader's budget and chain: a
+    follower that may not share it computes its own."""
+    flight, leader_run, own_run = SingleFlight(), Computation("degraded"), Computation("own")
+    leader = asyncio.create_task(flight.run("k", leader_run))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(
+        flight.run("k", own_run, shareable=lambda result: result != "degraded")
+    )
+    await asyncio.sleep(0)
+    leader_run.released.set()
+    own_run.released.set()
+    assert await leader == ("degraded", False)
+    assert await follower == ("own", False)
+    assert flight.coalesced == 0
