@@ -26,6 +26,7 @@ from gateway.batching import MicroBatcher
 from gateway.policy import TritonTarget
 
 _OVERLOAD_STATUSES = {429, 503}
+_MODEL_NOT_FOUND = 404
 
 
 def build_tensors(target: TritonTarget, features: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -137,6 +138,11 @@ def _translate(error: KServeError) -> BackendError:
     message = f"triton {error.status}"
     if error.status in _OVERLOAD_STATUSES:
         return BackendOverloaded(message)
+    if error.status == _MODEL_NOT_FOUND:
+        # Triton's 404 is "unknown model" or "version is not found": the pinned model is not
+        # loaded there (unloaded, or a server without it). That is the target's ill health,
+        # counted against its breaker, not a malformed request to be ignored.
+        return BackendError(f"{message}: the pinned model version is not loaded")
     if 400 <= error.status < 500:
         return BackendRejected(message)
     return BackendError(message)

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.backends import BackendError
-from gateway.backends.triton import TritonBackend, build_tensors, read_probability
+from gateway.backends import BackendError, BackendRejected
+from gateway.backends.kserve_http import KServeError
+from gateway.backends.triton import TritonBackend, _translate, build_tensors, read_probability
 from gateway.policy import TritonTarget
 
 FEATURES = {"customer_id": "c-1", "tenure_months": 24, "monthly_charges": 89.99}
@@ -184,3 +185,21 @@ async def test_calls_ask_for_an_uncompressed_answer() -> None:
         server.close()
     assert b"accept-encoding: identity" in heads[0]
     assert b"traceparent: 00-" in heads[0]  # the caller's headers still go along
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "counts_against_the_target"),
+    [
+        (400, "BackendRejected", False),  # a malformed request: the mapping's fault
+        (404, "BackendError", True),  # the pinned model or version is not loaded there
+        (429, "BackendOverloaded", True),
+        (503, "BackendOverloaded", True),
+        (500, "BackendError", True),
+    ],
+)
+def test_an_error_status_becomes_the_failure_the_chain_reasons_about(
+    status, kind, counts_against_the_target
+):
+    error = _translate(KServeError(status, "detail"))
+    assert type(error).__name__ == kind
+    assert (not isinstance(error, BackendRejected)) is counts_against_the_target

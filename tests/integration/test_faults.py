@@ -70,6 +70,27 @@ async def test_model_error_falls_back_to_simpler_model_then_recovers(gateway_cli
     assert recovered["degraded"] is False
 
 
+async def test_a_pinned_version_triton_does_not_have_opens_the_breaker(
+    gateway_client, healthy, data_dirs
+):
+    """Triton answers 404 for a model version it has not loaded (unloaded in a model swap,
+    or a server without it): that is the target gone, not a malformed request. The simpler
+    model answers, and the breaker opens instead of every request paying the round trip."""
+    policy = data_dirs / "policies" / "customer-churn.yaml"
+    pinned = 'model: churn_gbm\n    version: "1"'
+    assert pinned in policy.read_text()
+    policy.write_text(policy.read_text().replace(pinned, 'model: churn_gbm\n    version: "9"'))
+    async with gateway_client(env=env_for(healthy), root=data_dirs) as client:
+        first = await predict(client)
+        explained = await client.get(f"/v1/predictions/{first['prediction_id']}/explanation")
+        reasons = [(await predict(client))["fallback_reason"] for _ in range(6)]
+        metrics = (await client.get("/metrics")).text
+    assert (first["served_by"], first["fallback_reason"]) == ("churn-logreg", "backend_error")
+    assert "triton 404" in json.dumps(explained.json()["steps"])  # the record says why
+    assert reasons[-1] == "breaker_open"
+    assert 'aigw_breaker_state{target="customer-churn/churn-gbm"} 2.0' in metrics
+
+
 async def test_slow_models_are_cut_at_the_deadline(gateway_client, healthy):
     """Models slower than the budget: rules or default answer, within the budget."""
     healthy.set_control("slow", delay_ms=1500)
