@@ -124,6 +124,14 @@ class MemoryCache:
     async def set(self, key: str, value: CachedPrediction, ttl_s: float) -> None:
         self._entries[key] = (self._clock() + ttl_s, *value)
         self._entries.move_to_end(key)
+        self._evict_beyond_bound()
+
+    def resize(self, max_entries: int) -> None:
+        """Hold at most `max_entries` from now on, the least recently used going first."""
+        self.max_entries = max_entries
+        self._evict_beyond_bound()
+
+    def _evict_beyond_bound(self) -> None:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 

@@ -212,6 +212,8 @@ class Runtime:
         """Serve `config` from now on; targets whose spec is unchanged keep their breakers."""
         previous = self.snapshot
         self.snapshot = build_snapshot(config, self.metrics, previous)
+        if isinstance(self.cache, MemoryCache):  # an apply may resize it, as a start would
+            self.cache.resize(memory_cache_size(config))
         for breaker in _new_breakers(previous, self.snapshot):  # kept ones have their hooks
             for trip_hook in self._trip_hooks:
                 breaker.on_trip(trip_hook)
@@ -502,5 +504,9 @@ def _cache(settings: Settings, config: Configuration) -> PredictionCache:
         if not settings.redis_url:
             raise ValueError("AIGW_CACHE_BACKEND=redis needs AIGW_REDIS_URL")
         return RedisCache(settings.redis_url)
-    largest = max((p.cache.max_entries for p in config.policies.policies.values()), default=1)
-    return MemoryCache(max_entries=largest)
+    return MemoryCache(max_entries=memory_cache_size(config))
+
+
+def memory_cache_size(config: Configuration) -> int:
+    """The in-memory cache holds as many entries as the largest policy's `max_entries`."""
+    return max((p.cache.max_entries for p in config.policies.policies.values()), default=1)

@@ -460,3 +460,14 @@ async def test_a_follower_does_not_take_a_result_it_may_not_share():
     assert await leader == ("degraded", False)
     assert await follower == ("own", False)
     assert flight.coalesced == 0
+
+
+async def test_a_smaller_bound_evicts_the_least_recently_used_at_once():
+    """An apply lowering the largest `cache.max_entries` shrinks the in-memory cache then."""
+    cache = MemoryCache(max_entries=4, clock=FakeClock())
+    for name in "abcd":
+        await cache.set(name, ANSWER, ttl_s=60)
+    assert await cache.get("a") == ANSWER  # now the most recently used
+    cache.resize(2)
+    assert [await cache.get(n) is not None for n in "abcd"] == [True, False, False, True]
+    assert len(cache) == 2

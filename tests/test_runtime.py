@@ -152,3 +152,13 @@ async def test_two_swaps_within_the_grace_close_every_backend_they_retired(data_
         assert id(v3) not in closed
     finally:
         await runtime.close()
+
+
+async def test_an_apply_resizes_the_in_memory_cache_to_its_largest_policy(data_dirs):
+    runtime = start_runtime(settings_for(data_dirs), configuration(data_dirs), Metrics())
+    try:
+        assert runtime.cache.max_entries == 100_000
+        runtime.swap(configuration(data_dirs, ("max_entries: 100000", "max_entries: 500")))
+        assert runtime.cache.max_entries == 500
+    finally:
+        await runtime.close()
