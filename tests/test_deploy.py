@@ -38,6 +38,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway.backends import BackendError
 from gateway.server import GRACEFUL_SHUTDOWN_S
 from gateway.settings import Settings
 
@@ -237,6 +238,28 @@ def test_dashboard_queries_use_the_provisioned_datasource() -> None:
                 assert target["expr"].strip(), panel["title"]
     (provider,) = load_yaml(DEPLOY / "grafana/provisioning/dashboards/aigw.yaml")["providers"]
     assert provider["options"]["path"] == DASHBOARD_PROVIDER_PATH
+
+
+def backend_call_outcomes() -> set[str]:
+    """What `aigw_backend_duration_seconds{outcome}` can hold: success, or a failure's reason."""
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(sub for direct in cls.__subclasses__() for sub in subclasses(direct))]
+
+    return {"success"} | {error.reason for error in subclasses(BackendError)}
+
+
+def test_dashboards_match_backend_call_outcomes_the_gateway_records() -> None:
+    """A matcher on an outcome the gateway never records selects nothing (or, negated,
+    everything): a panel of errors that counted every success as one."""
+    outcomes = backend_call_outcomes()
+    found = 0
+    for board, panel, expr in panel_queries():
+        for metric in re.finditer(r"aigw_backend_duration_seconds\w*\{([^}]*)\}", expr):
+            for value in re.findall(r'outcome\s*!?=~?\s*"([^"]*)"', metric.group(1)):
+                found += 1
+                assert set(value.split("|")) <= outcomes, f"{board}: {panel}: {value!r}"
+    assert found, "no dashboard query matches on a backend call's outcome"
 
 
 def test_dashboard_model_variable_is_matched_as_a_regex() -> None:
