@@ -82,6 +82,7 @@ class RequestIdMiddleware:
             if response_started:
                 raise
             log.exception("unhandled error", extra={"path": scope.get("path")})
+            count_internal_error(scope.get("app"))
             problem = Problem(500, "internal-error", "Internal error")
             await problem_response(problem, scope.get("path"))(scope, receive, send_with_headers)
 
@@ -278,4 +279,13 @@ async def _http_error_handler(request: Request, error: HTTPException) -> Respons
 async def _unexpected_error_handler(request: Request, error: Exception) -> Response:
     """A bug must still answer in the contract's error shape, without internals."""
     log.exception("unhandled error", extra={"path": request.url.path})
+    count_internal_error(request.app)
     return problem_response(Problem(500, "internal-error", "Internal error"), request.url.path)
+
+
+def count_internal_error(app: Any) -> None:
+    """A 500 is counted with the refusals (`aigw_rejected_requests_total{status="500"}`): a
+    bug failing every request must show on the error-ratio panel, not as no traffic."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.rejected.labels("500").inc()

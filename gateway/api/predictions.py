@@ -110,7 +110,7 @@ class PredictionRoute:
         except Exception:
             log.exception("unhandled error", extra={"path": PATH})
             problem = Problem(500, "internal-error", "Internal error")
-            await self._refuse(problem, request_id, scope, receive, send, count=False)
+            await self._refuse(problem, request_id, scope, receive, send)
             return
         length = (b"content-length", str(len(reply.body)).encode())
         headers_out = with_exchange_headers([length, _JSON_TYPE], request_id)

@@ -426,12 +426,19 @@ async def test_unexpected_error_keeps_the_contract_shape(monkeypatch) -> None:
         raise RuntimeError("gateway.fallback exploded")
 
     monkeypatch.setattr("gateway.api.predictions.answer_first", broken_chain)
+    monkeypatch.setattr("gateway.api.feedback._decision_judged", broken_chain)
     app = create_app(settings_for(REPO), env=triton_nowhere())
     async with LifespanManager(app) as manager:
         # The app re-raises after answering, as ASGI servers expect; only its answer matters here.
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             response = await client.post(PATH, json=CHURN_REQUEST, headers={"x-request-id": "r-1"})
+            feedback = {"prediction_id": "00000000-0000-4000-8000-000000000000", "outcome": "x"}
+            through_fastapi = await client.post("/v1/feedback", json=feedback)
+            metrics = (await client.get("/metrics")).text
+    assert_problem(through_fastapi, 500)
+    # Both counted once, so a bug that fails every request shows as errors, not as no traffic.
+    assert 'aigw_rejected_requests_total{status="500"} 2.0' in metrics
     assert_problem(response, 500)
     assert "exploded" not in response.text
     for name, value in SECURITY_HEADERS.items():
