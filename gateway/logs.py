@@ -31,6 +31,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(event, default=str).decode()
 
 
+CALLER_TRACE_STATE_LOGGER = "opentelemetry.trace.span"
+
+
 def configure_logging(level: str = "info") -> None:
     """Send every log record, uvicorn's included, to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -41,3 +44,7 @@ def configure_logging(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # OpenTelemetry warns of every malformed `tracestate` member, echoing it: any caller,
+    # before authentication, could write its own text into the log on every request. The
+    # member is dropped either way; the warning says nothing an operator can act on.
+    logging.getLogger(CALLER_TRACE_STATE_LOGGER).setLevel(logging.ERROR)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
+from gateway.logs import CALLER_TRACE_STATE_LOGGER, configure_logging
 from gateway.settings import Settings
 from gateway.tracing import Tracing, current_trace_id, trace_headers, tracing_from
 
@@ -89,3 +92,24 @@ def test_settings_choose_whether_requests_without_context_are_recorded():
     """The `none` exporter records only sampled callers; `console` records every request."""
     assert tracing_from(Settings(trace_exporter="none")).records_roots is False
     assert tracing_from(Settings(trace_exporter="console")).records_roots is True
+
+
+def test_a_malformed_tracestate_writes_nothing_of_the_callers_into_the_log(caplog):
+    """The member is dropped; the caller's text (here with a newline and a forged field)
+    reaches no log record, so no caller can write into the log before authentication."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("info")  # the gateway's own logging, as `aigw serve` sets it up
+        root.addHandler(caplog.handler)  # which replaced every handler, the capturing one too
+        tracing, _ = recording(root_sampled=False)
+        hostile = 'bad key\n{"event":"forged"}=1'
+        headers = {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00", "tracestate": hostile}
+        with tracing.request_span("POST /v1/predictions", headers):
+            sent = trace_headers()
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger(CALLER_TRACE_STATE_LOGGER).setLevel(logging.NOTSET)
+    assert "forged" not in caplog.text
+    assert "forged" not in sent.get("tracestate", "")
