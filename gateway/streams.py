@@ -388,6 +388,20 @@ if KEYS[4] then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[10]) end
 return 1
 """
 
+# KEYS: request stream. ARGV: group, entry id, consumer, deliveries.
+# A delivery whose attempt ended in a transient failure (the audit log or Redis away) is given
+# back: the delivery count then counts attempts that died or failed on the entry itself, which
+# is what `max_attempts` bounds, and an outage however long never dead-letters an entry. Only
+# while this consumer still holds the entry with that count (nobody claimed it since); its
+# idle time is kept, so it is claimable as soon as before. Returns 1 when given back.
+GIVE_BACK_DELIVERY = """
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])[1]
+if not row or row[4] ~= tonumber(ARGV[4]) then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2],
+           'IDLE', row[3], 'RETRYCOUNT', row[4] - 1, 'JUSTID')
+return 1
+"""
+
 # KEYS: request stream. ARGV: group, minimum idle ms, a consumer name to forget regardless of
 # idleness ("" for none).
 # Consumers are named per process (host-pid), so every restart adds one to the group. This
@@ -436,6 +450,7 @@ class StreamStore:
         self._store = self.redis.register_script(STORE_RESULT)
         self._dead = self.redis.register_script(DEAD_LETTER)
         self._forget = self.redis.register_script(FORGET_CONSUMERS)
+        self._give_back = self.redis.register_script(GIVE_BACK_DELIVERY)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -538,6 +553,12 @@ class StreamStore:
             keys += [pending_key(job.prediction_id), failed_key(job.prediction_id)]
             args += [failure_record(job.tenant, error), self.config.result_ttl_s]
         return bool(await self._dead(keys=keys, args=args))
+
+    async def give_back_delivery(self, model_id: str, delivery: Delivery, consumer: str) -> bool:
+        """Take back the count of a delivery whose attempt failed for a transient reason;
+        False when another consumer has claimed the entry since (or it was settled)."""
+        args = [GROUP, delivery.entry_id, consumer, delivery.deliveries]
+        return bool(await self._give_back(keys=[request_stream(model_id)], args=args))
 
     async def backlog(self, model_id: str) -> tuple[int, int]:
         """(lag, pending) of the workers' group: not yet delivered, delivered and unacked."""
