@@ -8,7 +8,9 @@ import uuid
 
 import orjson
 import pytest
+from redis.exceptions import RedisError
 
+from gateway import streams
 from gateway.audit import AuditUnavailable
 from gateway.cli import main
 from gateway.contracts import load_contracts
@@ -19,6 +21,7 @@ from gateway.streams import (
     GROUP,
     Delivery,
     StreamConfig,
+    StreamJobs,
     StreamStore,
     dead_stream,
     derived_prediction_id,
@@ -495,6 +498,91 @@ async def test_an_outage_gives_its_delivery_back(churn_store, offline_runtime):
     taken = Delivery(entry_id, {}, 4)
     assert not await churn_store.give_back_delivery(MODEL, taken, "survivor")
     assert await times_delivered() == 4
+
+
+class LateSubmit:
+    """A TCP proxy in front of the real redis-server that holds back one exchange, the first
+    request carrying `marker` (the submit): either its reply (the submit runs, and its answer
+    comes after the client's timeout) or the request itself (it lands after the client gave
+    up on it). Everything else passes at once."""
+
+    def __init__(self, redis_port: int, marker: bytes, hold: str, delay_s: float) -> None:
+        self.redis_port, self.marker, self.hold, self.delay_s = redis_port, marker, hold, delay_s
+        self._seen = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _carry(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        hold_reply = asyncio.Event()
+        await asyncio.gather(
+            self._requests(client_in, server_out, hold_reply),
+            self._replies(server_in, client_out, hold_reply),
+            return_exceptions=True,
+        )
+
+    async def _requests(self, source, sink, hold_reply: asyncio.Event) -> None:
+        try:
+            while data := await source.read(65536):
+                if self.marker in data and not self._seen:
+                    self._seen = True
+                    if self.hold == "requests":
+                        await asyncio.sleep(self.delay_s)
+                    else:
+                        hold_reply.set()
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def _replies(self, source, sink, hold_reply: asyncio.Event) -> None:
+        try:
+            while data := await source.read(65536):
+                if hold_reply.is_set():
+                    hold_reply.clear()
+                    await asyncio.sleep(self.delay_s)
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+@pytest.mark.parametrize("hold", ["replies", "requests"])
+async def test_a_submit_whose_reply_is_lost_is_either_accepted_or_withdrawn(
+    redis_server, model_id, monkeypatch, hold
+):
+    """A submit times out. If it ran (its reply was late), the job is queued and will be
+    answered: the submit succeeds, so the caller gets its id rather than a 503 whose retry
+    would make a second job. If it had not run (the request was late), it is withdrawn: the
+    503 is true, since the submit adds nothing when it lands after all."""
+    monkeypatch.setattr(streams, "REDIS_TIMEOUT_S", 0.3)  # so the test waits little
+    job = Job(str(uuid.uuid4()), model_id, CHURN_REQUEST["features"], tenant="acme")
+    proxy = LateSubmit(redis_server.port, job.prediction_id.encode(), hold, delay_s=0.8)
+    jobs = StreamJobs(await proxy.start(), StreamConfig(result_ttl_s=60))
+    await jobs.store.redis.script_load(streams.SUBMIT)  # the held request is the submit itself
+    try:
+        if hold == "replies":
+            await jobs.submit(job)  # accepted after all: no error
+        else:
+            with pytest.raises(RedisError):
+                await jobs.submit(job)
+        await asyncio.sleep(1.0)  # whatever was held back has landed
+        entries = await jobs.store.redis.xlen(request_stream(model_id))
+        outcome = await jobs.store.outcome(job.prediction_id)
+    finally:
+        await jobs.close()
+        await proxy.close()
+    if hold == "replies":
+        assert (entries, outcome.status, outcome.tenant) == (1, "pending", "acme")
+    else:
+        assert (entries, outcome) == (0, None)
 
 
 async def test_trimming_drops_only_acknowledged_entries(store, model_id):
