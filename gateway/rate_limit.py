@@ -170,8 +170,10 @@ class SharedRateLimiter:
 # KEYS[1] bucket; ARGV: rate, burst. Returns {allowed, tokens*1000, wait*1000}.
 # `now` is Redis's own clock, never a replica's: replicas' clocks differ, and a replica ahead
 # of the others would see the difference as elapsed time and refill the bucket on every call.
-# The stored time never moves backwards (Redis's clock may step back, or a failover may bring
-# another server's), so a bucket is never refilled twice for the same time.
+# The stored time never moves backwards (Redis's clock may step back), so a bucket is never
+# refilled twice for the same time; but one further ahead than a whole refill takes is another
+# clock's (a failover to a server whose clock is behind), and waiting for it would refuse
+# the tenant until that clock catches up: the bucket then goes on from now, without refilling.
 _TAKE_TOKEN = """
 local state = redis.call('HMGET', KEYS[1], 't', 'u')
 local clock = redis.call('TIME')
@@ -179,6 +181,7 @@ local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tokens = tonumber(state[1]) or burst
 local updated = tonumber(state[2]) or now
+if updated - now > burst / rate then updated = now end
 now = math.max(now, updated)
 tokens = math.min(burst, tokens + (now - updated) * rate)
 local allowed = 0
