@@ -150,16 +150,43 @@ def host_allowed(host: str, allowed: Collection[str]) -> bool:
     return any(host == a or (a.startswith(".") and host.endswith(a)) for a in allowed)
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address that a packet to them reaches through a
+# translator or the host's own stack: NAT64's well-known prefix, IPv4-compatible (deprecated)
+# and IPv4-translated (SIIT). Python counts them global whatever IPv4 they carry, so
+# 64:ff9b::a9fe:a9fe would reach 169.254.169.254 on a NAT64 network: the IPv4 is what counts.
+_IPV4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
+)
+# Never public, though Python says global: local-use NAT64 (RFC 8215; the IPv4 may sit at
+# several positions, and the prefix is a network's own) and deprecated site-local addresses.
+_NEVER_PUBLIC = tuple(ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b:1::/48", "fec0::/10"))
+
+
 def is_public_address(text: str) -> bool:
     """An address on the public internet: not loopback, private, link-local, shared (CGNAT),
-    multicast, reserved or unspecified, also when written as IPv4-mapped IPv6."""
+    multicast, reserved or unspecified, also when its IPv4 is carried in IPv6 (mapped,
+    NAT64, 6to4, IPv4-compatible or -translated forms)."""
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])  # a zone index is link-local anyway
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in prefix for prefix in _NEVER_PUBLIC):
+            return False
+        address = embedded_ipv4(address) or address
     return address.is_global and not address.is_multicast
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries to (mapped, 6to4, NAT64, compatible, translated);
+    None for a native IPv6 address. (Teredo needs none: its prefix is not global.)"""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in prefix for prefix in _IPV4_IN_LAST_32_BITS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def is_address_literal(host: str) -> bool:

@@ -1,9 +1,10 @@
 """Per-tenant rate limits: token buckets, in memory by default, shared through Redis.
 
 A bucket holds up to `burst` tokens and refills at `rate_per_s`; each request takes one.
-In Redis one Lua script updates a tenant's bucket atomically, so every replica draws from
-the same bucket. With Redis unreachable a replica falls back to its own in-memory bucket
-(each replica then allows the full rate: limits loosen, requests are never refused for it).
+In Redis one Lua script updates a tenant's bucket atomically, by Redis's own clock, so every
+replica draws from the same bucket whatever its own clock says. With Redis unreachable a
+replica falls back to its own in-memory bucket (each replica then allows the full rate:
+limits loosen, requests are never refused for it).
 
 The worker processes of one `aigw serve --workers N` share their buckets without Redis, in a
 small memory-mapped file in the workers' directory (`SharedRateLimiter`), so a tenant gets
@@ -166,13 +167,23 @@ class SharedRateLimiter:
         os.close(self._fd)
 
 
-# KEYS[1] bucket; ARGV: rate, burst, now (s). Returns {allowed, tokens*1000, wait*1000}.
+# KEYS[1] bucket; ARGV: rate, burst. Returns {allowed, tokens*1000, wait*1000}.
+# `now` is Redis's own clock, never a replica's: replicas' clocks differ, and a replica ahead
+# of the others would see the difference as elapsed time and refill the bucket on every call.
+# The stored time never moves backwards (Redis's clock may step back), so a bucket is never
+# refilled twice for the same time; but one further ahead than a whole refill takes is another
+# clock's (a failover to a server whose clock is behind), and waiting for it would refuse
+# the tenant until that clock catches up: the bucket then goes on from now, without refilling.
 _TAKE_TOKEN = """
 local state = redis.call('HMGET', KEYS[1], 't', 'u')
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tokens = tonumber(state[1]) or burst
 local updated = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+if updated - now > burst / rate then updated = now end
+now = math.max(now, updated)
+tokens = math.min(burst, tokens + (now - updated) * rate)
 local allowed = 0
 if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
 local wait = 0
@@ -200,7 +211,7 @@ class RedisRateLimiter:
             async with asyncio.timeout(self._timeout_s * 2):
                 allowed, tokens_milli, wait_ms = await self._script(
                     keys=[f"aigw:ratelimit:{tenant}"],
-                    args=[limits.rate_per_s, limits.burst, time.time()],
+                    args=[limits.rate_per_s, limits.burst],
                 )
         except (RedisError, OSError, TimeoutError) as error:
             self.errors += 1

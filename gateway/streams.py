@@ -11,6 +11,7 @@ Keys, per logical model `M` and prediction `P`:
     aigw:result:P       the stored outcome (JSON), kept `result_ttl_s`: what `outcome()` reads
     aigw:pending:P      a job submitted through `StreamJobs.submit` and not yet answered
     aigw:failed:P       a job dead-lettered after every attempt failed, kept `result_ttl_s`
+    aigw:withdrawn:P    a submit whose reply was lost and that had not run: it never will
 
 A request entry has either a field `job` (the JSON of a `gateway.jobs.Job`, as `submit`
 writes it) or a field `request` (the body of `POST /v1/predictions`, as a business system
@@ -33,7 +34,9 @@ These scripts touch several keys, so they need one Redis node (not Redis Cluster
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -44,6 +47,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from gateway.body import parse_json
 from gateway.contracts import ContractSet
@@ -56,9 +60,15 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from gateway.worker import OnResult, StreamWorker
 
+log = logging.getLogger("gateway.streams")
+
 GROUP = "aigw-workers"
 DEAD_LETTER_MAXLEN = 100_000  # approximate: dead letters are for people to read, not a queue
 REDIS_TIMEOUT_S = 5.0  # longer than a blocking read (worker.BLOCK_MS)
+# After a submit whose reply was lost: how long finding out whether it was accepted may take
+# (the caller waits for it), and how long a submit that never ran is kept from running late.
+SETTLE_TIMEOUT_S = 1.0
+WITHDRAWN_TTL_S = 3600
 _ID_NAMESPACE = uuid.UUID("5b0c1f4e-9a57-4c1e-8f0e-6d2b1a7c3e90")  # for derived prediction ids
 _TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 
@@ -85,6 +95,10 @@ def pending_key(prediction_id: str) -> str:
 
 def failed_key(prediction_id: str) -> str:
     return f"aigw:failed:{prediction_id}"
+
+
+def withdrawn_key(prediction_id: str) -> str:
+    return f"aigw:withdrawn:{prediction_id}"
 
 
 @dataclass(frozen=True)
@@ -334,10 +348,13 @@ def stream_id(value: bytes | str) -> tuple[int, int]:
 
 # ---- the scripts: each one atomic on the Redis server ----------------------------------------
 
-# KEYS: request stream, pending marker. ARGV: group, bound, ttl_s, job JSON, marker JSON.
+# KEYS: request stream, pending marker, withdrawn marker.
+# ARGV: group, bound, ttl_s, job JSON, marker JSON.
 # Backlog: the group's lag plus its pending entries; without a group (no worker has started)
 # every entry is backlog; when Redis cannot tell the lag, XLEN counts (workers trim acked ones).
+# A submit the gateway has withdrawn (SETTLE_SUBMIT) adds nothing, however late it arrives.
 SUBMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return redis.error_reply('WITHDRAWN') end
 local backlog = redis.call('XLEN', KEYS[1])
 if backlog > 0 then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -352,6 +369,17 @@ if backlog >= tonumber(ARGV[2]) then return false end
 local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[4])
 redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[3])
 return id
+"""
+
+# KEYS: pending marker, result record, failed marker, withdrawn marker. ARGV: ttl_s.
+# After a SUBMIT whose reply was lost (a timeout: it may or may not have run): 1 when the job
+# was accepted (its pending marker, or already its outcome); else 0, and the submit is
+# withdrawn, so that if it is still on its way it adds nothing when it lands, and "nothing was
+# accepted" stays true. One script: no SUBMIT can run between the look and the withdrawal.
+SETTLE_SUBMIT = """
+if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 1 end
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
+return 0
 """
 
 # KEYS: result record, result stream, request stream, pending marker.
@@ -385,6 +413,20 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*',
            'consumer', ARGV[7], 'prediction_id', ARGV[8])
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[10]) end
+return 1
+"""
+
+# KEYS: request stream. ARGV: group, entry id, consumer, deliveries.
+# A delivery whose attempt ended in a transient failure (the audit log or Redis away) is given
+# back: the delivery count then counts attempts that died or failed on the entry itself, which
+# is what `max_attempts` bounds, and an outage however long never dead-letters an entry. Only
+# while this consumer still holds the entry with that count (nobody claimed it since); its
+# idle time is kept, so it is claimable as soon as before. Returns 1 when given back.
+GIVE_BACK_DELIVERY = """
+local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])[1]
+if not row or row[4] ~= tonumber(ARGV[4]) then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2],
+           'IDLE', row[3], 'RETRYCOUNT', row[4] - 1, 'JUSTID')
 return 1
 """
 
@@ -433,9 +475,11 @@ class StreamStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._submit = self.redis.register_script(SUBMIT)
+        self._settle = self.redis.register_script(SETTLE_SUBMIT)
         self._store = self.redis.register_script(STORE_RESULT)
         self._dead = self.redis.register_script(DEAD_LETTER)
         self._forget = self.redis.register_script(FORGET_CONSUMERS)
+        self._give_back = self.redis.register_script(GIVE_BACK_DELIVERY)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -451,7 +495,10 @@ class StreamStore:
     async def submit(self, job: Job) -> str:
         """Publish the job, or raise Backpressure at the bound; returns the entry id."""
         marker = orjson.dumps({"tenant": job.tenant, "model_id": job.model_id})
-        keys = [request_stream(job.model_id), pending_key(job.prediction_id)]
+        keys = [
+            request_stream(job.model_id), pending_key(job.prediction_id),
+            withdrawn_key(job.prediction_id),
+        ]  # fmt: skip
         args = [GROUP, self.config.max_backlog, self.config.result_ttl_s, job.to_json(), marker]
         entry_id = await self._submit(keys=keys, args=args)
         if entry_id is None:
@@ -459,6 +506,17 @@ class StreamStore:
                 f"{job.model_id}: {self.config.max_backlog} requests are waiting; retry later"
             )
         return entry_id.decode()
+
+    async def accepted_after_all(self, prediction_id: str) -> bool:
+        """After a submit failed with a RedisError: True when it ran and the job is accepted;
+        False when it did not, and it is withdrawn so that it never will. Raises (a RedisError,
+        TimeoutError) when Redis cannot tell within SETTLE_TIMEOUT_S."""
+        keys = [
+            pending_key(prediction_id), result_key(prediction_id), failed_key(prediction_id),
+            withdrawn_key(prediction_id),
+        ]  # fmt: skip
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            return bool(await self._settle(keys=keys, args=[WITHDRAWN_TTL_S]))
 
     async def outcome(self, prediction_id: str) -> JobOutcome | None:
         stored, pending, failed = await self.redis.mget(
@@ -539,6 +597,12 @@ class StreamStore:
             args += [failure_record(job.tenant, error), self.config.result_ttl_s]
         return bool(await self._dead(keys=keys, args=args))
 
+    async def give_back_delivery(self, model_id: str, delivery: Delivery, consumer: str) -> bool:
+        """Take back the count of a delivery whose attempt failed for a transient reason;
+        False when another consumer has claimed the entry since (or it was settled)."""
+        args = [GROUP, delivery.entry_id, consumer, delivery.deliveries]
+        return bool(await self._give_back(keys=[request_stream(model_id)], args=args))
+
     async def backlog(self, model_id: str) -> tuple[int, int]:
         """(lag, pending) of the workers' group: not yet delivered, delivered and unacked."""
         for group in await self.redis.xinfo_groups(request_stream(model_id)):
@@ -566,6 +630,10 @@ class StreamStore:
         pending entry; how many were deleted."""
         args = [GROUP, idle_ms, also]
         return int(await self._forget(keys=[request_stream(model_id)], args=args))
+
+
+def _about(job: Job, error: BaseException) -> dict[str, str]:
+    return {"model": job.model_id, "prediction_id": job.prediction_id, "error": repr(error)}
 
 
 def _text(value: bytes | str) -> str:
@@ -610,8 +678,27 @@ class StreamJobs:
                 await worker.start()
 
     async def submit(self, job: Job) -> None:
-        """Accept the job or raise Backpressure (or a RedisError: nothing was accepted)."""
-        await self.store.submit(job)
+        """Accept the job or raise Backpressure (or a RedisError: nothing was accepted).
+
+        A submit whose reply was lost (a timeout) may have run: the job is then queued and will
+        be answered, and a 503 would make the caller's retry a second job. So Redis is asked,
+        briefly, which it was; a submit that did not run is withdrawn. Only when that cannot be
+        learnt either does the error stand, with its outcome unknown."""
+        try:
+            await self.store.submit(job)
+        except RedisError as lost:
+            if not await self._accepted_after_all(job, lost):
+                raise
+
+    async def _accepted_after_all(self, job: Job, lost: RedisError) -> bool:
+        try:
+            accepted = await self.store.accepted_after_all(job.prediction_id)
+        except (RedisError, TimeoutError):
+            log.warning("submit failed and its outcome is unknown", extra=_about(job, lost))
+            return False
+        if accepted:
+            log.warning("submit's reply was lost; the job was accepted", extra=_about(job, lost))
+        return accepted
 
     async def outcome(self, prediction_id: str) -> JobOutcome | None:
         return await self.store.outcome(prediction_id)

@@ -51,12 +51,16 @@ MAX_RESTART_PAUSE_S = 30.0
 STABLE_AFTER_S = 30.0  # a worker that lived this long is healthy: its next restart is quick
 
 
+WATCH_TICK_S = 0.5  # the longest the watch waits: how soon a stop signal is noticed
+
+
 @dataclass
 class _Worker:
     index: int
     process: BaseProcess
     started_at: float
     pause_s: float = FIRST_RESTART_PAUSE_S
+    restart_at: float | None = None  # once it is dead and buried: when its replacement is due
 
 
 def next_restart_pause(previous_s: float, lived_s: float) -> float:
@@ -228,32 +232,53 @@ class Supervisor:
         self._workers[index] = _Worker(index, process, time.monotonic(), pause)
 
     def _watch(self, workers_dir: Path, address: PublicAddress) -> None:
-        while not self._stopping:
-            sentinels = [w.process.sentinel for w in self._workers.values()]
-            wait(sentinels, timeout=0.5)
-            for worker in list(self._workers.values()):
-                if self._stopping or worker.process.is_alive():
-                    continue
-                self._replace(worker, workers_dir, address)
+        """Bury every worker that died as soon as it dies, and start replacements when due.
 
-    def _replace(self, worker: _Worker, workers_dir: Path, address: PublicAddress) -> None:
-        """A dead worker's gauges and socket go; a new process takes its place after a pause."""
+        Restarts are scheduled, never waited for here: while one crash-looping worker's
+        pause runs (up to 30 s), a sibling that dies must lose its socket and be reaped at
+        once, or the kernel keeps handing its socket new connections that nobody accepts."""
+        while not self._stopping:
+            wait(self._live_sentinels(), timeout=self._wait_s(time.monotonic()))
+            for worker in self._newly_dead():
+                self._bury(worker, address)
+            now = time.monotonic()
+            for worker in self._due_restarts(now):
+                if self._stopping:
+                    return
+                self._start(worker.index, workers_dir, address)
+
+    def _live_sentinels(self) -> list[int]:
+        return [w.process.sentinel for w in self._workers.values() if w.restart_at is None]
+
+    def _wait_s(self, now: float) -> float:
+        """Until the next replacement is due, at most a tick (a stop must be noticed)."""
+        due = [w.restart_at for w in self._workers.values() if w.restart_at is not None]
+        return max(0.0, min([WATCH_TICK_S, *(at - now for at in due)]))
+
+    def _newly_dead(self) -> list[_Worker]:
+        return [
+            w for w in self._workers.values()
+            if w.restart_at is None and not w.process.is_alive()  # is_alive() reaps it
+        ]  # fmt: skip
+
+    def _due_restarts(self, now: float) -> list[_Worker]:
+        return [
+            w for w in self._workers.values() if w.restart_at is not None and w.restart_at <= now
+        ]
+
+    def _bury(self, worker: _Worker, address: PublicAddress) -> None:
+        """A dead worker's socket and gauges go at once; its replacement is due after a pause."""
         address.release(worker.index)
         pid, code = worker.process.pid, worker.process.exitcode
         mark_process_dead(pid, str(os.environ[MULTIPROCESS_ENV]))
-        lived_s = time.monotonic() - worker.started_at
-        pause_s = next_restart_pause(worker.pause_s, lived_s)
+        now = time.monotonic()
+        worker.pause_s = next_restart_pause(worker.pause_s, now - worker.started_at)
+        worker.restart_at = now + worker.pause_s
         log.error(
             "worker died; starting another",
-            extra={"worker": worker.index, "pid": pid, "exit_code": code, "pause_s": pause_s},
-        )
-        deadline = time.monotonic() + pause_s
-        while not self._stopping and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self._stopping:
-            return
-        worker.pause_s = pause_s
-        self._start(worker.index, workers_dir, address)
+            extra={"worker": worker.index, "pid": pid, "exit_code": code,
+                   "pause_s": worker.pause_s},
+        )  # fmt: skip
 
     def _stop_all(self) -> None:
         """SIGTERM to each worker, time to drain, then SIGKILL for any that hangs."""

@@ -13,7 +13,10 @@ What happens to an entry:
 - failed with a transient error (the audit log refusing records, Redis away): left pending and
   retried after the claim timeout, however often; the worker pauses reading meanwhile;
 - failed with any other error: left pending and retried the same way, until its delivery
-  count reaches `worker_max_attempts`; then a dead letter with the error (`dead`).
+  count reaches `worker_max_attempts`; then a dead letter with the error (`dead`);
+- delivered more than `worker_max_attempts` times without an outcome (each worker running it
+  died: OOM, a native crash, SIGKILL): a dead letter before it runs again (`dead`). A
+  transient failure gives its delivery back, so outages never count towards this.
 A request whose every chain step fails is still answered (the chain ends in a default).
 
 Stopping stops reading, lets the jobs in flight finish, and leaves nothing half-done: an entry
@@ -274,6 +277,8 @@ class StreamWorker:
             if delivery.deliveries > 1 and await self.store.has_result(job.prediction_id):
                 await self.store.ack(self.model_id, delivery.entry_id)  # answered before
                 return "duplicate"
+            if delivery.deliveries > self.config.max_attempts:
+                return await self._never_finished(delivery, job)
             answer = await run_job(self.runtime, job)
             envelope = answer.envelope()
             stored = await self.store.store_result(job, envelope, delivery.entry_id, self.consumer)
@@ -283,6 +288,17 @@ class StreamWorker:
         if stored and self._on_result is not None:
             await self._notify(job, envelope)
         return "answered" if stored else "duplicate"
+
+    async def _never_finished(self, delivery: Delivery, job: Job) -> str:
+        """Dead-letter an entry whose earlier attempts all ended without an outcome: each
+        worker that ran it died (OOM, a native crash, SIGKILL) before it could fail, so no
+        exception ever counted, and running it again would take this worker down too."""
+        attempts = delivery.deliveries - 1
+        extra = {"model": self.model_id, "consumer": self.consumer,
+                 "entry_id": delivery.entry_id, "deliveries": delivery.deliveries}  # fmt: skip
+        log.error("stream worker: entry never finished an attempt; dead letter", extra=extra)
+        detail = f"delivered {attempts} times without an outcome; the workers running it died"
+        return await self._dead_letter(delivery, {"detail": detail, "errors": []}, job, "dead")
 
     async def _failed(self, delivery: Delivery, job: Job | None, error: Exception) -> str:
         action = failure_action(error, delivery.deliveries, self.config.max_attempts)
@@ -298,7 +314,16 @@ class StreamWorker:
             # The audit log or Redis is down: stop taking entries that would fail the same way.
             self._hold_until = time.monotonic() + self._hold_s
             self._hold_s = min(self._hold_s * 2, MAX_BACKOFF_S)
+            await self._give_back(delivery)
         return "retry"
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        """An outage is no attempt: its delivery must not bring the entry nearer to being
+        dead-lettered as one that never finished (best effort: Redis may be what is down)."""
+        try:
+            await self.store.give_back_delivery(self.model_id, delivery, self.consumer)
+        except Exception as error:
+            log.debug("stream worker: delivery not given back", extra=self._extra(error))
 
     async def _dead_letter(
         self,

@@ -345,6 +345,15 @@ async def test_close_cancels_deliveries_still_retrying():
         ("fe80::1", False), ("fe80::1%eth0", False), ("fc00::1", False),
         ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("::ffff:8.8.8.8", True),
         ("224.0.0.1", False), ("ff02::1", False), ("240.0.0.1", False),
+        # IPv6 carrying an IPv4 address, judged by that IPv4: NAT64 (well-known prefix), 6to4
+        # (bits 16-48), IPv4-compatible, IPv4-translated (SIIT)
+        ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::10.0.0.1", False), ("64:ff9b::8.8.8.8", True),
+        ("2002:a9fe:a9fe::1", False), ("2002:7f00:1::1", False), ("2002:808:808::1", True),
+        ("::a9fe:a9fe", False), ("::10.0.0.1", False), ("::8.8.8.8", True),
+        ("::ffff:0:7f00:1", False), ("::ffff:0:a9fe:a9fe", False), ("::ffff:0:808:808", True),
+        # local-use NAT64 and deprecated site-local: a network's own, whatever they carry
+        ("64:ff9b:1::808:808", False), ("64:ff9b:1:ffff::1", False), ("fec0::1", False),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
         ("not-an-address", False), ("", False),
     ],
 )  # fmt: skip

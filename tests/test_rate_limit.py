@@ -3,11 +3,15 @@ and shared through a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -78,6 +82,62 @@ async def test_replicas_share_one_bucket_through_redis(redis_server):
         await first.close()
         await second.close()
     assert verdicts == [True, True, True, True, False, False]
+
+
+async def test_replicas_with_skewed_clocks_still_share_one_rate(redis_server, monkeypatch):
+    """Two replicas whose clocks differ by 30 s, asked in turn as a load balancer would:
+    together they allow the burst plus the rate for the time elapsed, as one replica would."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server.url)
+    await client.delete("aigw:ratelimit:skewed-tenant")
+    await client.aclose()
+    limits = TenantLimits(rate_per_s=1, burst=5)
+    behind, ahead = RedisRateLimiter(redis_server.url), RedisRateLimiter(redis_server.url)
+    real_time = time.time
+    allowed, started = 0, time.monotonic()
+    try:
+        while time.monotonic() - started < 1.5:
+            for limiter, skew_s in ((behind, 0.0), (ahead, 30.0)):
+                clock = SimpleNamespace(time=lambda skew_s=skew_s: real_time() + skew_s)
+                monkeypatch.setattr(rate_limit, "time", clock)  # this replica's wall clock
+                allowed += (await limiter.check("skewed-tenant", limits)).allowed
+            await asyncio.sleep(0.01)
+    finally:
+        monkeypatch.undo()
+        await behind.close()
+        await ahead.close()
+    elapsed_s = time.monotonic() - started
+    assert behind.errors == ahead.errors == 0  # every check was Redis's
+    assert allowed <= limits.burst + math.ceil(elapsed_s * limits.rate_per_s) + 1
+
+
+@pytest.mark.parametrize(
+    ("ahead_s", "kept"),
+    [
+        (1.0, True),  # Redis's clock stepped back a little: no refill until that time comes
+        (3600.0, False),  # another server's clock (a failover): go on from now, no refill
+    ],
+)
+async def test_a_bucket_stamped_in_the_future(redis_server, ahead_s, kept):
+    """A bucket last updated later than Redis's clock now says is never refilled for that
+    time again; a stamp further ahead than a whole refill (1.5 s here) is another clock's,
+    which must not refuse the tenant until it catches up."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server.url)
+    seconds, micros = await client.time()
+    later = seconds + micros / 1e6 + ahead_s
+    await client.hset("aigw:ratelimit:future-tenant", mapping={"t": 0, "u": later})
+    limiter = RedisRateLimiter(redis_server.url)
+    try:
+        verdicts = [(await limiter.check("future-tenant", LIMITS)).allowed for _ in range(3)]
+        stored = float(await client.hget("aigw:ratelimit:future-tenant", "u"))
+    finally:
+        await limiter.close()
+        await client.aclose()
+    assert verdicts == [False, False, False]  # an empty bucket stays empty either way
+    assert (stored == pytest.approx(later, abs=1e-3)) is kept
 
 
 async def test_unreachable_redis_falls_back_to_a_local_bucket(unreachable_redis_url):

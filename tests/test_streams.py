@@ -8,14 +8,20 @@ import uuid
 
 import orjson
 import pytest
+from redis.exceptions import RedisError
 
+from gateway import streams
 from gateway.audit import AuditUnavailable
 from gateway.cli import main
 from gateway.contracts import load_contracts
+from gateway.demo.triton_process import free_port
 from gateway.jobs import Backpressure, Job, JobRejected
+from gateway.runtime import audit_log, load_configuration, start_runtime
 from gateway.streams import (
     GROUP,
+    Delivery,
     StreamConfig,
+    StreamJobs,
     StreamStore,
     dead_stream,
     derived_prediction_id,
@@ -29,8 +35,8 @@ from gateway.streams import (
     result_stream,
     stream_id,
 )
-from gateway.worker import claim_interval_s, failure_action
-from tests.conftest import CHURN_REQUEST, REPO
+from gateway.worker import StreamWorker, claim_interval_s, failure_action
+from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
 CONTRACTS = load_contracts(REPO / "contracts")
 MODEL = "customer-churn"
@@ -390,6 +396,193 @@ async def test_claiming_takes_over_idle_entries_with_their_delivery_counts(redis
         assert {d.deliveries for d in again} == {3}
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def offline_runtime():
+    """The repository's policies with Triton nowhere (a free port): a job that runs is
+    answered by the chain's default, at once."""
+    settings = settings_for(REPO)
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    runtime = start_runtime(settings, load_configuration(settings, env), baselines={})
+    runtime.audit = audit_log(settings)
+    await runtime.audit.open()
+    yield runtime
+    await runtime.close()
+
+
+@pytest.fixture
+async def churn_store(redis_server):
+    """A store on the churn model's own streams (a worker serves a model of the policies),
+    emptied before and after."""
+    config = StreamConfig(claim_idle_ms=100, max_attempts=3, result_ttl_s=60)
+    store = StreamStore(redis_server.url, config)
+    streams = (request_stream(MODEL), dead_stream(MODEL), result_stream(MODEL))
+    await store.redis.delete(*streams)
+    await store.ensure_group(MODEL)
+    yield store
+    await store.redis.delete(*streams)
+    await store.close()
+
+
+async def delivered_before(store: StreamStore, job: Job, times: int) -> str:
+    """Submit the job and leave it pending as though `times` workers had each taken it and
+    died running it: delivered that often, never acknowledged."""
+    entry_id = await store.submit(job)
+    await store.read(MODEL, "died", 10, None)
+    await store.redis.xclaim(
+        request_stream(MODEL), GROUP, "died", 0, [entry_id], retrycount=times, justid=True
+    )
+    return entry_id
+
+
+async def until(condition, within_s: float = 10.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize(("earlier", "status"), [(2, "done"), (3, "failed")])
+async def test_an_entry_that_never_finished_max_attempts_is_dead_lettered_unrun(
+    churn_store, offline_runtime, earlier, status
+):
+    """A poison entry kills every worker that runs it, so no failure is ever counted: once
+    `max_attempts` (3) deliveries ended without an outcome, the next worker to claim it
+    dead-letters it instead of running it (and dying too). Fewer, and it runs again."""
+    job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
+    entry_id = await delivered_before(churn_store, job, earlier)
+    worker = StreamWorker(offline_runtime, churn_store, MODEL, "survivor")
+    await worker.start()
+    try:
+        keys = (failed_key(job.prediction_id), result_key(job.prediction_id))
+        settled = await until(lambda: churn_store.redis.exists(*keys))
+    finally:
+        await worker.stop()
+    assert settled
+    assert (await churn_store.outcome(job.prediction_id)).status == status
+    assert (await churn_store.redis.xpending(request_stream(MODEL), GROUP))["pending"] == 0
+    dead = await churn_store.redis.xrange(dead_stream(MODEL))
+    if status == "done":
+        assert dead == [] and worker.counts["answered"] == 1
+        return
+    [(_, fields)] = dead
+    assert fields[b"entry_id"] == entry_id.encode() and fields[b"attempts"] == b"4"
+    assert orjson.loads(fields[b"error"])["detail"].startswith(
+        "delivered 3 times without an outcome"
+    )
+    assert worker.counts == {"dead": 1}
+    assert offline_runtime.audit.written == 0  # it never ran
+
+
+async def test_an_outage_gives_its_delivery_back(churn_store, offline_runtime):
+    """An attempt that failed because the audit log (or Redis) was down is no attempt: its
+    delivery is given back, so an outage however long never dead-letters an entry as one
+    that never finished. A delivery another consumer has claimed since is left alone."""
+    job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
+    entry_id = await delivered_before(churn_store, job, 3)
+    await asyncio.sleep(0.15)  # idle past the claim timeout
+    _, [delivery] = await churn_store.claim(MODEL, "survivor", 10, "0-0")
+    worker = StreamWorker(offline_runtime, churn_store, MODEL, "survivor")
+    outcome = await worker._failed(delivery, job, AuditUnavailable("the disk is full"))
+
+    async def times_delivered() -> int:
+        rows = await churn_store.redis.xpending_range(request_stream(MODEL), GROUP, "-", "+", 1)
+        return int(rows[0]["times_delivered"])
+
+    assert (delivery.deliveries, outcome, await times_delivered()) == (4, "retry", 3)
+    assert not await churn_store.give_back_delivery(MODEL, delivery, "survivor")  # count moved
+    await churn_store.redis.xclaim(request_stream(MODEL), GROUP, "other", 0, [entry_id])
+    taken = Delivery(entry_id, {}, 4)
+    assert not await churn_store.give_back_delivery(MODEL, taken, "survivor")
+    assert await times_delivered() == 4
+
+
+class LateSubmit:
+    """A TCP proxy in front of the real redis-server that holds back one exchange, the first
+    request carrying `marker` (the submit): either its reply (the submit runs, and its answer
+    comes after the client's timeout) or the request itself (it lands after the client gave
+    up on it). Everything else passes at once."""
+
+    def __init__(self, redis_port: int, marker: bytes, hold: str, delay_s: float) -> None:
+        self.redis_port, self.marker, self.hold, self.delay_s = redis_port, marker, hold, delay_s
+        self._seen = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _carry(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        hold_reply = asyncio.Event()
+        await asyncio.gather(
+            self._requests(client_in, server_out, hold_reply),
+            self._replies(server_in, client_out, hold_reply),
+            return_exceptions=True,
+        )
+
+    async def _requests(self, source, sink, hold_reply: asyncio.Event) -> None:
+        try:
+            while data := await source.read(65536):
+                if self.marker in data and not self._seen:
+                    self._seen = True
+                    if self.hold == "requests":
+                        await asyncio.sleep(self.delay_s)
+                    else:
+                        hold_reply.set()
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def _replies(self, source, sink, hold_reply: asyncio.Event) -> None:
+        try:
+            while data := await source.read(65536):
+                if hold_reply.is_set():
+                    hold_reply.clear()
+                    await asyncio.sleep(self.delay_s)
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+@pytest.mark.parametrize("hold", ["replies", "requests"])
+async def test_a_submit_whose_reply_is_lost_is_either_accepted_or_withdrawn(
+    redis_server, model_id, monkeypatch, hold
+):
+    """A submit times out. If it ran (its reply was late), the job is queued and will be
+    answered: the submit succeeds, so the caller gets its id rather than a 503 whose retry
+    would make a second job. If it had not run (the request was late), it is withdrawn: the
+    503 is true, since the submit adds nothing when it lands after all."""
+    monkeypatch.setattr(streams, "REDIS_TIMEOUT_S", 0.3)  # so the test waits little
+    job = Job(str(uuid.uuid4()), model_id, CHURN_REQUEST["features"], tenant="acme")
+    proxy = LateSubmit(redis_server.port, job.prediction_id.encode(), hold, delay_s=0.8)
+    jobs = StreamJobs(await proxy.start(), StreamConfig(result_ttl_s=60))
+    await jobs.store.redis.script_load(streams.SUBMIT)  # the held request is the submit itself
+    try:
+        if hold == "replies":
+            await jobs.submit(job)  # accepted after all: no error
+        else:
+            with pytest.raises(RedisError):
+                await jobs.submit(job)
+        await asyncio.sleep(1.0)  # whatever was held back has landed
+        entries = await jobs.store.redis.xlen(request_stream(model_id))
+        outcome = await jobs.store.outcome(job.prediction_id)
+    finally:
+        await jobs.close()
+        await proxy.close()
+    if hold == "replies":
+        assert (entries, outcome.status, outcome.tenant) == (1, "pending", "acme")
+    else:
+        assert (entries, outcome) == (0, None)
 
 
 async def test_trimming_drops_only_acknowledged_entries(store, model_id):

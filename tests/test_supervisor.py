@@ -8,9 +8,11 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,3 +273,90 @@ def test_the_address_stays_held_while_every_worker_is_down(address: PublicAddres
         bind_public_socket("127.0.0.1", address.port).close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", address.port), timeout=5).close()
+
+
+# ---- the supervisor's watch, with stand-in workers ------------------------------------------
+
+
+def echo_worker(settings: Settings, env: dict[str, str], sock: socket.socket) -> None:
+    """A stand-in for a gateway worker (started by the real Supervisor): it leaves a file
+    named for its index and pid, and tells every connection its index."""
+    Path(env["PIDS_DIR"], f"{settings.worker_index}-{os.getpid()}").touch()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        conn, _ = sock.accept()
+        conn.sendall(f"{settings.worker_index}\n".encode())
+        conn.close()
+
+
+SUPERVISE = """
+import sys
+import gateway.supervisor as supervisor
+from tests.conftest import REPO, settings_for
+from tests.test_supervisor import echo_worker
+supervisor.run_worker = echo_worker
+supervisor.FIRST_RESTART_PAUSE_S = 1.0  # a worker dying at start is replaced 2 s later
+settings = settings_for(REPO, workers=3, host="127.0.0.1", port=int(sys.argv[1]))
+sys.exit(supervisor.Supervisor(settings, {"PIDS_DIR": sys.argv[2]}).run())
+"""
+
+
+def worker_pid(pids_dir: Path, index: int, besides: int = 0, within_s: float = 10.0) -> int:
+    """The pid of worker `index` once it runs (a replacement: other than `besides`)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for started in pids_dir.glob(f"{index}-*"):
+            pid = int(started.name.split("-")[1])
+            if pid != besides and Path(f"/proc/{pid}").exists():
+                return pid
+        time.sleep(0.02)
+    raise AssertionError(f"worker {index} did not start within {within_s} s")
+
+
+def reaped_within(pid: int, within_s: float) -> bool:
+    """The process is gone, not a zombie: its parent has waited for it."""
+    deadline = time.monotonic() + within_s
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def answered_by(port: int, connections: int) -> Counter:
+    """Which worker answered each new connection ("none": it waited in a dead backlog)."""
+    counts: Counter = Counter()
+    for _ in range(connections):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.settimeout(0.5)
+            try:
+                counts[conn.recv(16).decode().strip() or "none"] += 1
+            except TimeoutError:
+                counts["none"] += 1
+    return counts
+
+
+def test_a_worker_dying_during_a_siblings_restart_pause_is_buried_at_once(tmp_path: Path):
+    """Worker 0 dies and waits 2 s for its replacement; worker 1 dies meanwhile. Worker 1's
+    socket is closed and its process reaped at once, not after worker 0's pause: every new
+    connection goes to worker 2 (none waits on a socket nobody accepts), and both are
+    replaced when their own pauses end."""
+    from gateway.demo.triton_process import free_port
+
+    port = free_port()
+    with open(tmp_path / "supervisor.log", "wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISE, str(port), str(tmp_path)],
+            cwd=REPO, stderr=log,
+        )  # fmt: skip
+    try:
+        pids = [worker_pid(tmp_path, index) for index in range(3)]
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.3)  # the supervisor has buried worker 0 and scheduled its restart
+        os.kill(pids[1], signal.SIGKILL)
+        assert reaped_within(pids[1], 1.0)
+        assert answered_by(port, 20) == Counter({"2": 20})
+        assert worker_pid(tmp_path, 0, besides=pids[0]) and worker_pid(tmp_path, 1, pids[1])
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(30)

@@ -160,7 +160,8 @@ def envelope_of(source: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _store_unavailable() -> Problem:
-    # The Redis jobs backend is down: nothing was accepted, nothing is known; retry.
+    # The Redis jobs backend is down: nothing was accepted (a submit whose reply was lost is
+    # checked, and withdrawn if it did not run), unless even that check failed; retry.
     return Problem(
         503, "jobs-unavailable", "Job store unavailable", "retry later",
         headers={"Retry-After": "1"},
