@@ -219,6 +219,8 @@ class Runtime:
                 breaker.on_trip(trip_hook)
             for hook in self._new_breaker_hooks:
                 hook(breaker)
+        for name in _breaker_names(previous) - _breaker_names(self.snapshot):
+            self.metrics.forget_breaker(name)
         kept = {id(g) for m in self.models.values() for g in _all_guards(m)}
         retired = [m for m in previous.models.values() if not _all_kept(m, kept)]
         self._retired.extend(retired)  # closed at shutdown if still open then
@@ -388,6 +390,11 @@ def _new_breakers(previous: Snapshot, current: Snapshot) -> list[Breaker]:
         for g in m.guards.values()
         if id(g.breaker) not in before
     ]
+
+
+def _breaker_names(snapshot: Snapshot) -> set[str]:
+    """Every breaker of `snapshot`, serving and shadow, by the name its metrics carry."""
+    return {g.breaker.name for m in snapshot.models.values() for g in _all_guards(m)}
 
 
 def _all_guards(model: ModelRuntime) -> list[TargetGuard]:

@@ -20,6 +20,7 @@ worker every second (`SharedValues`); each gauge says how workers combine (`GAUG
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -76,8 +77,8 @@ class _Children(Generic[MetricT]):
     the label count on every call; a dict hit skips all that. The cached object is the very
     child `labels()` returns, in multiprocess mode too (its value is the per-process mmap
     file, which prometheus-client re-opens in place after a fork). A cached child would go
-    stale only if its label set were removed from the metric (`remove`, `clear`): the gateway
-    never does, and prometheus-client does not support it in multiprocess mode. Dict reads
+    stale if its label set were removed from the metric (`remove`): whoever removes one
+    `forget`s it here too. Dict reads
     and writes are atomic, so threads may share it: a race only makes a second `labels()`
     call, which returns the same child.
     """
@@ -94,6 +95,10 @@ class _Children(Generic[MetricT]):
 
     def __len__(self) -> int:
         return len(self._by_values)
+
+    def forget(self, *values: str) -> None:
+        """Drop the cached child of a label set the metric no longer has."""
+        self._by_values.pop(values, None)
 
     def _add(self, values: tuple[str, ...]) -> MetricT:
         if len(self._by_values) >= MAX_CACHED_CHILDREN:
@@ -265,6 +270,18 @@ class Metrics:
         """`state` is a pybreaker state name (closed, half-open, open)."""
         self._breaker_state(target).set(BREAKER_STATES.get(state, 0))
         self._breaker_transitions(target, state).inc()
+
+    def forget_breaker(self, target: str) -> None:
+        """A breaker a policy apply removed: its state is no longer exported (left at its
+        last value, an open one would fire AigwBreakerOpenTooLong until a restart). With
+        several workers a series cannot be removed (prometheus-client's multiprocess mode):
+        it is set to closed, which the state of a breaker that does not exist is."""
+        if self.multiprocess:
+            self._breaker_state(target).set(BREAKER_STATES["closed"])
+            return
+        with contextlib.suppress(KeyError):
+            self.breaker_state.remove(target)
+        self._breaker_state.forget(target)
 
     def breaker_listener(self) -> pybreaker.CircuitBreakerListener:
         return _BreakerMetrics(self)

@@ -162,3 +162,21 @@ async def test_an_apply_resizes_the_in_memory_cache_to_its_largest_policy(data_d
         assert runtime.cache.max_entries == 500
     finally:
         await runtime.close()
+
+
+async def test_a_breaker_an_apply_removes_is_no_longer_exported(data_dirs):
+    """Left at its last value, a removed breaker that was open would keep the open-too-long
+    alert firing until a restart; it goes, and its successor is exported from the start."""
+    metrics = Metrics()
+    policy = data_dirs / "policies" / f"{MODEL}.yaml"
+    runtime = start_runtime(settings_for(data_dirs), configuration(data_dirs), metrics)
+    try:
+        trip(runtime.breakers[f"{MODEL}/churn-gbm-v2"])
+        assert f'target="{MODEL}/churn-gbm-v2"}} 2.0' in metrics.exposition().decode()
+        policy.write_text(policy.read_text().replace("churn-gbm-v2", "churn-gbm-v3"))
+        runtime.swap(configuration(data_dirs))
+        exported = metrics.exposition().decode()
+    finally:
+        await runtime.close()
+    assert f'aigw_breaker_state{{target="{MODEL}/churn-gbm-v2"}}' not in exported
+    assert f'aigw_breaker_state{{target="{MODEL}/churn-gbm-v3"}} 0.0' in exported
