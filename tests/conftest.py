@@ -67,6 +67,14 @@ def gateway_client() -> GatewayClient:
     return open_client
 
 
+# CEL conditions that compile and hold on the sample input at load, and raise on a request
+# with tenure_months 2 (or any tenure past the list's end): routes and rules must not hold.
+CONDITIONS_RAISING_AT_RUN_TIME = [
+    pytest.param("1 / (features.tenure_months - 2) > 0", id="division-by-zero"),
+    pytest.param("[1, 2][features.tenure_months] == 1", id="index-out-of-range"),
+    pytest.param("features.tenure_months * 9223372036854775807 > 0", id="overflow"),
+]
+
 CHURN_REQUEST = {
     "model_id": "customer-churn",
     "features": {"customer_id": "12345", "tenure_months": 24, "monthly_charges": 89.99},
