@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -60,6 +61,10 @@ GAUGE_MODES = {
     "aigw_shared_state_connected": "livemin",  # 0 while any worker is cut off
 }
 DEFAULT_GAUGE_MODE = "livemax"
+# With several workers, a gauge series that no longer exists is written as GONE (NaN) and
+# left out of the exposition; these families say "no" with 0 instead.
+GONE = math.nan
+ZERO_WHEN_GONE = frozenset({"aigw_policy_version_info"})
 
 
 def multiprocess_mode() -> bool:
@@ -275,9 +280,9 @@ class Metrics:
         """A breaker a policy apply removed: its state is no longer exported (left at its
         last value, an open one would fire AigwBreakerOpenTooLong until a restart). With
         several workers a series cannot be removed (prometheus-client's multiprocess mode):
-        it is set to closed, which the state of a breaker that does not exist is."""
+        it is set to GONE, which the exposition leaves out."""
         if self.multiprocess:
-            self._breaker_state(target).set(BREAKER_STATES["closed"])
+            self._breaker_state(target).set(GONE)
             return
         with contextlib.suppress(KeyError):
             self.breaker_state.remove(target)
@@ -307,7 +312,7 @@ class Metrics:
         if self.shared_values is not None:
             self.shared_values.publish()  # this worker's freshest; siblings' at most 1 s old
         combined = CollectorRegistry()
-        MultiProcessCollector(combined)
+        combined.register(_WithoutGoneSeries(MultiProcessCollector(None)))
         return generate_latest(combined)
 
 
@@ -316,8 +321,11 @@ class SharedValues:
 
     Counter families become real counters, incremented by what changed since the last
     publish (so a restarted worker adds to the total rather than resetting it); gauge
-    families become gauges combined by `GAUGE_MODES`. A label set that disappears (an old
-    policy version) is set to 0 rather than left at its last value.
+    families become gauges combined by `GAUGE_MODES`. A label set that disappears (a window
+    that emptied, a removed breaker) cannot be removed from the files: it is set to NaN, which
+    the exposition leaves out (`_WithoutGoneSeries`), so it disappears as it does with one
+    process, instead of reading 0 (an accuracy of 0, no drift) for what has no data.
+    `aigw_policy_version_info` is the exception: 0 there says "not the version running".
     """
 
     def __init__(self, collector: Collector) -> None:
@@ -356,9 +364,10 @@ class SharedValues:
             gauge = self._gauge(family, list(sample.labels))
             (gauge.labels(*labels) if labels else gauge).set(sample.value)
             seen.add(labels)
+        gone_value = 0.0 if family.name in ZERO_WHEN_GONE else GONE
         for gone in self._gauge_labels.get(family.name, set()) - seen:
             gauge = self._gauges[family.name]
-            (gauge.labels(*gone) if gone else gauge).set(0)
+            (gauge.labels(*gone) if gone else gauge).set(gone_value)
         self._gauge_labels[family.name] = seen
 
     def _gauge(self, family: Metric, label_names: list[str]) -> Gauge:
@@ -369,6 +378,19 @@ class SharedValues:
                           multiprocess_mode=mode)  # type: ignore[arg-type]  # fmt: skip
             self._gauges[family.name] = gauge
         return gauge
+
+
+class _WithoutGoneSeries(Collector):
+    """The merged multiprocess metrics without the gauge series written as GONE."""
+
+    def __init__(self, merged: Collector) -> None:
+        self._merged = merged
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._merged.collect():
+            if family.type == "gauge":
+                family.samples = [s for s in family.samples if not math.isnan(s.value)]
+            yield family
 
 
 class _BreakerMetrics(pybreaker.CircuitBreakerListener):

@@ -329,3 +329,53 @@ async def test_a_replica_cut_off_from_redis_says_so_and_counts_limits_checked_al
         metrics = samples((await client.get("/metrics")).text)
     assert connected(metrics) == [0.0, 0.0, 0.0]
     assert value(metrics, "aigw_rate_limit_errors_total") == 3.0
+
+
+# A worker in miniature again: a gauge family that yields values, then none (a window that
+# emptied), and a removed breaker; and the policy version info, whose old version reads 0.
+_GONE_WORKER = """
+from prometheus_client.core import GaugeMetricFamily
+from gateway.telemetry import Metrics, SharedValues
+
+state = {"accuracy": 0.91, "version": "v1"}
+
+class Windows:
+    def collect(self):
+        accuracy = GaugeMetricFamily("aigw_model_accuracy", "", labels=["model"])
+        if state["accuracy"] is not None:
+            accuracy.add_metric(["m"], state["accuracy"])
+        version = GaugeMetricFamily("aigw_policy_version_info", "", labels=["version"])
+        version.add_metric([state["version"]], 1)
+        yield accuracy
+        yield version
+
+metrics = Metrics()
+assert metrics.multiprocess
+metrics.shared_values = SharedValues(Windows())
+metrics.observe_breaker_change("m/gone", "open")
+print(metrics.exposition().decode())
+print("-- after --")
+state["accuracy"], state["version"] = None, "v2"
+metrics.forget_breaker("m/gone")
+print(metrics.exposition().decode())
+"""
+
+
+def test_with_several_workers_a_series_that_is_gone_disappears_rather_than_reading_zero(
+    tmp_path,
+):
+    """With one process an emptied window exports no series; with several it did read 0
+    (an accuracy of 0%, no drift, for no data) and a removed breaker stayed at its state.
+    Both disappear now; an old policy version still reads 0, as its dashboards expect."""
+    env = {**os.environ, MULTIPROCESS_ENV: str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", _GONE_WORKER],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    before, after = done.stdout.split("-- after --")
+    assert value(samples(before), "aigw_model_accuracy", model="m") == 0.91
+    assert value(samples(before), "aigw_breaker_state", target="m/gone") == 2
+    assert 'aigw_model_accuracy{model="m"}' not in after
+    assert 'aigw_breaker_state{target="m/gone"}' not in after
+    assert 'aigw_policy_version_info{version="v1"} 0.0' in after  # present, and 0
+    assert value(samples(after), "aigw_policy_version_info", version="v2") == 1
