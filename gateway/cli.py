@@ -87,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, help="jobs at once per model (default: AIGW_WORKER_CONCURRENCY)"
     )
     worker.add_argument("--consumer", help="name in the consumer group (default: HOSTNAME-PID)")
-    worker.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics on HOST:PORT")
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1",
+        help="address for /metrics (default 127.0.0.1; 0.0.0.0 where Prometheus scrapes a pod)",
+    )  # fmt: skip
     worker.set_defaults(handler=_worker)
 
     policy = commands.add_parser("policy", help="policy files").add_subparsers(
@@ -525,7 +529,14 @@ def _worker(args: argparse.Namespace) -> int:
     consumer = args.consumer or default_consumer()
     run_event_loop(
         serve_streams(
-            settings, config, models, consumer, args.metrics_port, baselines, startup_bundle
+            settings,
+            config,
+            models,
+            consumer,
+            args.metrics_port,
+            baselines,
+            startup_bundle,
+            args.metrics_host,
         ),
         settings,
     )

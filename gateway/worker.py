@@ -367,6 +367,7 @@ async def serve_streams(
     metrics_port: int | None = None,
     baselines: dict[str, Baseline] | None = None,
     startup_bundle: Bundle | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     """Run a worker per model on one runtime until SIGTERM or SIGINT, then stop cleanly.
 
@@ -390,7 +391,7 @@ async def serve_streams(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if metrics_port is not None:
-        _serve_metrics(runtime, metrics_port)
+        serve_metrics(runtime, metrics_port, metrics_host)
     policies = await _follow_policies(settings, runtime, startup_bundle)
     # With AIGW_SHARE_STATISTICS its answers count in every replica's reports.
     statistics = runtime.start_publishing_statistics()
@@ -438,12 +439,13 @@ def callback_hook(sender: CallbackSender, settings: Settings) -> OnResult:
     return on_result
 
 
-def _serve_metrics(runtime: Runtime, port: int) -> None:
-    """Prometheus text on 127.0.0.1:port (a thread of prometheus-client's)."""
+def serve_metrics(runtime: Runtime, port: int, host: str = "127.0.0.1") -> Any:
+    """Prometheus text on host:port (a thread of prometheus-client's); its server. Loopback
+    by default: a pod that Prometheus scrapes gives `--metrics-host 0.0.0.0`."""
     from prometheus_client import start_http_server
 
     runtime.metrics.watch(lambda: runtime)
-    start_http_server(port, addr="127.0.0.1", registry=runtime.metrics.registry)
+    return start_http_server(port, addr=host, registry=runtime.metrics.registry)
 
 
 class _PolicyFollowing:
