@@ -18,15 +18,32 @@ import contextlib
 import logging
 import os
 import random
+import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.audit import AuditUnavailable
 from gateway.callbacks import CallbackSender, callback_sender, retry_delay
-from gateway.jobs import Backpressure, Job, JobBackend, JobOutcome, run_job
+from gateway.idempotency import (
+    Claim,
+    Claims,
+    IdempotencyKey,
+    KeptClaims,
+    SharedClaims,
+    Submitted,
+    resolve,
+)
+from gateway.jobs import (
+    Backpressure,
+    Job,
+    JobBackend,
+    JobOutcome,
+    JobStoreUnavailable,
+    run_job,
+)
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
@@ -35,6 +52,7 @@ log = logging.getLogger("gateway.jobs")
 AUDIT_RETRY_S = 0.1
 AUDIT_RETRY_MAX_S = 5.0
 CALLBACK_GRACE_S = 1.0
+T = TypeVar("T")
 
 
 class KeptOutcomes:
@@ -147,6 +165,7 @@ class MemoryJobs:
         drain_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         siblings_dir: Path | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self._queue_max = queue_max
         self._siblings = PendingMarks(siblings_dir) if siblings_dir is not None else None
@@ -156,6 +175,11 @@ class MemoryJobs:
         self._kept = KeptOutcomes(keep, keep_s)
         self._keep_s = keep_s
         self._pending: dict[str, str] = {}  # queued or running: prediction_id → tenant
+        self._claims = claims if claims is not None else KeptClaims(keep, keep_s)
+        # Jobs queued while their idempotency key is being claimed: a worker waits for the
+        # claim before running one, and skips it when another submit had the key.
+        self._unconfirmed: dict[str, asyncio.Event] = {}
+        self._withdrawn: set[str] = set()
         self._queue: asyncio.Queue[Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._runtime: Runtime | None = None
@@ -175,6 +199,12 @@ class MemoryJobs:
             siblings_dir=(
                 settings.workers_dir / "pending-jobs" if settings.workers_dir is not None else None
             ),
+            # A retry may reach any worker of `aigw serve --workers N`: they share the claims.
+            claims=(
+                SharedClaims(settings.workers_dir, settings.jobs_keep, settings.jobs_keep_s)
+                if settings.workers_dir is not None
+                else None
+            ),
         )
 
     @property
@@ -190,8 +220,38 @@ class MemoryJobs:
             for n in range(self._worker_count)
         ]
 
-    async def submit(self, job: Job) -> None:
-        """Queue the job, or Backpressure when the queue is full or shutting down."""
+    async def submit(self, job: Job, key: IdempotencyKey | None = None) -> Submitted:
+        """Queue the job, or Backpressure when the queue is full or shutting down.
+
+        With a key: a key already claimed is answered from its claim, even when the queue is
+        full (nothing is queued). Otherwise the job is queued held back, the key claimed, and
+        the job released to the workers, or withdrawn if another submit claimed the key in
+        between (a sibling worker, or this one across the claim's await)."""
+        if key is None:
+            self._enqueue(job)
+            return Submitted(job.prediction_id)
+        holder = await self._claims_call(self._claims.holder(key.scope), job)
+        if holder is not None:
+            return resolve(key, holder)
+        self._enqueue(job)
+        self._unconfirmed[job.prediction_id] = gate = asyncio.Event()
+        try:
+            holder = await self._claims_call(
+                self._claims.claim(key.scope, Claim(job.prediction_id, key.fingerprint)), job
+            )
+            if holder.prediction_id != job.prediction_id:
+                self._withdraw(job)
+        except BaseException:
+            self._withdraw(job)
+            raise
+        finally:
+            del self._unconfirmed[job.prediction_id]
+            gate.set()
+        if holder.prediction_id != job.prediction_id:
+            return resolve(key, holder)
+        return Submitted(job.prediction_id)
+
+    def _enqueue(self, job: Job) -> None:
         if self._queue is None or self._closing:
             raise Backpressure("the job queue is not accepting jobs")
         try:
@@ -201,6 +261,24 @@ class MemoryJobs:
         self._pending[job.prediction_id] = job.tenant
         if self._siblings is not None:
             self._siblings.mark(job.prediction_id, job.tenant)
+
+    def _withdraw(self, job: Job) -> None:
+        """A queued job that must never run: no trace of it stays."""
+        self._withdrawn.add(job.prediction_id)
+        self._pending.pop(job.prediction_id, None)
+        if self._siblings is not None:
+            self._siblings.clear(job.prediction_id)
+
+    @staticmethod
+    async def _claims_call(call: Awaitable[T], job: Job) -> T:
+        try:
+            return await call
+        except sqlite3.Error as error:
+            log.warning(
+                "idempotency keys unavailable",
+                extra={"prediction_id": job.prediction_id, "error": repr(error)},
+            )
+            raise JobStoreUnavailable("idempotency keys unavailable") from None
 
     async def outcome(self, prediction_id: str) -> JobOutcome | None:
         tenant = self._pending.get(prediction_id)
@@ -241,6 +319,8 @@ class MemoryJobs:
         while True:
             job = await self._queue.get()
             try:
+                if not await self._released(job):
+                    continue
                 await self._answer(job)
             except Exception as error:
                 # A bug, not an outage (those are retried in _answer): the job cannot be
@@ -253,6 +333,16 @@ class MemoryJobs:
                     self._runtime.metrics.observe_job_failed()
             finally:
                 self._queue.task_done()
+
+    async def _released(self, job: Job) -> bool:
+        """False for a job withdrawn before it ran (its idempotency key was another's)."""
+        gate = self._unconfirmed.get(job.prediction_id)
+        if gate is not None:
+            await gate.wait()
+        if job.prediction_id in self._withdrawn:
+            self._withdrawn.discard(job.prediction_id)
+            return False
+        return True
 
     async def _answer(self, job: Job) -> None:
         assert self._runtime is not None

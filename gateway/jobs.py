@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from gateway.contracts import ContractSet
+from gateway.idempotency import IdempotencyKey, Submitted
 from gateway.ids import new_uuid4
 from gateway.pipeline import Answer, PredictionInput, predict
 from gateway.problems import FieldError
@@ -41,6 +42,11 @@ class Backpressure(Exception):
     """The queue is at its bound: the caller should retry later, nothing was accepted."""
 
 
+class JobStoreUnavailable(Exception):
+    """Where jobs (or their idempotency keys) are kept cannot be reached: nothing was
+    accepted; the caller should retry later."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One prediction request to be answered later, as plain data."""
@@ -57,6 +63,15 @@ class Job:
     # The request's `x-` headers route conditions may read (routing.routing_headers), so a
     # job is routed as the same request made synchronously would be.
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    def asked(self) -> dict[str, Any]:
+        """What the caller asked for, as an idempotency key's request fingerprint reads it:
+        a retry asks the same, whatever its trace or request id."""
+        return {
+            "model_id": self.model_id,
+            "features": dict(self.features),
+            "callback_url": self.callback_url,
+        }
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -92,8 +107,11 @@ class JobBackend(Protocol):
 
     async def start(self, runtime: Runtime) -> None: ...
 
-    async def submit(self, job: Job) -> None:
-        """Accept the job or raise Backpressure; an accepted job is answered exactly once."""
+    async def submit(self, job: Job, key: IdempotencyKey | None = None) -> Submitted:
+        """Accept the job or raise Backpressure (or JobStoreUnavailable, or RedisError);
+        an accepted job is answered exactly once. With a `key` already claimed, the job is
+        not queued: the claim's job is replayed (`IdempotencyKeyReused` for another
+        request)."""
 
     async def outcome(self, prediction_id: str) -> JobOutcome | None:
         """The job's outcome, or None when no such job is known."""

@@ -12,6 +12,8 @@ Keys, per logical model `M` and prediction `P`:
     aigw:pending:P      a job submitted through `StreamJobs.submit` and not yet answered
     aigw:failed:P       a job dead-lettered after every attempt failed, kept `result_ttl_s`
     aigw:withdrawn:P    a submit whose reply was lost and that had not run: it never will
+    aigw:idempotency:K  the claim of a tenant's idempotency key K (a digest, see
+                        gateway/idempotency.py): "<prediction id> <request fingerprint>"
 
 A request entry has either a field `job` (the JSON of a `gateway.jobs.Job`, as `submit`
 writes it) or a field `request` (the body of `POST /v1/predictions`, as a business system
@@ -51,6 +53,7 @@ from redis.exceptions import RedisError
 
 from gateway.body import parse_json
 from gateway.contracts import ContractSet
+from gateway.idempotency import Claim, IdempotencyKey, Submitted, resolve
 from gateway.jobs import Backpressure, Job, JobOutcome, JobRejected, job_from_request
 from gateway.problems import FieldError, Problem
 from gateway.routing import routing_headers
@@ -99,6 +102,10 @@ def failed_key(prediction_id: str) -> str:
 
 def withdrawn_key(prediction_id: str) -> str:
     return f"aigw:withdrawn:{prediction_id}"
+
+
+def idempotency_claim_key(scope: str) -> str:
+    return f"aigw:idempotency:{scope}"
 
 
 @dataclass(frozen=True)
@@ -348,13 +355,20 @@ def stream_id(value: bytes | str) -> tuple[int, int]:
 
 # ---- the scripts: each one atomic on the Redis server ----------------------------------------
 
-# KEYS: request stream, pending marker, withdrawn marker.
-# ARGV: group, bound, ttl_s, job JSON, marker JSON.
+# KEYS: request stream, pending marker, withdrawn marker, [idempotency key].
+# ARGV: group, bound, ttl_s, job JSON, marker JSON, [claim].
 # Backlog: the group's lag plus its pending entries; without a group (no worker has started)
 # every entry is backlog; when Redis cannot tell the lag, XLEN counts (workers trim acked ones).
 # A submit the gateway has withdrawn (SETTLE_SUBMIT) adds nothing, however late it arrives.
+# With an idempotency key: a key already claimed returns its claim, {claim}, and adds nothing
+# (even at the bound: a retry of an accepted job is never refused); else the key is claimed
+# in the same step as the job is queued, so a claim always names a queued job.
 SUBMIT = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return redis.error_reply('WITHDRAWN') end
+if KEYS[4] then
+  local held = redis.call('GET', KEYS[4])
+  if held then return {held} end
+end
 local backlog = redis.call('XLEN', KEYS[1])
 if backlog > 0 then
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -368,6 +382,7 @@ end
 if backlog >= tonumber(ARGV[2]) then return false end
 local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[4])
 redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[3])
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[3]) end
 return id
 """
 
@@ -492,20 +507,27 @@ class StreamStore:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def submit(self, job: Job) -> str:
-        """Publish the job, or raise Backpressure at the bound; returns the entry id."""
+    async def submit(self, job: Job, key: IdempotencyKey | None = None) -> Submitted:
+        """Publish the job, or raise Backpressure at the bound; with a `key` already claimed,
+        publish nothing and replay the claim's job (IdempotencyKeyReused for another request)."""
         marker = orjson.dumps({"tenant": job.tenant, "model_id": job.model_id})
         keys = [
             request_stream(job.model_id), pending_key(job.prediction_id),
             withdrawn_key(job.prediction_id),
         ]  # fmt: skip
         args = [GROUP, self.config.max_backlog, self.config.result_ttl_s, job.to_json(), marker]
-        entry_id = await self._submit(keys=keys, args=args)
-        if entry_id is None:
+        if key is not None:
+            keys.append(idempotency_claim_key(key.scope))
+            args.append(Claim(job.prediction_id, key.fingerprint).to_text())
+        reply = await self._submit(keys=keys, args=args)
+        if reply is None:
             raise Backpressure(
                 f"{job.model_id}: {self.config.max_backlog} requests are waiting; retry later"
             )
-        return entry_id.decode()
+        if isinstance(reply, list):  # the key's claim: this submit added nothing
+            assert key is not None
+            return resolve(key, Claim.from_text(_text(reply[0])))
+        return Submitted(job.prediction_id, entry_id=_text(reply))
 
     async def accepted_after_all(self, prediction_id: str) -> bool:
         """After a submit failed with a RedisError: True when it ran and the job is accepted;
@@ -677,18 +699,20 @@ class StreamJobs:
             for worker in self._workers:
                 await worker.start()
 
-    async def submit(self, job: Job) -> None:
+    async def submit(self, job: Job, key: IdempotencyKey | None = None) -> Submitted:
         """Accept the job or raise Backpressure (or a RedisError: nothing was accepted).
 
         A submit whose reply was lost (a timeout) may have run: the job is then queued and will
         be answered, and a 503 would make the caller's retry a second job. So Redis is asked,
         briefly, which it was; a submit that did not run is withdrawn. Only when that cannot be
-        learnt either does the error stand, with its outcome unknown."""
+        learnt either does the error stand, with its outcome unknown: then a retry with the
+        same idempotency key is still one job."""
         try:
-            await self.store.submit(job)
+            return await self.store.submit(job, key)
         except RedisError as lost:
             if not await self._accepted_after_all(job, lost):
                 raise
+            return Submitted(job.prediction_id)
 
     async def _accepted_after_all(self, job: Job, lost: RedisError) -> bool:
         try:

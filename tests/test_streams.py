@@ -15,6 +15,7 @@ from gateway.audit import AuditUnavailable
 from gateway.cli import main
 from gateway.contracts import load_contracts
 from gateway.demo.triton_process import free_port
+from gateway.idempotency import IdempotencyKey, IdempotencyKeyReused, Submitted, idempotency_key
 from gateway.jobs import Backpressure, Job, JobRejected
 from gateway.runtime import audit_log, load_configuration, start_runtime
 from gateway.streams import (
@@ -27,6 +28,7 @@ from gateway.streams import (
     derived_prediction_id,
     failed_key,
     failure_record,
+    idempotency_claim_key,
     outcome_from,
     parse_entry,
     pending_key,
@@ -428,7 +430,7 @@ async def churn_store(redis_server):
 async def delivered_before(store: StreamStore, job: Job, times: int) -> str:
     """Submit the job and leave it pending as though `times` workers had each taken it and
     died running it: delivered that often, never acknowledged."""
-    entry_id = await store.submit(job)
+    entry_id = (await store.submit(job)).entry_id
     await store.read(MODEL, "died", 10, None)
     await store.redis.xclaim(
         request_stream(MODEL), GROUP, "died", 0, [entry_id], retrycount=times, justid=True
@@ -583,6 +585,95 @@ async def test_a_submit_whose_reply_is_lost_is_either_accepted_or_withdrawn(
         assert (entries, outcome.status, outcome.tenant) == (1, "pending", "acme")
     else:
         assert (entries, outcome) == (0, None)
+
+
+# ---- idempotency keys -------------------------------------------------------------------------
+
+
+def retried(model_id: str) -> Job:
+    """A new job (its own prediction id) for the same request, as a caller's retry makes."""
+    return Job(str(uuid.uuid4()), model_id, CHURN_REQUEST["features"], tenant="acme")
+
+
+def new_key(request: dict | None = None) -> IdempotencyKey:
+    asked = request or {"model_id": MODEL, "features": CHURN_REQUEST["features"]}
+    return idempotency_key(str(uuid.uuid4()), tenant="acme", request=asked)
+
+
+async def test_a_claimed_key_replays_its_job_and_adds_nothing(store, model_id):
+    """The claim is made with the job, in one script; a retry gets the first job's id, a
+    reuse for another request is refused; the claim lives as long as results do."""
+    key = new_key()
+    first, retry = retried(model_id), retried(model_id)
+    queued = await store.submit(first, key)
+    replayed = await store.submit(retry, key)
+    with pytest.raises(IdempotencyKeyReused):
+        reused = IdempotencyKey(key.scope, fingerprint="of another request")
+        await store.submit(retried(model_id), reused)
+    assert (queued.prediction_id, queued.replayed, queued.entry_id is not None) == (
+        first.prediction_id, False, True,
+    )  # fmt: skip
+    assert replayed == Submitted(first.prediction_id, replayed=True)
+    assert await store.redis.xlen(request_stream(model_id)) == 1
+    assert await store.outcome(retry.prediction_id) is None  # the retry's own id: nothing
+    assert 0 < await store.redis.ttl(idempotency_claim_key(key.scope)) <= 60
+
+
+async def test_a_retry_is_replayed_even_at_the_backlog_bound(store, model_id):
+    """A full backlog refuses new jobs, never the retry of an accepted one."""
+    key = new_key()
+    first = retried(model_id)
+    await store.submit(first, key)
+    for _ in range(2):
+        await store.submit(Job(str(uuid.uuid4()), model_id, {}))
+    with pytest.raises(Backpressure):
+        await store.submit(Job(str(uuid.uuid4()), model_id, {}))
+    replayed = await store.submit(retried(model_id), key)
+    assert replayed == Submitted(first.prediction_id, replayed=True)
+
+
+@pytest.mark.parametrize("settle", ["answers", "silent"])
+@pytest.mark.parametrize("hold", ["replies", "requests"])
+async def test_a_retry_after_a_lost_submit_reply_is_one_job(
+    redis_server, model_id, monkeypatch, hold, settle
+):
+    """Whatever happened to the first submit (ran with its reply lost, or landed late), and
+    whether or not Redis could then say which (`silent`: the settle check fails too, so the
+    caller got a 503 whose outcome was unknown), a retry with the same key makes one job in
+    all, under the id of whichever submit ran."""
+    monkeypatch.setattr(streams, "REDIS_TIMEOUT_S", 0.3)
+    if settle == "silent":
+
+        async def cannot_tell(self, prediction_id):
+            raise TimeoutError  # stands in for Redis not answering the settle check in time
+
+        monkeypatch.setattr(StreamStore, "accepted_after_all", cannot_tell)
+    key = new_key()
+    first = retried(model_id)
+    proxy = LateSubmit(redis_server.port, first.prediction_id.encode(), hold, delay_s=0.8)
+    jobs = StreamJobs(await proxy.start(), StreamConfig(result_ttl_s=60))
+    await jobs.store.redis.script_load(streams.SUBMIT)
+    try:
+        try:
+            answer = await jobs.submit(first, key)
+        except RedisError:
+            answer = None  # the caller's 503
+        await asyncio.sleep(1.0)  # whatever was held back has landed
+        retry = await jobs.submit(retried(model_id), key)
+        entries = await jobs.store.redis.xlen(request_stream(model_id))
+    finally:
+        await jobs.close()
+        await proxy.close()
+    assert entries == 1
+    ran_first = hold == "replies" or settle == "silent"  # a late request runs unless withdrawn
+    if ran_first:
+        assert retry == Submitted(first.prediction_id, replayed=True)
+    else:
+        assert retry.prediction_id != first.prediction_id and not retry.replayed
+    if hold == "replies" and settle == "answers":
+        assert answer == Submitted(first.prediction_id)  # accepted after all, as before
+    else:
+        assert answer is None
 
 
 async def test_trimming_drops_only_acknowledged_entries(store, model_id):

@@ -22,8 +22,24 @@ from gateway.api.records import answer_record
 from gateway.api.responses import json_response
 from gateway.body import check_declared_length, check_media_type, parse_json, read_limited
 from gateway.callbacks import allowed_hosts, callback_url_error
+from gateway.idempotency import (
+    KEY_HEADER,
+    REPLAYED_HEADER,
+    IdempotencyKeyReused,
+    Submitted,
+    idempotency_key,
+    key_from_header,
+    key_reused,
+)
 from gateway.ids import is_prediction_id
-from gateway.jobs import Backpressure, Job, JobBackend, JobRejected, job_from_request
+from gateway.jobs import (
+    Backpressure,
+    Job,
+    JobBackend,
+    JobRejected,
+    JobStoreUnavailable,
+    job_from_request,
+)
 from gateway.problems import FieldError, Problem
 from gateway.routing import routing_headers
 from gateway.runtime import Runtime
@@ -54,6 +70,7 @@ async def _submit(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     timeout_ms = caller_timeout(request.headers.get(TIMEOUT_HEADER))
+    raw_key = key_from_header(request.headers.get(KEY_HEADER))
     check_media_type(request.headers.get("content-type"))
     check_declared_length(request.headers.get("content-length"), settings.max_body_bytes)
     body = await read_limited(request.stream(), settings.max_body_bytes)
@@ -66,20 +83,36 @@ async def _submit(request: Request) -> Response:
     if runtime.policies.get(job.model_id) is None:
         detail = f"{job.model_id} has no policy"
         raise Problem(503, "model-unavailable", "Model unavailable", detail)
+    key = None
+    if raw_key is not None:
+        key = idempotency_key(raw_key, tenant=principal.tenant, request=job.asked())
     jobs: JobBackend = request.app.state.jobs
     try:
-        await jobs.submit(job)
+        submitted = await jobs.submit(job, key)
     except Backpressure as full:
         raise Problem(
             503, "queue-full", "Too many predictions waiting",
             f"nothing was accepted: {full}; retry later",
             headers={"Retry-After": "1"},
         ) from None  # fmt: skip
-    except RedisError:
+    except IdempotencyKeyReused:
+        raise key_reused() from None
+    except (RedisError, JobStoreUnavailable):
         raise _store_unavailable() from None
-    location = status_url(job.prediction_id)
-    accepted = {"prediction_id": job.prediction_id, "status": "pending", "status_url": location}
-    return json_response(accepted, 202, {"Location": location})
+    return _accepted(submitted)
+
+
+def _accepted(submitted: Submitted) -> Response:
+    """202 with the job's id and status URL; a replay answers exactly what the first submit
+    did (the job may be answered by now: its status URL says so)."""
+    location = status_url(submitted.prediction_id)
+    accepted = {
+        "prediction_id": submitted.prediction_id, "status": "pending", "status_url": location,
+    }  # fmt: skip
+    headers = {"Location": location}
+    if submitted.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return json_response(accepted, 202, headers)
 
 
 def _job(
@@ -175,7 +208,7 @@ def _failed() -> Problem:
     return Problem(
         404, "prediction-failed", "Prediction failed",
         "the request was accepted but failed every attempt and will not be answered; "
-        "submit it again",
+        "submit it again (with a new Idempotency-Key, if it had one)",
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import jsonschema_rs
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from gateway.app import create_app
 from gateway.audit import AuditUnavailable
@@ -543,3 +544,208 @@ async def test_a_callback_to_an_unlisted_loopback_name_is_refused_at_delivery():
             await asyncio.sleep(0.01)
     assert 'aigw_callback_deliveries_total{outcome="refused"} 1.0' in metrics
     assert receiver.received == []
+
+
+# ---- idempotency keys -------------------------------------------------------------------------
+
+KEY = {"Idempotency-Key": "0f8fad5b-d9cb-469f-a165-70867728950e"}
+OTHER_REQUEST = {**CHURN_REQUEST, "features": {**CHURN_REQUEST["features"], "tenure_months": 3}}
+
+
+def reordered(request: dict[str, Any]) -> dict[str, Any]:
+    """The same request written in another order: a retry by another client library."""
+    return {"features": dict(reversed(list(request["features"].items()))), **request}
+
+
+async def test_a_retry_with_the_same_idempotency_key_is_one_job(tmp_path):
+    """The first submit queues; its retries (before and after the answer) get the same 202,
+    marked as replays, and queue nothing: one audit record in all."""
+    async with gateway(audit_dir=tmp_path) as (app, client):
+        gate = AuditGate(app, closed=True)
+        first = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        retry = await client.post("/v1/predictions:async", json=reordered(CHURN_REQUEST),
+                                  headers=KEY)  # fmt: skip
+        gate.opened.set()
+        result = await answered(client, first.json()["status_url"])
+        late = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        jobs: MemoryJobs = app.state.jobs
+        answered_jobs = jobs.answered
+    assert [first.status_code, retry.status_code, late.status_code] == [202, 202, 202]
+    assert first.json() == retry.json() == late.json()
+    assert first.headers["location"] == retry.headers["location"] == late.headers["location"]
+    assert "idempotent-replayed" not in first.headers
+    assert retry.headers["idempotent-replayed"] == late.headers["idempotent-replayed"] == "true"
+    assert not list(ACCEPTED.iter_errors(retry.json()))
+    assert result.status_code == 200
+    assert answered_jobs == 1
+    assert [r["prediction_id"] for r in audit_records(tmp_path)] == [first.json()["prediction_id"]]
+
+
+async def test_a_key_reused_for_another_request_is_422_and_queues_nothing(tmp_path):
+    async with gateway(audit_dir=tmp_path) as (_, client):
+        first = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        reused = await client.post("/v1/predictions:async", json=OTHER_REQUEST, headers=KEY)
+        callback = {**CHURN_REQUEST, "callback_url": "https://hooks.example/x"}
+        reused_with_callback = await client.post(
+            "/v1/predictions:async", json=callback, headers=KEY
+        )
+        await answered(client, first.json()["status_url"])
+    for response in (reused, reused_with_callback):
+        assert response.status_code == 422
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["type"] == "urn:aigw:problem:idempotency-key-reused"
+        assert problem["errors"] == [
+            {"header": "Idempotency-Key", "detail": "already used for a different request"}
+        ]
+        assert first.json()["prediction_id"] not in json.dumps(problem)  # nothing to learn
+    assert len(audit_records(tmp_path)) == 1
+
+
+async def test_two_tenants_using_one_key_get_two_jobs(tenant_keys, tmp_path):
+    """Keys are per tenant: acme's key does not replay for globex (nor tell it anything)."""
+    path, auth = tenant_keys
+    async with gateway(keys_file=path, audit_dir=tmp_path / "audit") as (_, client):
+        acme = await client.post("/v1/predictions:async", json=CHURN_REQUEST,
+                                 headers={**auth["acme"], **KEY})  # fmt: skip
+        globex = await client.post("/v1/predictions:async", json=OTHER_REQUEST,
+                                   headers={**auth["globex"], **KEY})  # fmt: skip
+        for submitted, tenant in ((acme, "acme"), (globex, "globex")):
+            assert (await answered(client, submitted.json()["status_url"], auth[tenant])).is_success
+    assert acme.status_code == globex.status_code == 202
+    assert "idempotent-replayed" not in globex.headers
+    assert acme.json()["prediction_id"] != globex.json()["prediction_id"]
+
+
+async def test_a_retry_is_answered_even_while_the_queue_is_full():
+    """Replaying an accepted job needs no room: the retry is 202 where a new job is 503."""
+    async with gateway(jobs_queue_max=1, jobs_workers=1) as (app, client):
+        gate = AuditGate(app, closed=True)
+        first = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        await asyncio.sleep(0.05)  # the worker holds it; the queue is empty again
+        queued = await client.post("/v1/predictions:async", json=OTHER_REQUEST)
+        new = await client.post("/v1/predictions:async", json=OTHER_REQUEST)
+        retry = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        gate.opened.set()
+        for submitted in (first, queued):
+            assert (await answered(client, submitted.json()["status_url"])).status_code == 200
+    assert [first.status_code, queued.status_code, new.status_code] == [202, 202, 503]
+    assert retry.status_code == 202
+    assert retry.json()["prediction_id"] == first.json()["prediction_id"]
+
+
+@pytest.mark.parametrize(
+    "key", ["", "k" * 256, "tab\tinside"], ids=["empty", "too-long", "control-character"]
+)
+async def test_an_unusable_idempotency_key_is_400_naming_the_header(tmp_path, key):
+    async with gateway(audit_dir=tmp_path) as (app, client):
+        response = await client.post(
+            "/v1/predictions:async", json=CHURN_REQUEST, headers={"Idempotency-Key": key}
+        )
+        jobs: MemoryJobs = app.state.jobs
+        assert jobs.queued == 0 and jobs.answered == 0
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [e["header"] for e in response.json()["errors"]] == ["Idempotency-Key"]
+    assert audit_records(tmp_path) == []
+
+
+class ClaimedMeanwhile:
+    """Claims where another worker claims every key between this worker's look (free) and its
+    own claim: the interleaving of two workers given the same key at the same moment."""
+
+    def __init__(self, claims: Any, rival: str) -> None:
+        self._claims, self.rival = claims, rival
+
+    async def holder(self, scope: str) -> None:
+        return None
+
+    async def claim(self, scope: str, claim: Any) -> Any:
+        from gateway.idempotency import Claim
+
+        await asyncio.sleep(0.05)  # a claim takes a while (a file's does): workers are free
+        await self._claims.claim(scope, Claim(self.rival, claim.fingerprint))
+        return await self._claims.claim(scope, claim)
+
+    async def release(self, scope: str, claim: Any) -> None:
+        await self._claims.release(scope, claim)
+
+
+async def test_a_job_whose_key_another_worker_claimed_meanwhile_never_runs(tmp_path):
+    """Queued, then found to be a duplicate: it is withdrawn before any worker runs it, and
+    leaves no trace; the caller gets the other worker's job."""
+    rival = "9b2e7f0c-8a41-4d5e-9c3b-2f6a1d7e8b90"
+    async with gateway(audit_dir=tmp_path) as (app, client):
+        jobs: MemoryJobs = app.state.jobs
+        jobs._claims = ClaimedMeanwhile(jobs._claims, rival)
+        response = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        await asyncio.sleep(0.2)  # a worker has taken the withdrawn job off the queue by now
+        queued, answered_jobs, pending = jobs.queued, jobs.answered, dict(jobs._pending)
+    assert response.status_code == 202
+    assert response.json()["prediction_id"] == rival
+    assert response.headers["idempotent-replayed"] == "true"
+    assert (queued, answered_jobs, pending) == (0, 0, {})
+    assert audit_records(tmp_path) == []
+
+
+async def test_workers_of_one_gateway_share_their_keys(tmp_path):
+    """A retry that reaches another worker (`aigw serve --workers N`) is a replay there too."""
+    shared = {"workers_dir": tmp_path / "workers"}
+    shared["workers_dir"].mkdir()  # the supervisor makes it before starting its workers
+    async with (
+        gateway(audit_dir=tmp_path / "a", **shared) as (_, one),
+        gateway(audit_dir=tmp_path / "b", **shared) as (_, two),
+    ):
+        first = await one.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        retry = await two.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        reused = await two.post("/v1/predictions:async", json=OTHER_REQUEST, headers=KEY)
+        await answered(one, first.json()["status_url"])
+    assert first.status_code == retry.status_code == 202
+    assert retry.json()["prediction_id"] == first.json()["prediction_id"]
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert reused.status_code == 422
+    assert audit_records(tmp_path / "b") == [] and len(audit_records(tmp_path / "a")) == 1
+
+
+async def test_keys_that_cannot_be_checked_queue_nothing_and_say_503(tmp_path):
+    """The workers' key file cannot be opened (here: a directory stands where it should be):
+    a submit with a key is 503 `jobs-unavailable` and queues nothing; one without a key runs."""
+    workers = tmp_path / "workers"
+    (workers / "idempotency.sqlite").mkdir(parents=True)
+    async with gateway(audit_dir=tmp_path / "audit", workers_dir=workers) as (app, client):
+        refused = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
+        jobs: MemoryJobs = app.state.jobs
+        queued, answered_jobs = jobs.queued, jobs.answered
+        plain = await client.post("/v1/predictions:async", json=CHURN_REQUEST)
+        assert (await answered(client, plain.json()["status_url"])).status_code == 200
+    assert refused.status_code == 503
+    assert refused.json()["type"] == "urn:aigw:problem:jobs-unavailable"
+    assert refused.headers["retry-after"] == "1"
+    assert (queued, answered_jobs) == (0, 0)
+    assert len(audit_records(tmp_path / "audit")) == 1
+
+
+async def test_keys_hold_across_gateways_sharing_redis(redis_server, tmp_path):
+    """With the Redis jobs backend the claim lives in Redis: a retry reaching another
+    replica is a replay there, and a reuse is refused there."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of this test alone
+    redis = Redis.from_url(url)
+    await redis.flushdb()
+    shared = {"jobs_backend": "redis", "redis_url": url}
+    key = {"Idempotency-Key": "0f8fad5b-d9cb-469f-a165-70867728950e"}
+    async with (
+        gateway(audit_dir=tmp_path / "a", **shared) as (_, one),
+        gateway(audit_dir=tmp_path / "b", **shared) as (_, two),
+    ):
+        first = await one.post("/v1/predictions:async", json=CHURN_REQUEST, headers=key)
+        retry = await two.post("/v1/predictions:async", json=CHURN_REQUEST, headers=key)
+        reused = await two.post("/v1/predictions:async", json=OTHER_REQUEST, headers=key)
+        pending = await two.get(first.json()["status_url"])
+    entries = await redis.xlen("aigw:requests:customer-churn")
+    await redis.flushdb()
+    await redis.aclose()
+    assert entries == 1
+    assert first.status_code == retry.status_code == 202
+    assert retry.json() == first.json() and retry.headers["idempotent-replayed"] == "true"
+    assert reused.status_code == 422
+    assert pending.status_code == 202  # queued once, waiting for an `aigw worker`

@@ -86,6 +86,10 @@ def test_every_operation_conforms_to_the_contract(case, running_gateway):
             # Contract-valid, but the operator's allow-list refuses the host: a 422 naming
             # the field is the right answer, and every other check still applies.
             excluded = [positive_data_acceptance]
+        if reused_idempotency_key(response):
+            # The fuzzer sends few distinct keys with many bodies: a key's second body is
+            # refused, as the contract says, whatever the body (every other check applies).
+            excluded = [positive_data_acceptance]
         case.validate_response(response, excluded_checks=excluded, headers=headers)
     except FailureGroup as group:
         if any(not is_unknown_header_accepted(failure) for failure in group.exceptions):
@@ -109,6 +113,12 @@ def names_only_the_callback(response: schemathesis.Response) -> bool:
     if response.status_code != 422:
         return False
     return [e.get("pointer") for e in response.json().get("errors", [])] == ["/callback_url"]
+
+
+def reused_idempotency_key(response: schemathesis.Response) -> bool:
+    if response.status_code != 422:
+        return False
+    return response.json().get("type") == "urn:aigw:problem:idempotency-key-reused"
 
 
 def is_unknown_header_accepted(failure: BaseException) -> bool:
