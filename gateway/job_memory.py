@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from gateway.audit import AuditUnavailable
 from gateway.callbacks import CallbackSender, callback_sender, retry_delay
+from gateway.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from gateway.idempotency import (
     Claim,
     Claims,
@@ -42,6 +43,7 @@ from gateway.jobs import (
     JobBackend,
     JobOutcome,
     JobStoreUnavailable,
+    TenantBackpressure,
     run_job,
 )
 from gateway.runtime import Runtime
@@ -159,6 +161,7 @@ class MemoryJobs:
         self,
         *,
         queue_max: int = 1000,
+        tenant_max: int | None = None,
         workers: int = 4,
         keep: int = 10_000,
         keep_s: float = 3600.0,
@@ -168,6 +171,7 @@ class MemoryJobs:
         claims: Claims | None = None,
     ) -> None:
         self._queue_max = queue_max
+        self._tenant_max = tenant_max if tenant_max is not None else default_tenant_max(queue_max)
         self._siblings = PendingMarks(siblings_dir) if siblings_dir is not None else None
         self._worker_count = workers
         self._drain_s = drain_s
@@ -180,7 +184,7 @@ class MemoryJobs:
         # claim before running one, and skips it when another submit had the key.
         self._unconfirmed: dict[str, asyncio.Event] = {}
         self._withdrawn: set[str] = set()
-        self._queue: asyncio.Queue[Job] | None = None
+        self._queue: FairQueue[Job] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._runtime: Runtime | None = None
         self._callbacks: CallbackSender | None = None
@@ -192,6 +196,7 @@ class MemoryJobs:
     def from_settings(cls, settings: Settings) -> MemoryJobs:
         return cls(
             queue_max=settings.jobs_queue_max,
+            tenant_max=settings.jobs_tenant_max,
             workers=settings.jobs_workers,
             keep=settings.jobs_keep,
             keep_s=settings.jobs_keep_s,
@@ -214,7 +219,7 @@ class MemoryJobs:
     async def start(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._callbacks = callback_sender(runtime.settings, runtime.metrics.observe_callback)
-        self._queue = asyncio.Queue(maxsize=self._queue_max)
+        self._queue = FairQueue(self._queue_max, self._tenant_max, tenant_of=_tenant)
         self._workers = [
             asyncio.create_task(self._work(), name=f"aigw-job-worker-{n}")
             for n in range(self._worker_count)
@@ -256,8 +261,10 @@ class MemoryJobs:
             raise Backpressure("the job queue is not accepting jobs")
         try:
             self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise Backpressure(f"{self._queue_max} jobs are already waiting") from None
+        except TenantQueueFull as full:
+            raise TenantBackpressure(str(full)) from None
+        except QueueFull as full:
+            raise Backpressure(str(full)) from None
         self._pending[job.prediction_id] = job.tenant
         if self._siblings is not None:
             self._siblings.mark(job.prediction_id, job.tenant)
@@ -375,6 +382,15 @@ class MemoryJobs:
             self._siblings.mark_failed(outcome.prediction_id, outcome.tenant)
         else:
             self._siblings.clear(outcome.prediction_id)
+
+
+def default_tenant_max(queue_max: int) -> int:
+    """Half the queue: one tenant's backlog leaves the other half to everyone else."""
+    return max(1, (queue_max + 1) // 2)
+
+
+def _tenant(job: Job) -> str:
+    return job.tenant
 
 
 def jobs_backend(settings: Settings) -> JobBackend:

@@ -42,6 +42,11 @@ class Backpressure(Exception):
     """The queue is at its bound: the caller should retry later, nothing was accepted."""
 
 
+class TenantBackpressure(Backpressure):
+    """The caller's tenant holds its share of the queue: nothing was accepted; the queue may
+    still have room for other tenants."""
+
+
 class JobStoreUnavailable(Exception):
     """Where jobs (or their idempotency keys) are kept cannot be reached: nothing was
     accepted; the caller should retry later."""

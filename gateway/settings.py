@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # answered outcomes kept for polling (older ones are rebuilt from the audit log), and how
     # long shutdown waits for queued jobs to be answered.
     jobs_queue_max: int = Field(default=1000, ge=1)
+    # Jobs one tenant may have waiting (a submit over it answers 429), so one tenant's backlog
+    # leaves room for the others; unset: half of jobs_queue_max. Tenants are served in turn.
+    jobs_tenant_max: int | None = Field(default=None, ge=1)
     jobs_workers: int = Field(default=4, ge=1, le=256)
     jobs_keep: int = Field(default=10_000, ge=1)
     jobs_keep_s: float = Field(default=3600.0, gt=0)

@@ -38,6 +38,7 @@ from gateway.jobs import (
     JobBackend,
     JobRejected,
     JobStoreUnavailable,
+    TenantBackpressure,
     job_from_request,
 )
 from gateway.problems import FieldError, Problem
@@ -89,6 +90,12 @@ async def _submit(request: Request) -> Response:
     jobs: JobBackend = request.app.state.jobs
     try:
         submitted = await jobs.submit(job, key)
+    except TenantBackpressure as full:
+        raise Problem(
+            429, "too-many-jobs-waiting", "Too many of your predictions waiting",
+            f"nothing was accepted: {full}; retry once some are answered",
+            headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
     except Backpressure as full:
         raise Problem(
             503, "queue-full", "Too many predictions waiting",

@@ -200,7 +200,8 @@ async def test_a_job_that_fails_with_a_bug_reads_as_failed_not_unknown(tmp_path)
 
 async def test_a_full_queue_refuses_with_503_and_retry_after():
     """Queue of one, one worker held: later submits get 503 problem+json; accepted ones finish."""
-    async with gateway(jobs_queue_max=1, jobs_workers=1) as (app, client):
+    # A tenant allowed more than the whole queue: the queue's own bound is what refuses.
+    async with gateway(jobs_queue_max=1, jobs_tenant_max=2, jobs_workers=1) as (app, client):
         gate = AuditGate(app, closed=True)
         responses = []
         for _ in range(4):
@@ -619,7 +620,7 @@ async def test_two_tenants_using_one_key_get_two_jobs(tenant_keys, tmp_path):
 
 async def test_a_retry_is_answered_even_while_the_queue_is_full():
     """Replaying an accepted job needs no room: the retry is 202 where a new job is 503."""
-    async with gateway(jobs_queue_max=1, jobs_workers=1) as (app, client):
+    async with gateway(jobs_queue_max=1, jobs_tenant_max=2, jobs_workers=1) as (app, client):
         gate = AuditGate(app, closed=True)
         first = await client.post("/v1/predictions:async", json=CHURN_REQUEST, headers=KEY)
         await asyncio.sleep(0.05)  # the worker holds it; the queue is empty again
@@ -749,3 +750,58 @@ async def test_keys_hold_across_gateways_sharing_redis(redis_server, tmp_path):
     assert retry.json() == first.json() and retry.headers["idempotent-replayed"] == "true"
     assert reused.status_code == 422
     assert pending.status_code == 202  # queued once, waiting for an `aigw worker`
+
+
+# ---- tenants sharing the queue --------------------------------------------------------------
+
+
+async def test_a_tenant_over_its_share_of_the_queue_is_429_and_others_still_get_in(
+    tenant_keys, tmp_path
+):
+    """acme fills its share: its next submit is 429 (its own backlog); globex is accepted."""
+    path, auth = tenant_keys
+    settings = {"keys_file": path, "audit_dir": tmp_path, "jobs_queue_max": 4, "jobs_workers": 1}
+    async with gateway(**settings) as (app, client):
+        gate = AuditGate(app, closed=True)
+
+        async def submit(tenant: str) -> httpx.Response:
+            response = await client.post(
+                "/v1/predictions:async", json=CHURN_REQUEST, headers=auth[tenant]
+            )
+            await asyncio.sleep(0.02)  # let the worker take what it can
+            return response
+
+        acme = [await submit("acme") for _ in range(4)]  # one running, two waiting, one over
+        globex = await submit("globex")
+        gate.opened.set()
+        for response in [*acme[:3], globex]:
+            tenant = "globex" if response is globex else "acme"
+            assert (await answered(client, response.json()["status_url"], auth[tenant])).is_success
+    assert [r.status_code for r in acme] == [202, 202, 202, 429]
+    refused = acme[3]
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["type"] == "urn:aigw:problem:too-many-jobs-waiting"
+    assert globex.status_code == 202
+    assert len(audit_records(tmp_path)) == 4
+
+
+async def test_a_tenants_job_does_not_wait_behind_another_tenants_backlog(tenant_keys, tmp_path):
+    """One worker, acme's backlog of five waiting, then one globex job: globex's is answered
+    second, not sixth."""
+    path, auth = tenant_keys
+    settings = {"keys_file": path, "audit_dir": tmp_path, "jobs_workers": 1}
+    async with gateway(**settings) as (app, client):
+        gate = AuditGate(app, closed=True)
+        submitted = []
+        for tenant in ["acme"] * 6 + ["globex"]:
+            response = await client.post(
+                "/v1/predictions:async", json=CHURN_REQUEST, headers=auth[tenant]
+            )
+            submitted.append((tenant, response.json()))
+            await asyncio.sleep(0.01)
+        gate.opened.set()
+        for tenant, accepted in submitted:
+            assert (await answered(client, accepted["status_url"], auth[tenant])).is_success
+    order = [record["tenant"] for record in audit_records(tmp_path)]
+    assert order == ["acme", "acme", "globex", "acme", "acme", "acme", "acme"]
