@@ -41,7 +41,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -445,6 +445,25 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2],
 return 1
 """
 
+# KEYS: request stream. ARGV: group, consumer, entry ids.
+# A job still running must not look abandoned: nothing else touches its pending entry while it
+# runs, so its worker calls this every third of the claim timeout for the entries it is running.
+# XCLAIM with JUSTID restarts an entry's idle time and leaves its delivery count as it is (which
+# counts attempts, bounded by `max_attempts`). Only entries this consumer still holds: one
+# another consumer has claimed meanwhile stays theirs, one acknowledged stays settled. A worker
+# that dies stops calling it, so its entries become claimable after the claim timeout.
+# Returns how many entries were held.
+HOLD = """
+local held = 0
+for i = 3, #ARGV do
+  if redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    held = held + 1
+  end
+end
+return held
+"""
+
 # KEYS: request stream. ARGV: group, minimum idle ms, a consumer name to forget regardless of
 # idleness ("" for none).
 # Consumers are named per process (host-pid), so every restart adds one to the group. This
@@ -495,6 +514,7 @@ class StreamStore:
         self._dead = self.redis.register_script(DEAD_LETTER)
         self._forget = self.redis.register_script(FORGET_CONSUMERS)
         self._give_back = self.redis.register_script(GIVE_BACK_DELIVERY)
+        self._hold = self.redis.register_script(HOLD)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -624,6 +644,14 @@ class StreamStore:
         False when another consumer has claimed the entry since (or it was settled)."""
         args = [GROUP, delivery.entry_id, consumer, delivery.deliveries]
         return bool(await self._give_back(keys=[request_stream(model_id)], args=args))
+
+    async def hold(self, model_id: str, consumer: str, entry_ids: Sequence[str]) -> int:
+        """Keep entries this consumer is still running from being claimed for another claim
+        timeout, without counting a delivery; how many it still held."""
+        if not entry_ids:
+            return 0
+        args = [GROUP, consumer, *entry_ids]
+        return int(await self._hold(keys=[request_stream(model_id)], args=args))
 
     async def backlog(self, model_id: str) -> tuple[int, int]:
         """(lag, pending) of the workers' group: not yet delivered, delivered and unacked."""

@@ -5,7 +5,11 @@ A `StreamWorker` serves one logical model. It reads new entries with XREADGROUP,
 and audit trail as a synchronous request) and stores the answer with the exactly-once script
 (gateway/streams.py), which also acknowledges the entry. Every `claim_every_s` it takes over,
 with XAUTOCLAIM, entries another consumer (a dead one, usually) left unacknowledged for longer
-than `worker_claim_idle_ms`.
+than `worker_claim_idle_ms`. Nothing touches an entry while its job runs, so every third of
+that timeout the worker resets the idle time of the entries it is running (`StreamStore.hold`,
+which counts no delivery): a job running longer than the claim timeout (a policy's
+`timeout_ms` goes up to 600 s) is neither taken over and run again nor counted as delivered
+again. A worker that dies stops doing so, and its entries are claimable after the timeout.
 
 What happens to an entry:
 - answered: result stored (or, for an id answered before, only acknowledged: `duplicate`);
@@ -93,6 +97,12 @@ def claim_interval_s(claim_idle_ms: int) -> float:
     return min(max(claim_idle_ms / 2000, 0.5), 10.0)
 
 
+def hold_interval_s(claim_idle_ms: int) -> float:
+    """How often the entries being run are held: three times per claim timeout, so that one
+    or two missed turns (Redis slow to answer) still leave none looking abandoned."""
+    return claim_idle_ms / 3000
+
+
 def default_consumer() -> str:
     """A consumer name unique per process, stable for its life: host and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -121,6 +131,7 @@ class StreamWorker:
         self._inflight: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._holder: asyncio.Task | None = None
         self._claim_cursor = "0-0"
         self._claim_every_s = claim_interval_s(self.config.claim_idle_ms)
         self._next_claim = self._next_maintenance = self._next_forget = 0.0
@@ -132,6 +143,9 @@ class StreamWorker:
             raise RuntimeError("the worker is already running")
         await self.store.ensure_group(self.model_id)
         self._task = asyncio.create_task(self._run(), name=f"stream-worker-{self.model_id}")
+        self._holder = asyncio.create_task(
+            self._hold_inflight(), name=f"stream-hold-{self.model_id}"
+        )
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop reading, finish the jobs in flight (within the timeout), leave the group."""
@@ -140,7 +154,8 @@ class StreamWorker:
             return
         self._stopping.set()
         await task
-        await self._finish_inflight(timeout_s)
+        await self._finish_inflight(timeout_s)  # held meanwhile: they are still running
+        await self._stop_holding()
         await self._leave_group()
 
     async def _finish_inflight(self, timeout_s: float) -> None:
@@ -152,6 +167,13 @@ class StreamWorker:
             job.cancel()
         if late:
             log.warning("stream worker: jobs cut off at stop", extra={"jobs": len(late)})
+
+    async def _stop_holding(self) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder
 
     async def _leave_group(self) -> None:
         """Delete this consumer from the group if it holds nothing (else a later worker's
@@ -227,7 +249,8 @@ class StreamWorker:
             self.model_id, self.consumer, count, self._claim_cursor
         )
         self._claim_cursor = cursor  # `0-0` once the whole pending list was scanned
-        # An entry of ours still running past the claim timeout is already being handled.
+        # An entry of ours still running is held (_hold_inflight); should the hold lapse (the
+        # loop stalled for a claim timeout), it is being handled all the same.
         taken = [d for d in claimed if d.entry_id not in self._inflight]
         if taken:
             log.info(
@@ -235,6 +258,19 @@ class StreamWorker:
                 extra={"model": self.model_id, "entries": len(taken)},
             )
         return taken
+
+    async def _hold_inflight(self) -> None:
+        """Keep the entries whose jobs are running from looking abandoned, until stopped
+        (best effort: a turn missed is made up by the next, within the claim timeout)."""
+        every_s = hold_interval_s(self.config.claim_idle_ms)
+        while True:
+            await asyncio.sleep(every_s)
+            if not self._inflight:
+                continue
+            try:
+                await self.store.hold(self.model_id, self.consumer, list(self._inflight))
+            except Exception as error:
+                log.warning("stream worker: entries in flight not held", extra=self._extra(error))
 
     async def _maintain(self) -> None:
         """Backlog metrics and trimming: best effort, never at the cost of reading."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import orjson
@@ -500,6 +501,123 @@ async def test_an_outage_gives_its_delivery_back(churn_store, offline_runtime):
     taken = Delivery(entry_id, {}, 4)
     assert not await churn_store.give_back_delivery(MODEL, taken, "survivor")
     assert await times_delivered() == 4
+
+
+async def test_holding_entries_restarts_their_idle_time_only_for_their_holder(
+    redis_server, model_id
+):
+    """`hold` keeps the entries a consumer is running from looking abandoned: their idle
+    time restarts and their delivery count stays; an entry another consumer took over in the
+    meantime stays that consumer's, and an acknowledged one is not brought back."""
+    store = StreamStore(redis_server.url, StreamConfig(claim_idle_ms=100))
+    stream = request_stream(model_id)
+    try:
+        await store.ensure_group(model_id)
+        taken, answered, running = await publish(store, model_id, 3)
+        await store.read(model_id, "holder", 10, None)
+        await asyncio.sleep(0.15)  # all three idle past the claim timeout
+        _, [claimed] = await store.claim(model_id, "other", 1, "0-0")
+        assert claimed.entry_id == taken
+        await store.ack(model_id, answered)
+        assert await store.hold(model_id, "holder", [taken, answered, running]) == 1
+        rows = await store.redis.xpending_range(stream, GROUP, "-", "+", 10)
+        pending = {
+            r["message_id"].decode(): (r["consumer"].decode(), r["times_delivered"]) for r in rows
+        }
+        assert pending == {taken: ("other", 2), running: ("holder", 1)}
+        assert all(r["time_since_delivered"] < 100 for r in rows)
+        assert (await store.claim(model_id, "third", 10, "0-0"))[1] == []  # none looks idle
+    finally:
+        await store.close()
+
+
+def stall_first_record(monkeypatch, runtime) -> asyncio.Event:
+    """The first job's audit record waits until the event is set (a chain near its budget, a
+    stalled disk: a job running past the claim timeout); later jobs' records go at once."""
+    append, first = runtime.audit.append, [True]
+
+    async def stalling(record, **options):
+        if first.pop() if first else False:
+            await release.wait()
+        return await append(record, **options)
+
+    release = asyncio.Event()
+    monkeypatch.setattr(runtime.audit, "append", stalling)
+    return release
+
+
+async def in_flight(worker: StreamWorker, entry_id: str) -> bool:
+    return entry_id in worker._inflight
+
+
+async def test_a_job_running_past_the_claim_timeout_is_neither_taken_over_nor_counted_again(
+    churn_store, offline_runtime, monkeypatch
+):
+    """While its job runs for ten claim timeouts (100 ms each), the worker running it keeps
+    its entry: a second worker, free and claiming, never takes it over (it runs once, and is
+    answered by the worker that took it), and its delivery count stays 1, so `max_attempts`
+    counts attempts, not seconds of running."""
+    release = stall_first_record(monkeypatch, offline_runtime)
+    job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
+    entry_id = await churn_store.submit(job)
+    running = StreamWorker(offline_runtime, churn_store, MODEL, "running")
+    other = StreamWorker(offline_runtime, churn_store, MODEL, "other")
+    await running.start()
+    try:
+        assert await until(lambda: in_flight(running, entry_id))
+        await other.start()
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            rows = await churn_store.redis.xpending_range(
+                request_stream(MODEL), GROUP, "-", "+", 10
+            )
+            held = [(r["consumer"], r["times_delivered"]) for r in rows]
+            assert held == [(b"running", 1)], held
+        release.set()
+        assert await until(lambda: churn_store.redis.exists(result_key(job.prediction_id)))
+    finally:
+        release.set()
+        await other.stop()
+        await running.stop()
+    [(_, fields)] = await churn_store.redis.xrange(result_stream(MODEL))
+    assert fields[b"consumer"] == b"running" and fields[b"entry_id"] == entry_id.encode()
+    assert offline_runtime.audit.written == 1  # run once
+    assert running.counts == {"answered": 1} and other.counts == {}
+    assert await churn_store.redis.xlen(dead_stream(MODEL)) == 0
+    assert (await churn_store.outcome(job.prediction_id)).status == "done"
+
+
+async def test_an_entry_no_longer_running_is_claimable_after_the_claim_timeout(
+    churn_store, offline_runtime, monkeypatch
+):
+    """The hold lasts as long as a live worker runs the job, a stop's wait for the jobs in
+    flight included: once it no longer does (the job cut off at the stop's deadline here; a
+    killed process stops holding alike), another consumer claims the entry soon after the
+    claim timeout (0.1 s), as its second delivery."""
+    release = stall_first_record(monkeypatch, offline_runtime)
+    job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
+    entry_id = await churn_store.submit(job)
+    worker = StreamWorker(offline_runtime, churn_store, MODEL, "cut-off")
+    await worker.start()
+    stopping = None
+    try:
+        assert await until(lambda: in_flight(worker, entry_id))
+        stopping = asyncio.create_task(worker.stop(timeout_s=1.0))  # waits for the job 1 s
+        for _ in range(8):  # eight claim timeouts while the job runs and the stop waits
+            await asyncio.sleep(0.1)
+            assert (await churn_store.claim(MODEL, "other", 10, "0-0"))[1] == []
+    finally:
+        await (stopping if stopping is not None else worker.stop(timeout_s=0.01))
+        release.set()
+    let_go = time.monotonic()  # the job was cut off; its entry stays pending
+    claimed: list[Delivery] = []
+    while not claimed and time.monotonic() - let_go < 2:
+        await asyncio.sleep(0.02)
+        _, claimed = await churn_store.claim(MODEL, "other", 10, "0-0")
+    waited_s = time.monotonic() - let_go
+    assert [(d.entry_id, d.deliveries) for d in claimed] == [(entry_id, 2)]
+    assert waited_s < 0.5, waited_s  # the claim timeout after the last hold, and a turn
+    assert offline_runtime.audit.written == 0 and worker.counts == {}
 
 
 class LateSubmit:
