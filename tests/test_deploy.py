@@ -15,11 +15,16 @@
   graceful shutdown, selectors, ConfigMaps, every file listed); `kubectl kustomize` builds them
   when kubectl is installed.
 - docker compose and the Dockerfile: parsed and checked in Python (no container engine here).
+- Stream workers (`aigw worker`): both deployments run one, with /metrics off loopback, its own
+  audit directory, and scraped under the job name the rules select; a real worker answering
+  real stream entries is scraped by a real Prometheus, which must raise none of the gateway's
+  alerts for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -39,8 +44,10 @@ import pytest
 import yaml
 
 from gateway.backends import BackendError
+from gateway.cli import _parser as aigw_parser
 from gateway.server import GRACEFUL_SHUTDOWN_S
 from gateway.settings import Settings
+from gateway.worker import STOP_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -69,6 +76,9 @@ OVERVIEW_CORE_PANELS = {
     "Latency p50 / p95 / p99",
     "Degraded ratio by model",
 }
+# The Prometheus job names of `aigw serve` and `aigw worker`: the compose scrape config and the
+# Kubernetes Services the ServiceMonitors select must both produce them (the rules select them).
+GATEWAY_JOB, WORKER_JOB = "aigw", "aigw-worker"
 # Settings read from the environment that are not Settings fields: the policy's ${VAR}.
 POLICY_VARIABLES = {"AIGW_TRITON_URL"}
 DASHBOARD_PROVIDER_PATH = "/var/lib/grafana/dashboards/aigw"
@@ -140,6 +150,65 @@ def test_every_alert_is_unit_tested() -> None:
 def test_prometheus_config_passes_promtool_check() -> None:
     result = run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_scrape_jobs() -> dict[str, set[str]]:
+    """Job name -> the `host:port` targets of deploy/prometheus/prometheus.yml."""
+    return {
+        job["job_name"]: {
+            *(t for c in job.get("static_configs", []) for t in c["targets"]),
+            *(f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"]),
+        }
+        for job in load_yaml(DEPLOY / "prometheus/prometheus.yml")["scrape_configs"]
+    }
+
+
+def k8s_scrape_jobs() -> set[str]:
+    """The job label each ServiceMonitor gives its targets: the selected Service's name."""
+    docs = manifests()
+    services = [d for d in docs if d["kind"] == "Service"]
+    jobs = set()
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        assert "jobLabel" not in monitor["spec"], "the job would no longer be the Service's name"
+        selected = [
+            svc
+            for svc in services
+            if selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+        ]
+        assert len(selected) == 1, (
+            f"ServiceMonitor {monitor['metadata']['name']} selects {selected}"
+        )
+        jobs.add(selected[0]["metadata"]["name"])
+    return jobs
+
+
+def job_selectors(text: str) -> set[str]:
+    """Job names matched by `job="..."` (or `job=~"a|b"`) in PromQL, JSON-escaped or not."""
+    found = re.findall(r'\bjob\s*=~?\s*\\?"([^"\\]*)\\?"', text)
+    return {name for value in found for name in value.split("|")}
+
+
+def test_rules_and_dashboards_select_jobs_that_both_deployments_scrape() -> None:
+    """A `job` matcher naming a job nobody scrapes selects nothing: an alert that never fires."""
+    texts = [path.read_text(encoding="utf-8") for path in [*RULES, *DASHBOARDS]]
+    texts.append((K8S / "prometheusrule.yaml").read_text(encoding="utf-8"))
+    used = {job for text in texts for job in job_selectors(text)}
+    assert {GATEWAY_JOB, WORKER_JOB} <= used, used
+    compose, k8s = set(compose_scrape_jobs()), k8s_scrape_jobs()
+    assert used <= compose, f"not scraped by compose's Prometheus: {used - compose}"
+    assert used <= k8s, f"no ServiceMonitor gives these jobs: {used - k8s}"
+    assert k8s == {GATEWAY_JOB, WORKER_JOB}
+
+
+def test_gateway_only_metrics_are_selected_by_the_gateways_job() -> None:
+    """`aigw worker` probes no backend, so its aigw_ready is always 0: every use of the
+    gauge in rules and dashboards must keep to `aigw serve` (job aigw), or every scraped
+    worker reads as a gateway that is not ready."""
+    exprs = [rule["expr"] for rule in rules()] + [expr for _, _, expr in panel_queries()]
+    uses = [m for expr in exprs for m in re.finditer(r"\baigw_ready\b(\{[^}]*\})?", expr)]
+    assert uses
+    for use in uses:
+        assert job_selectors(use.group(1) or "") == {GATEWAY_JOB}, use.group(0)
 
 
 def test_alerts_have_severity_summary_description_and_a_runbook_section() -> None:
@@ -542,6 +611,7 @@ def test_alerts_match_what_a_gateway_without_triton_shows(live: LivePrometheus) 
     assert len(labels["AigwAuditSpillGrowing"]) == 1  # the stream's Redis is down
     for healthy in (
         "AigwGatewayDown",
+        "AigwWorkerDown",  # no worker scraped here
         "AigwAuditWriteErrors",
         "AigwAuditRefusingAnswers",
         "AigwLatencySLOFastBurn",
@@ -554,6 +624,116 @@ def test_alerts_match_what_a_gateway_without_triton_shows(live: LivePrometheus) 
     (slo,) = live.series("aigw:request_latency_slo_errors:ratio_rate5m")
     assert slo["metric"]["model"] == "customer-churn"
     assert float(slo["value"][1]) == 0  # fallbacks answer in milliseconds
+
+
+def test_a_scraped_worker_raises_none_of_the_gateways_alerts(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A real `aigw worker` answers real stream entries and dead-letters a bad one, scraped by
+    a real Prometheus under the shipped config's worker job with the rules loaded: the stream
+    series arrive under that job, its own alerts fire, and none of the gateway's does."""
+    import redis
+
+    prometheus_bin = tool("prometheus")
+    metrics_port, prometheus_port = free_port(), free_port()
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/13"  # a database of its own
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIGW_")}
+    env.update(
+        AIGW_REDIS_URL=redis_url,
+        AIGW_TRITON_URL=f"127.0.0.1:{free_port()}",  # nothing listens: fallbacks answer
+        AIGW_AUDIT_DIR=str(tmp_path / "worker-audit"),
+        AIGW_WATCH_POLICIES="false",
+    )
+    (shipped,) = [
+        job
+        for job in load_yaml(DEPLOY / "prometheus/prometheus.yml")["scrape_configs"]
+        if any("worker" in c["names"] for c in job.get("dns_sd_configs", []))
+    ]
+    job = {key: value for key, value in shipped.items() if key != "dns_sd_configs"}
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in RULES],
+        "scrape_configs": [job],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    started: list[subprocess.Popen] = []
+    try:
+        with open(tmp_path / "worker.log", "wb") as log:
+            command = [sys.executable, "-m", "gateway.cli", "worker"]
+            started.append(
+                subprocess.Popen(
+                    [*command, "--metrics-port", str(metrics_port)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        with open(tmp_path / "prometheus.log", "wb") as log:
+            started.append(
+                subprocess.Popen(
+                    [
+                        prometheus_bin,
+                        f"--config.file={tmp_path / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                        "--log.level=warn",
+                    ],
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        live = LivePrometheus(f"http://127.0.0.1:{prometheus_port}", {})
+
+        def worker_scraped() -> bool:
+            if started[0].poll() is not None:
+                log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+                pytest.fail(f"aigw worker exited with {started[0].returncode}:\n{log}")
+            return bool(live.series(f'up{{job="{WORKER_JOB}"}} == 1'))
+
+        _wait(worker_scraped, "the worker's first scrape", 30)
+        stream = "aigw:requests:customer-churn"
+        for i in range(3):
+            features = {"customer_id": f"w-{i}", "tenure_months": i, "monthly_charges": 50.0}
+            request = {"model_id": "customer-churn", "features": features}
+            client.xadd(stream, {"request": json.dumps(request)})
+        # off the contract: a dead letter at once
+        client.xadd(stream, {"request": json.dumps({"model_id": "customer-churn", "features": {}})})
+
+        def scraped_every_job() -> bool:
+            (answered,) = live.series(
+                f'sum(aigw_stream_jobs_total{{job="{WORKER_JOB}", outcome="answered"}})'
+            )
+            (dead,) = live.series(f'sum(aigw_stream_dead_letters_total{{job="{WORKER_JOB}"}})')
+            assert (float(answered["value"][1]), float(dead["value"][1])) == (3, 1)
+            return True
+
+        _wait(scraped_every_job, "Prometheus to scrape the worker's jobs", 30)
+        # What makes the job matters: a worker's aigw_ready is 0, always.
+        (ready,) = live.series(f'aigw_ready{{job="{WORKER_JOB}"}}')
+        assert float(ready["value"][1]) == 0
+        matching = {rule["alert"]: live.series(rule["expr"]) for rule in alerts()}
+        labels = {name: [s["metric"] for s in series] for name, series in matching.items()}
+        assert [m["job"] for m in labels["AigwJobsFailed"]] == [WORKER_JOB]  # the dead letter
+        for quiet in (
+            "AigwGatewayDown",
+            "AigwGatewayNotReady",
+            "AigwWorkerDown",
+            "AigwStreamBacklogGrowing",
+            "AigwAuditWriteErrors",
+            "AigwAuditRefusingAnswers",
+            "AigwCallbacksFailing",
+        ):
+            assert labels[quiet] == [], quiet
+    finally:
+        for process in reversed(started):
+            _stop(process)
+        client.flushdb()
+        client.close()
 
 
 # --- Kubernetes --------------------------------------------------------------------------
@@ -575,6 +755,25 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 
 def gateway_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return one(docs, "Deployment", "aigw")
+
+
+def worker_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment", "aigw-worker")
+
+
+def worker_metrics_address(command: list[str]) -> tuple[str, int | None]:
+    """Where `aigw worker` serves /metrics, read from its command by the CLI's own parser."""
+    assert command[0] == "aigw", command
+    args = aigw_parser().parse_args(command[1:])
+    assert command[1] == "worker" and args.handler.__name__ == "_worker", command
+    return args.metrics_host, args.metrics_port
+
+
+def assert_off_loopback(host: str, where: str) -> None:
+    """A scrape from another pod or container reaches only a non-loopback listener."""
+    assert host != "localhost", f"{where}: /metrics on loopback cannot be scraped"
+    address = ipaddress.ip_address(host)
+    assert not address.is_loopback, f"{where}: /metrics on {host} cannot be scraped"
 
 
 def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
@@ -708,10 +907,10 @@ def test_service_hpa_pdb_and_service_monitor_match_the_pods() -> None:
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"  # needs the container's cpu request
-    pdb = one(docs, "PodDisruptionBudget")
+    pdb = one(docs, "PodDisruptionBudget", "aigw")
     assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
     assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable")
-    monitor = one(docs, "ServiceMonitor")
+    monitor = one(docs, "ServiceMonitor", "aigw")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     (endpoint,) = monitor["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
@@ -720,10 +919,152 @@ def test_service_hpa_pdb_and_service_monitor_match_the_pods() -> None:
     # Nothing but the gateway's pods is selected by the gateway's selectors.
     redis = one(docs, "StatefulSet", "aigw-redis")
     assert not selects(service["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+    for selector in (service["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
+        assert not selects(selector, pod_labels(worker_deployment(docs)))
     assert selects(
         one(docs, "Service", "aigw-redis")["spec"]["selector"],
         redis["spec"]["template"]["metadata"]["labels"],
     )
+
+
+def test_every_manifest_parses_and_every_selector_finds_its_pods() -> None:
+    """Each object of every resource file is named, unique, and a Service, PDB or
+    ServiceMonitor selects exactly one workload (and a port that workload has)."""
+    docs = manifests()
+    for name in kustomization()["resources"]:
+        for doc in load_yaml_all(K8S / name):
+            assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), name
+            assert doc["metadata"]["name"], name
+    keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), "a kind and name twice"
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+    def selected(selector: dict[str, str]) -> dict[str, Any]:
+        (workload,) = [w for w in workloads if selects(selector, pod_labels(w))]
+        return workload
+
+    for doc in docs:
+        if doc["kind"] == "Service":
+            pods = selected(doc["spec"]["selector"])["spec"]["template"]["spec"]
+            named = {p["name"] for c in pods["containers"] for p in c.get("ports", [])}
+            for port in doc["spec"]["ports"]:
+                assert port["targetPort"] in named, f"{doc['metadata']['name']}: {port}"
+        elif doc["kind"] == "PodDisruptionBudget":
+            selected(doc["spec"]["selector"]["matchLabels"])
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        (service,) = [
+            svc
+            for svc in services.values()
+            if selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+        ]
+        ports = {port["name"] for port in service["spec"]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in ports, monitor["metadata"]["name"]
+
+
+def test_worker_deployment_runs_aigw_worker_scraped_off_loopback() -> None:
+    docs = manifests()
+    worker, gateway = worker_deployment(docs), gateway_deployment(docs)
+    spec = worker["spec"]
+    assert selects(spec["selector"]["matchLabels"], pod_labels(worker))
+    assert not selects(spec["selector"]["matchLabels"], pod_labels(gateway))
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == gateway["spec"]["template"]["spec"]["containers"][0]["image"]
+    host, port = worker_metrics_address(container["command"])
+    assert_off_loopback(host, "deploy/k8s/worker.yaml")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": port}
+    # No /healthz in a worker: its probes can only ask its /metrics listener.
+    for probe in ("startupProbe", "livenessProbe"):
+        check = container[probe].get("httpGet") or container[probe]["tcpSocket"]
+        assert check["port"] in ("metrics", port), probe
+        assert check.get("path", "/metrics") == "/metrics", probe
+    assert "readinessProbe" not in container  # no traffic through a Service
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    # The jobs in flight get STOP_TIMEOUT_S to finish, then the audit log is flushed.
+    assert pod["terminationGracePeriodSeconds"] >= STOP_TIMEOUT_S + 10
+    # Scraped under the job the rules select: the Service's name, through a ServiceMonitor.
+    service = one(docs, "Service", WORKER_JOB)
+    assert selects(service["spec"]["selector"], pod_labels(worker))
+    assert not selects(service["spec"]["selector"], pod_labels(gateway))
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == "metrics" and service_port["port"] == port
+    monitor = one(docs, "ServiceMonitor", "aigw-worker")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert not selects(
+        monitor["spec"]["selector"]["matchLabels"],
+        one(docs, "Service", "aigw")["metadata"]["labels"],
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    # With two replicas, one down at a time in a drain; never a budget that blocks drains.
+    pdb = one(docs, "PodDisruptionBudget", "aigw-worker")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels(worker))
+    assert spec["replicas"] >= 2 and pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_worker_pod_is_secured_and_configured_as_the_gateways() -> None:
+    docs = manifests()
+    worker = worker_deployment(docs)["spec"]["template"]["spec"]
+    gateway = gateway_deployment(docs)["spec"]["template"]["spec"]
+    (w,), (g,) = worker["containers"], gateway["containers"]
+    assert worker["securityContext"] == gateway["securityContext"]
+    assert w["securityContext"] == g["securityContext"]
+    assert w["securityContext"]["readOnlyRootFilesystem"] is True
+    assert worker["automountServiceAccountToken"] is False
+    assert w["envFrom"] == g["envFrom"]  # the same aigw-config
+    secrets = {e["name"]: e["valueFrom"] for e in g["env"] if "valueFrom" in e}
+    assert {e["name"]: e["valueFrom"] for e in w["env"] if "valueFrom" in e} == secrets
+    assert_known_settings([e["name"] for e in w["env"]], "deploy/k8s/worker.yaml")
+
+    def mounted(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        return {
+            m["mountPath"]: (
+                m["name"],
+                {k: v for k, v in volumes[m["name"]].items() if k != "name"},
+            )
+            for m in container["volumeMounts"]
+        }
+
+    worker_mounts, gateway_mounts = mounted(worker, w), mounted(gateway, g)
+    for folder in ("/app/policies", "/app/contracts", "/app/fallbacks"):
+        assert worker_mounts[folder] == gateway_mounts[folder], folder
+    assert worker_mounts["/tmp"][1].get("emptyDir") is not None
+    # `aigw worker` loads every file its settings name (the API keys too: a missing
+    # AIGW_KEYS_FILE stops it at start), so each must be in a volume of its pod.
+    settings = dict(
+        line.split("=", 1)
+        for line in (K8S / "gateway.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name, path in settings.items():
+        if name.endswith("_FILE"):
+            holders = [m for m in worker_mounts if path.startswith(m.rstrip("/") + "/")]
+            assert holders, f"{name}={path}: not in a volume of the worker's pod"
+            assert worker_mounts[holders[0]] == gateway_mounts[holders[0]], name
+
+
+def test_worker_audits_into_a_directory_of_its_own() -> None:
+    """One writer per audit directory: a worker on the gateway's log is refused at start."""
+    docs = manifests()
+    settings = dict(
+        line.split("=", 1)
+        for line in (K8S / "gateway.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    worker = worker_deployment(docs)["spec"]["template"]["spec"]
+    (container,) = worker["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    audit_dir = env.get("AIGW_AUDIT_DIR") or settings["AIGW_AUDIT_DIR"]  # env wins over envFrom
+    assert audit_dir != settings["AIGW_AUDIT_DIR"], "the gateway's audit directory"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == audit_dir]
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in worker["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume, "the audit volume must be each pod's own, never shared"
 
 
 def test_kustomize_builds_offline() -> None:
@@ -763,7 +1104,7 @@ def test_manifests_match_the_kubernetes_schemas() -> None:
 def test_compose_stack_services_healthchecks_and_dependencies() -> None:
     compose = load_yaml(DEPLOY / "compose.yaml")
     services = compose["services"]
-    assert {"gateway", "triton", "redis", "prometheus", "grafana"} <= set(services)
+    assert {"gateway", "worker", "triton", "redis", "prometheus", "grafana"} <= set(services)
     for name, service in services.items():
         assert service["healthcheck"]["test"], name
         for published in service.get("ports", []):
@@ -794,6 +1135,58 @@ def test_compose_stack_services_healthchecks_and_dependencies() -> None:
     assert {"gateway:8080", "triton:8002"} <= scraped
     mounts = services["grafana"]["volumes"]
     assert f"./grafana/dashboards:{DASHBOARD_PROVIDER_PATH}:ro" in mounts
+
+
+def compose_volume_at(service: dict[str, Any], path: str) -> str:
+    """The source of the volume a compose service mounts at `path` (or at a parent of it)."""
+    mounts = [v.split(":")[:2] for v in service.get("volumes", [])]
+    found = [src for src, dst in mounts if path == dst or path.startswith(dst.rstrip("/") + "/")]
+    assert len(found) == 1, f"nothing (or several) mounted at {path}: {mounts}"
+    return found[0]
+
+
+def test_compose_runs_a_stream_worker_that_prometheus_scrapes() -> None:
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    worker, gateway = services["worker"], services["gateway"]
+    assert worker["image"] == gateway["image"] and worker["build"] == gateway["build"]
+    host, port = worker_metrics_address(worker["command"])
+    assert_off_loopback(host, "deploy/compose.yaml")
+    env = worker["environment"]
+    assert_known_settings(list(env), "deploy/compose.yaml: worker")
+    for shared in ("AIGW_REDIS_URL", "AIGW_TRITON_URL", "AIGW_AUDIT_STREAM_URL"):
+        assert env[shared] == gateway["environment"][shared], shared
+    assert env.get("AIGW_SHARE_POLICIES") == "true"  # follows changes applied on the gateway
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["env_file"] == gateway["env_file"]  # the same audit keys
+    assert worker["read_only"] is True and "/tmp" in worker["tmpfs"]
+    assert not worker.get("ports"), "a worker publishes nothing"
+    # The image's HEALTHCHECK asks :8080/healthz, which a worker does not serve.
+    assert f"127.0.0.1:{port}/metrics" in " ".join(worker["healthcheck"]["test"])
+    grace = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
+    assert grace and int(grace[1]) >= STOP_TIMEOUT_S + 10
+    # Scraped by the compose Prometheus under the job the rules select.
+    jobs = compose_scrape_jobs()
+    assert jobs[WORKER_JOB] == {f"worker:{port}"}
+    assert jobs[GATEWAY_JOB] == {"gateway:8080"}
+
+
+def test_compose_worker_audits_into_a_directory_and_volume_of_its_own() -> None:
+    """One writer per audit directory: a worker on the gateway's log is refused at start."""
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    worker, gateway = compose["services"]["worker"], compose["services"]["gateway"]
+    worker_dir = worker["environment"]["AIGW_AUDIT_DIR"]
+    gateway_dir = gateway["environment"]["AIGW_AUDIT_DIR"]
+    assert worker_dir != gateway_dir
+    volume = compose_volume_at(worker, worker_dir)
+    assert volume in compose["volumes"], "a named volume"
+    assert volume != compose_volume_at(gateway, gateway_dir)
+    # A named volume mounted where the image has no directory starts owned by root: the image
+    # must make the worker's directory, owned by its user, as it does the gateway's.
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    (made,) = re.findall(r"mkdir -p ([^\\\n&]+)", dockerfile)
+    assert worker_dir in made.split() and gateway_dir in made.split()
+    assert re.search(r"chown -R aigw:aigw /var/lib/aigw\b", dockerfile)
+    assert worker_dir.startswith("/var/lib/aigw/")
 
 
 def test_dockerfile_runs_aigw_serve_as_a_non_root_user() -> None:
