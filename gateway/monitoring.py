@@ -266,6 +266,11 @@ class _Ring:
     def counter_cells(self) -> int:
         return sum(len(s.counters) for s in self._slots)
 
+    def is_empty_at(self, now: float) -> bool:
+        """Nothing counted in the window at `now` (every sub-window too old, or never used)."""
+        newest = int(now // self.width_s)
+        return not any(newest - len(self._slots) < s.epoch <= newest for s in self._slots)
+
     def live_slots(self) -> list[list]:
         """The sub-windows ever used, as plain `[epoch, counters]` pairs (to share)."""
         return [[s.epoch, list(s.counters)] for s in self._slots if s.epoch >= 0]
@@ -492,11 +497,18 @@ class _Stream:
     quality: QualityWindow
 
 
+def _is_idle(stream: _Stream, now: float) -> bool:
+    drift_empty = stream.drift is None or stream.drift.ring.is_empty_at(now)
+    return drift_empty and stream.quality.ring.is_empty_at(now)
+
+
 class Monitor:
     """Drift and quality windows per (model_id, version key, arm), created on first sight.
 
-    Streams are never dropped, so their number is bounded by the versions and arms that policies
-    name, as with the gateway's metric labels; each stream's size is fixed.
+    A stream with nothing left in its windows is forgotten when health is next read: versions
+    and arms a policy no longer names, and the fallback rules' versions (`rules-<hash>`, a new
+    one with each edit of the rules), would otherwise be kept, and exported, for good. So the
+    streams are bounded by what answered within the windows; each stream's size is fixed.
     """
 
     def __init__(
@@ -546,6 +558,7 @@ class Monitor:
 
     def health(self, model_id: str, now: float) -> dict:
         """JSON-ready: per version and arm, drift, quality, the baseline used and a status."""
+        self.forget_idle(now)
         versions: dict[str, dict[str, dict]] = {}
         statuses = []
         for (model, version, arm), stream in sorted(self._streams.items()):
@@ -572,6 +585,13 @@ class Monitor:
             },
             "versions": versions,
         }
+
+    def forget_idle(self, now: float) -> int:
+        """Drop the streams whose windows hold nothing at `now`; how many were dropped."""
+        idle = [key for key, stream in self._streams.items() if _is_idle(stream, now)]
+        for key in idle:
+            del self._streams[key]
+        return len(idle)
 
     def windows(self) -> list[dict]:
         """Every stream's sub-windows as plain data, to share with other workers."""

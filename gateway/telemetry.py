@@ -485,6 +485,7 @@ def _model_health(runtime: Runtime) -> Iterator:
         labels=["model", "version", "arm"],
     )  # fmt: skip
     now = time.time()
+    runtime.monitor.forget_idle(now)  # this worker's own streams, which it also publishes
     monitor = _monitor_of_all_workers(runtime)
     for model_id in runtime.policies.policies:
         for version, arms in monitor.health(model_id, now)["versions"].items():

@@ -293,8 +293,28 @@ def test_quality_ages_out_and_judges_labels_against_the_positive_one(churn):
     quality = monitor.health(MODEL, now=20.0)["versions"]["churn-gbm:1"]["control"]["quality"]
     assert (quality["sample_size"], quality["accuracy"], quality["precision"]) == (3, 0.666667, 0.5)
     assert quality["recall"] == 1.0
-    later = monitor.health(MODEL, now=700.0)["versions"]["churn-gbm:1"]["control"]["quality"]
-    assert later["sample_size"] == 0
+    later = monitor.health(MODEL, now=599.0)["versions"]["churn-gbm:1"]["control"]["quality"]
+    assert later["sample_size"] == 3  # still inside the window (its sub-window ends at 600)
+    assert monitor.health(MODEL, now=700.0)["versions"] == {}  # aged out, and forgotten
+
+
+def test_streams_with_nothing_in_their_windows_are_forgotten(churn):
+    """Each edit of the fallback rules answers as a new version (`rules-<hash>`): once one
+    has nothing left in its windows it leaves the report and the monitor, so the streams (and
+    the metric series made from them) stay bounded; a stream still counting stays."""
+    monitor = Monitor({MODEL: churn}, drift_window_s=300.0, quality_window_s=600.0)
+    for n in range(50):  # fifty rule edits, each answering once, a minute apart
+        monitor.observe_outcome(
+            MODEL, f"rules-{n:012x}", "control", "stay", "stay", 0.5, "churn", 60.0 * n
+        )
+    monitor.observe_prediction(MODEL, "churn-gbm:1", "control", {}, 0.3, 60.0 * 49)
+    versions = monitor.health(MODEL, now=60.0 * 49)["versions"]
+    assert len(versions) == 11  # the ten newest rules (600 s window) and the model
+    assert "rules-000000000000" not in versions and "rules-000000000031" in versions
+    cells = monitor.counter_cells()
+    assert monitor.forget_idle(now=60.0 * 49 + 600.0) == 11  # nothing left anywhere
+    assert monitor.health(MODEL, now=60.0 * 49 + 600.0)["versions"] == {}
+    assert monitor.counter_cells() == 0 < cells
 
 
 # --- Health ------------------------------------------------------------------------------------

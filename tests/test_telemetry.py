@@ -287,6 +287,29 @@ def test_model_health_gauges_cover_every_workers_windows(tmp_path):
     assert own["features"]["monthly_charges"]["psi"] != charges_psi  # what one worker saw
 
 
+def test_model_health_series_of_a_version_no_longer_answering_go_away(tmp_path):
+    """A version that answered long ago (an old edit of the fallback rules: `rules-<hash>`)
+    is exported while its windows hold something, then never again, nor kept by the worker
+    (which would publish it to its siblings for good)."""
+    now = time.time()
+    monitor = Monitor(load_baselines(REPO / "baselines"), quality_window_s=600.0)
+    for version, at in (("rules-0123456789ab", now - 700.0), ("rules-ba9876543210", now - 5.0)):
+        monitor.observe_outcome(MODEL, version, "control", "stay", "stay", 0.2, "churn", at)
+    runtime = SimpleNamespace(
+        policies=SimpleNamespace(policies={MODEL: None}),
+        monitor=monitor,
+        shared_statistics=SharedStatistics(tmp_path, 0),  # one of several workers
+    )
+    versions = {
+        s.labels["version"]
+        for family in telemetry._model_health(runtime)
+        for s in family.samples
+        if s.name == "aigw_model_feedback_sample_size"
+    }
+    assert versions == {"rules-ba9876543210"}
+    assert monitor.forget_idle(now) == 0  # the idle one was dropped at the scrape already
+
+
 SHARED = {"share_breaker_state": True, "share_policies": True, "share_statistics": True}
 
 

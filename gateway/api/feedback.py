@@ -193,8 +193,10 @@ async def model_health(request: Request, model_id: str) -> Response:
     if runtime.policies.get(model_id) is None:
         raise Problem(404, "unknown-model", "Unknown model", "no policy for this model_id")
     siblings = await _siblings(runtime)
+    now = time.time()
+    runtime.monitor.forget_idle(now)  # this worker's own streams, which it also publishes
     monitor = runtime.monitor.combined(p.windows for p in siblings) if siblings else runtime.monitor
-    return json_response(monitor.health(model_id, time.time()))
+    return json_response(monitor.health(model_id, now))
 
 
 async def _siblings(runtime: Runtime) -> list[Published]:
