@@ -7,6 +7,8 @@ timestamps too far from its clock (a replayed delivery is stale). `verify` does 
 
 Delivery is at least once: an accepted (2xx) delivery is not sent again, but a receiver whose
 2xx was lost in transit sees it twice, so receivers deduplicate on `X-AIGW-Prediction-Id`.
+(Jobs on Redis keep that promise across crashes: their callbacks wait in a Redis outbox until
+delivered or given up, gateway/callback_outbox.py; this module sends them.)
 Connection errors, timeouts, 5xx and 429 are retried with capped exponential backoff and
 jitter up to a bound of attempts; any other status is final. Redirects are not followed: a
 redirect could lead past the host allow-list.
@@ -313,7 +315,10 @@ class CallbackSender:
 
     `schedule` never waits: job workers hand the envelope over and go on. At most
     `max_pending` deliveries are in flight (sending or between attempts); beyond that a
-    delivery is dropped and counted, and the caller can still poll its status URL.
+    delivery is dropped and counted, and the caller can still poll its status URL. (That is
+    the in-memory jobs backend; jobs on Redis queue their callbacks in a durable outbox whose
+    consumer, gateway/callback_outbox.py, calls `send` and keeps to the same bound by taking
+    no more entries: nothing is dropped there.)
     """
 
     def __init__(
@@ -353,6 +358,14 @@ class CallbackSender:
     def pending(self) -> int:
         return len(self._tasks)
 
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
+    @property
+    def max_attempts(self) -> int:
+        return self._max_attempts
+
     def schedule(self, prediction_id: str, url: str, envelope: Any) -> bool:
         """Start delivering `envelope` to `url` in the background; False when dropped."""
         if len(self._tasks) >= self._max_pending:
@@ -370,14 +383,17 @@ class CallbackSender:
             log.error("callback delivery crashed", exc_info=task.exception())
 
     async def deliver(self, prediction_id: str, url: str, body: bytes) -> Delivery:
-        """Send until accepted, refused or out of attempts; every attempt is counted."""
+        """Send until accepted, refused or out of attempts; every attempt is counted, and a
+        delivery cancelled by a shutdown counts as dropped (nothing will send it again)."""
         try:
-            return await self._deliver(prediction_id, url, body)
+            return await self.send(prediction_id, url, body)
         except asyncio.CancelledError:
             self._observe("dropped")  # shutdown came first
             raise
 
-    async def _deliver(self, prediction_id: str, url: str, body: bytes) -> Delivery:
+    async def send(self, prediction_id: str, url: str, body: bytes) -> Delivery:
+        """`deliver` for a caller that keeps the callback until it has an outcome (the Redis
+        outbox, gateway/callback_outbox.py): a cancelled send is no outcome, and not counted."""
         status: int | None = None
         for attempt in range(1, self._max_attempts + 1):
             try:
@@ -412,6 +428,11 @@ class CallbackSender:
             return None, None
         hint = retry_after_s(response.headers.get("retry-after"), self._backoff[1])
         return response.status_code, hint
+
+    def conclude(self, outcome: Outcome, attempts: int = 0) -> Delivery:
+        """An outcome reached without sending (the outbox gives up on an entry, or its URL is
+        not allowed here): counted and logged like any other."""
+        return self._end(outcome, attempts, None)
 
     def _end(self, outcome: Outcome, attempts: int, status: int | None) -> Delivery:
         self._observe(outcome)

@@ -14,6 +14,8 @@ Keys, per logical model `M` and prediction `P`:
     aigw:withdrawn:P    a submit whose reply was lost and that had not run: it never will
     aigw:idempotency:K  the claim of a tenant's idempotency key K (a digest, see
                         gateway/idempotency.py): "<prediction id> <request fingerprint>"
+    aigw:callbacks      the callback outbox, one for every model (the workers' consumer group
+                        is `aigw-callbacks`; gateway/callback_outbox.py sends from it)
 
 A request entry has either a field `job` (the JSON of a `gateway.jobs.Job`, as `submit`
 writes it) or a field `request` (the body of `POST /v1/predictions`, as a business system
@@ -24,7 +26,10 @@ one is derived from the stream and the entry id, so a redelivered entry keeps it
 Delivery is at least once; results are exactly once per prediction id. `STORE_RESULT` writes
 the result record and its result-stream entry only if no result exists for the id yet, and
 acknowledges the request entry in every case, in one script: a retry of an answered entry only
-acknowledges it. Dead-lettering adds to the dead-letter stream and acknowledges in one script.
+acknowledges it. A job with a callback URL gets its callback queued in the outbox by the same
+script, only when that call stored the result: one callback per prediction id, never one
+without its result, never a result whose callback a crash could lose. Dead-lettering adds to
+the dead-letter stream and acknowledges in one script.
 
 Backpressure. `SUBMIT` refuses (Backpressure) when a model's backlog, entries not yet
 delivered to the group (its lag) plus entries delivered and not yet acknowledged, has reached
@@ -66,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.streams")
 
 GROUP = "aigw-workers"
+CALLBACK_STREAM = "aigw:callbacks"  # the callback outbox: one stream for every model
+CALLBACK_GROUP = "aigw-callbacks"
 DEAD_LETTER_MAXLEN = 100_000  # approximate: dead letters are for people to read, not a queue
 REDIS_TIMEOUT_S = 5.0  # longer than a blocking read (worker.BLOCK_MS)
 # After a submit whose reply was lost: how long finding out whether it was accepted may take
@@ -397,9 +404,12 @@ redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
 return 0
 """
 
-# KEYS: result record, result stream, request stream, pending marker.
+# KEYS: result record, result stream, request stream, pending marker, [callback outbox].
 # ARGV: group, entry id, record JSON, ttl_s, result stream maxlen, prediction id, tenant,
-#       envelope JSON, consumer. Returns 1 when this call stored the result, 0 when one was there.
+#       envelope JSON, consumer, [callback URL, model id].
+# With a callback URL, the callback to send is queued in the outbox in the same step as the
+# result is stored: never one without the other, and a second store of the id (which stores
+# nothing) queues nothing. Returns 1 when this call stored the result, 0 when one was there.
 STORE_RESULT = """
 local stored = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -407,6 +417,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
              'prediction_id', ARGV[6], 'tenant', ARGV[7], 'status', 'done',
              'envelope', ARGV[8], 'entry_id', ARGV[2], 'consumer', ARGV[9])
+  if KEYS[5] then
+    redis.call('XADD', KEYS[5], '*', 'prediction_id', ARGV[6], 'url', ARGV[10],
+               'body', ARGV[8], 'model_id', ARGV[11], 'tenant', ARGV[7])
+  end
   stored = 1
 end
 redis.call('DEL', KEYS[4])
@@ -585,9 +599,15 @@ class StreamStore:
         self, model_id: str, consumer: str, count: int, cursor: str
     ) -> tuple[str, list[Delivery]]:
         """Entries idle past the claim timeout, taken over, with their delivery counts."""
-        stream = request_stream(model_id)
+        return await self._claim_from(
+            request_stream(model_id), GROUP, consumer, count, cursor, self.config.concurrency
+        )
+
+    async def _claim_from(
+        self, stream: str, group: str, consumer: str, count: int, cursor: str, in_flight: int
+    ) -> tuple[str, list[Delivery]]:
         idle_ms = self.config.claim_idle_ms
-        reply = await self.redis.xautoclaim(stream, GROUP, consumer, idle_ms, cursor, count=count)
+        reply = await self.redis.xautoclaim(stream, group, consumer, idle_ms, cursor, count=count)
         next_cursor, entries = _text(reply[0]), [(i, f) for i, f in reply[1] if f is not None]
         if not entries:
             return next_cursor, []
@@ -595,16 +615,24 @@ class StreamStore:
         first, last = min(ids, key=stream_id), max(ids, key=stream_id)
         # Our own in-flight entries can lie in the range too: ask for enough rows.
         rows = await self.redis.xpending_range(
-            stream, GROUP, first, last, count + self.config.concurrency, consumername=consumer
+            stream, group, first, last, count + in_flight, consumername=consumer
         )
         counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
         deliveries = [Delivery(_text(i), f, counts.get(_text(i), 2)) for i, f in entries]
         return next_cursor, deliveries
 
     async def store_result(
-        self, job: Job, envelope: Mapping[str, Any], entry_id: str, consumer: str
+        self,
+        job: Job,
+        envelope: Mapping[str, Any],
+        entry_id: str,
+        consumer: str,
+        callback_url: str | None = None,
     ) -> bool:
-        """Store the answer unless one is stored for this id, and ack; True if this stored it."""
+        """Store the answer unless one is stored for this id, and ack; True if this stored it.
+
+        With `callback_url`, storing the answer also queues its callback in the outbox
+        (`CALLBACK_STREAM`), in the same step; a store that finds an answer queues nothing."""
         keys = [
             result_key(job.prediction_id), result_stream(job.model_id),
             request_stream(job.model_id), pending_key(job.prediction_id),
@@ -614,6 +642,9 @@ class StreamStore:
             self.config.result_stream_maxlen, job.prediction_id, job.tenant,
             orjson.dumps(dict(envelope)), consumer,
         ]  # fmt: skip
+        if callback_url:
+            keys.append(CALLBACK_STREAM)
+            args += [callback_url, job.model_id]
         return bool(await self._store(keys=keys, args=args))
 
     async def dead_letter(
@@ -648,24 +679,33 @@ class StreamStore:
     async def hold(self, model_id: str, consumer: str, entry_ids: Sequence[str]) -> int:
         """Keep entries this consumer is still running from being claimed for another claim
         timeout, without counting a delivery; how many it still held."""
+        return await self._hold_in(request_stream(model_id), GROUP, consumer, entry_ids)
+
+    async def _hold_in(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]
+    ) -> int:
         if not entry_ids:
             return 0
-        args = [GROUP, consumer, *entry_ids]
-        return int(await self._hold(keys=[request_stream(model_id)], args=args))
+        return int(await self._hold(keys=[stream], args=[group, consumer, *entry_ids]))
 
     async def backlog(self, model_id: str) -> tuple[int, int]:
         """(lag, pending) of the workers' group: not yet delivered, delivered and unacked."""
-        for group in await self.redis.xinfo_groups(request_stream(model_id)):
-            if _text(group["name"]) == GROUP:
+        return await self._backlog_of(request_stream(model_id), GROUP)
+
+    async def _backlog_of(self, stream: str, name: str) -> tuple[int, int]:
+        for group in await self.redis.xinfo_groups(stream):
+            if _text(group["name"]) == name:
                 pending, lag = int(group["pending"]), group.get("lag")
                 if lag is None:  # Redis cannot tell after some deletions: estimate
-                    lag = max(0, await self.redis.xlen(request_stream(model_id)) - pending)
+                    lag = max(0, await self.redis.xlen(stream) - pending)
                 return int(lag), pending
-        return await self.redis.xlen(request_stream(model_id)), 0
+        return await self.redis.xlen(stream), 0
 
     async def trim_acknowledged(self, model_id: str) -> int:
         """Drop entries every group has acknowledged (never one still to be answered)."""
-        stream = request_stream(model_id)
+        return await self._trim_acknowledged(request_stream(model_id))
+
+    async def _trim_acknowledged(self, stream: str) -> int:
         floors = []
         for group in await self.redis.xinfo_groups(stream):
             summary = await self.redis.xpending(stream, group["name"])
@@ -680,6 +720,57 @@ class StreamStore:
         pending entry; how many were deleted."""
         args = [GROUP, idle_ms, also]
         return int(await self._forget(keys=[request_stream(model_id)], args=args))
+
+    # ---- the callback outbox: `CALLBACK_STREAM`, read by the group `CALLBACK_GROUP` ----------
+    # Filled by STORE_RESULT; read by gateway/callback_outbox.py, with the same claim, hold,
+    # trim and forget steps as the request streams.
+
+    async def ensure_callback_group(self) -> None:
+        """The outbox's consumer group from the stream's start: no callback queued before the
+        first worker started is skipped."""
+        try:
+            await self.redis.xgroup_create(CALLBACK_STREAM, CALLBACK_GROUP, id="0", mkstream=True)
+        except aioredis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def read_callbacks(
+        self, consumer: str, count: int, block_ms: int | None
+    ) -> list[Delivery]:
+        """Callbacks not yet handed to any consumer (`block_ms` None: do not wait)."""
+        reply = await self.redis.xreadgroup(
+            CALLBACK_GROUP, consumer, {CALLBACK_STREAM: ">"}, count=count, block=block_ms
+        )
+        return [Delivery(_text(i), f, 1) for _, entries in reply or [] for i, f in entries]
+
+    async def claim_callbacks(
+        self, consumer: str, count: int, cursor: str, in_flight: int
+    ) -> tuple[str, list[Delivery]]:
+        """Callbacks idle past the claim timeout (their consumer died), taken over."""
+        return await self._claim_from(
+            CALLBACK_STREAM, CALLBACK_GROUP, consumer, count, cursor, in_flight
+        )
+
+    async def ack_callback(self, entry_id: str) -> int:
+        """The callback has its final outcome: nobody sends it again."""
+        return int(await self.redis.xack(CALLBACK_STREAM, CALLBACK_GROUP, entry_id))
+
+    async def hold_callbacks(self, consumer: str, entry_ids: Sequence[str]) -> int:
+        """Keep callbacks this consumer is still delivering from being claimed (see `hold`)."""
+        return await self._hold_in(CALLBACK_STREAM, CALLBACK_GROUP, consumer, entry_ids)
+
+    async def trim_callbacks(self) -> int:
+        """Drop callbacks every group has acknowledged; never one still to be delivered."""
+        return await self._trim_acknowledged(CALLBACK_STREAM)
+
+    async def callback_backlog(self) -> tuple[int, int]:
+        """(lag, pending) of the outbox: callbacks not yet taken, taken and not finished."""
+        return await self._backlog_of(CALLBACK_STREAM, CALLBACK_GROUP)
+
+    async def forget_callback_consumers(self, idle_ms: int, also: str = "") -> int:
+        """`forget_consumers` for the outbox's group."""
+        args = [CALLBACK_GROUP, idle_ms, also]
+        return int(await self._forget(keys=[CALLBACK_STREAM], args=args))
 
 
 def _about(job: Job, error: BaseException) -> dict[str, str]:

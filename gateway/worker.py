@@ -23,6 +23,11 @@ What happens to an entry:
   transient failure gives its delivery back, so outages never count towards this.
 A request whose every chain step fails is still answered (the chain ends in a default).
 
+Callbacks: with `callbacks` (`callback_destination`: the job's URL, checked against the
+allow-list), the result is stored together with its callback in the outbox, and `aigw
+worker` runs a `CallbackCourier` (gateway/callback_outbox.py) that sends the outbox's
+callbacks; no callback depends on the process that answered the job staying alive.
+
 Stopping stops reading, lets the jobs in flight finish, and leaves nothing half-done: an entry
 whose job did not finish stays pending and another worker claims it.
 """
@@ -43,7 +48,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 
 from gateway.audit import AuditUnavailable
-from gateway.callbacks import CallbackSender, allowed_hosts, callback_sender, callback_url_error
+from gateway.callbacks import allowed_hosts, callback_sender, callback_url_error
 from gateway.garbage import settle_startup_heap
 from gateway.jobs import Job, JobRejected, run_job
 from gateway.monitoring import Baseline
@@ -71,6 +76,8 @@ MIN_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
 STOP_TIMEOUT_S = 30.0
 
 OnResult = Callable[[Job, Mapping[str, Any]], Awaitable[None]]
+# The callback URL to queue with a job's result (None: no callback), see callback_destination.
+CallbackDestination = Callable[[Job], str | None]
 
 
 def is_transient(error: BaseException) -> bool:
@@ -122,11 +129,13 @@ class StreamWorker:
         consumer: str,
         *,
         on_result: OnResult | None = None,
+        callbacks: CallbackDestination | None = None,
     ) -> None:
         self.runtime, self.store, self.model_id, self.consumer = runtime, store, model_id, consumer
         self.config: StreamConfig = store.config
         self.counts: Counter[str] = Counter()
         self._on_result = on_result
+        self._callbacks = callbacks
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._inflight: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
@@ -317,7 +326,10 @@ class StreamWorker:
                 return await self._never_finished(delivery, job)
             answer = await run_job(self.runtime, job)
             envelope = answer.envelope()
-            stored = await self.store.store_result(job, envelope, delivery.entry_id, self.consumer)
+            callback_url = self._callbacks(job) if self._callbacks is not None else None
+            stored = await self.store.store_result(
+                job, envelope, delivery.entry_id, self.consumer, callback_url
+            )
         except Exception as error:
             return await self._failed(delivery, job, error)
         self._hold_s = MIN_BACKOFF_S
@@ -418,9 +430,16 @@ async def serve_streams(
     forwarder = runtime.audit_forwarder
     store = StreamStore(settings.redis_url or "", StreamConfig.from_settings(settings))
     sender = callback_sender(settings, runtime.metrics.observe_callback)
-    on_result = callback_hook(sender, settings) if sender is not None else None
+    courier, destination = None, None
+    if sender is not None:  # callbacks queued with results, sent from the outbox
+        from gateway.callback_outbox import CallbackCourier
+
+        allowed = allowed_hosts(settings.callback_allowed_hosts)
+        courier = CallbackCourier(store, sender, consumer, allowed=allowed)
+        destination = callback_destination(settings)
     workers = [
-        StreamWorker(runtime, store, model_id, consumer, on_result=on_result) for model_id in models
+        StreamWorker(runtime, store, model_id, consumer, callbacks=destination)
+        for model_id in models
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -434,17 +453,22 @@ async def serve_streams(
     try:
         for worker in workers:
             await worker.start()
+        if courier is not None:
+            await courier.start()
         settle_startup_heap()
         log.info("stream workers started", extra={"models": list(models), "consumer": consumer})
         await stop.wait()
     finally:
-        await asyncio.gather(*(worker.stop() for worker in workers))
+        # The courier takes no more callbacks and leaves those it cannot finish within its
+        # grace pending in the outbox, for another worker.
+        stopping = [worker.stop() for worker in workers]
+        await asyncio.gather(*stopping, *([courier.stop()] if courier is not None else []))
         if statistics is not None:
             statistics.cancel()  # publishes the last counts as it stops
             await asyncio.gather(statistics, return_exceptions=True)
         await policies.stop()
         if sender is not None:
-            await sender.close()  # callbacks under way get a short grace
+            await sender.close()  # its client; the courier has stopped its deliveries
         await store.close()
         await runtime.close()  # flushes and fsyncs the audit log
         if forwarder is not None:
@@ -452,27 +476,25 @@ async def serve_streams(
         log.info("stream workers stopped", extra={"consumer": consumer})
 
 
-def callback_hook(sender: CallbackSender, settings: Settings) -> OnResult:
-    """Send a job's callback once its result is stored (best effort: the result is the record).
-
-    The URL is checked as the HTTP API checks it: an entry written straight to the stream
-    must not make the worker call a host the operator did not allow.
-    """
+def callback_destination(settings: Settings) -> CallbackDestination:
+    """Which callback a job's result queues in the outbox (gateway/callback_outbox.py): its
+    `callback_url`, checked as the HTTP API checks it, since an entry written straight to the
+    stream must not make a worker call a host the operator did not allow; None for none."""
     allowed = allowed_hosts(settings.callback_allowed_hosts)
 
-    async def on_result(job: Job, envelope: Mapping[str, Any]) -> None:
+    def destination(job: Job) -> str | None:
         if not job.callback_url:
-            return
+            return None
         error = callback_url_error(job.callback_url, enabled=True, allowed=allowed)
         if error is not None:
             log.warning(
                 "stream worker: callback not sent",
                 extra={"prediction_id": job.prediction_id, "error": error.detail},
             )
-            return
-        sender.schedule(job.prediction_id, job.callback_url, envelope)
+            return None
+        return job.callback_url
 
-    return on_result
+    return destination
 
 
 def serve_metrics(runtime: Runtime, port: int, host: str = "127.0.0.1") -> Any:

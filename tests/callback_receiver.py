@@ -24,8 +24,12 @@ class Receiver:
         statuses: Sequence[int] = (),
         retry_after: str | None = None,
         tls: ssl.SSLContext | None = None,
+        port: int = 0,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self._tls = tls  # serve https with this context
+        self._port = port  # 0: any free port
+        self._gate = gate  # when given, no request is answered before it is set (slow receiver)
         self._statuses = list(statuses)
         self._retry_after = retry_after
         self.received: list[Received] = []
@@ -35,6 +39,8 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.received.append(Received(dict(request.headers), await request.read()))
+        if self._gate is not None:
+            await self._gate.wait()
         status = self._statuses.pop(0) if self._statuses else 200
         headers = {"Retry-After": self._retry_after} if self._retry_after and status >= 400 else {}
         if 200 <= status < 300:
@@ -49,7 +55,7 @@ class Receiver:
         app.router.add_post("/hook", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port, ssl_context=self._tls)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"{'https' if self._tls else 'http'}://127.0.0.1:{port}/hook"

@@ -559,7 +559,7 @@ async def test_a_job_running_past_the_claim_timeout_is_neither_taken_over_nor_co
     counts attempts, not seconds of running."""
     release = stall_first_record(monkeypatch, offline_runtime)
     job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
-    entry_id = await churn_store.submit(job)
+    entry_id = (await churn_store.submit(job)).entry_id
     running = StreamWorker(offline_runtime, churn_store, MODEL, "running")
     other = StreamWorker(offline_runtime, churn_store, MODEL, "other")
     await running.start()
@@ -596,7 +596,7 @@ async def test_an_entry_no_longer_running_is_claimable_after_the_claim_timeout(
     claim timeout (0.1 s), as its second delivery."""
     release = stall_first_record(monkeypatch, offline_runtime)
     job = Job(str(uuid.uuid4()), MODEL, CHURN_REQUEST["features"], tenant="acme")
-    entry_id = await churn_store.submit(job)
+    entry_id = (await churn_store.submit(job)).entry_id
     worker = StreamWorker(offline_runtime, churn_store, MODEL, "cut-off")
     await worker.start()
     stopping = None

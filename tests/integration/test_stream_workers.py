@@ -40,7 +40,7 @@ from gateway.streams import (
     request_stream,
     result_stream,
 )
-from gateway.worker import OnResult, StreamWorker, callback_hook
+from gateway.worker import CallbackDestination, StreamWorker, callback_destination
 from tests.conftest import CHURN_REQUEST, REPO, settings_for
 
 pytestmark = pytest.mark.triton
@@ -83,7 +83,10 @@ def body(i: int) -> dict:
 
 @contextlib.asynccontextmanager
 async def in_process_worker(
-    redis_url: str, env: dict[str, str], config: StreamConfig, on_result: OnResult | None = None
+    redis_url: str,
+    env: dict[str, str],
+    config: StreamConfig,
+    callbacks: CallbackDestination | None = None,
 ) -> AsyncIterator[StreamWorker]:
     """A StreamWorker on a runtime of its own, built as `aigw worker` builds it."""
     settings = settings_for(REPO, redis_url=redis_url)
@@ -91,7 +94,7 @@ async def in_process_worker(
     runtime.audit = audit_log(settings)
     await runtime.audit.open()
     store = StreamStore(redis_url, config)
-    worker = StreamWorker(runtime, store, MODEL, "test-worker", on_result=on_result)
+    worker = StreamWorker(runtime, store, MODEL, "test-worker", callbacks=callbacks)
     await worker.start()
     try:
         yield worker
@@ -446,15 +449,21 @@ async def test_a_stopping_worker_finishes_what_it_took_and_takes_no_more(
 
 
 async def test_a_jobs_callback_is_sent_once_its_result_is_stored(redis_db, triton: TritonProcess):
-    """A job's allowed callback URL gets the envelope; a host not allowed gets nothing."""
+    """A job's allowed callback URL gets the envelope, from the outbox; a host not allowed
+    gets nothing, and nothing is queued for it."""
+    from gateway.callback_outbox import CallbackCourier
+    from gateway.streams import CALLBACK_STREAM
     from tests.callback_receiver import Receiver
 
     url, client = redis_db
     env = {"AIGW_TRITON_URL": triton.http_url}
     sender = CallbackSender(b"k" * 32, max_attempts=2, backoff_s=0.05, allowed=("127.0.0.1",))
-    hook = callback_hook(sender, settings_for(REPO, callback_allowed_hosts="127.0.0.1"))
+    hook = callback_destination(settings_for(REPO, callback_allowed_hosts="127.0.0.1"))
+    store = StreamStore(url, StreamConfig())
+    courier = CallbackCourier(store, sender, "test-worker", allowed=("127.0.0.1",))
     try:
         async with Receiver() as receiver, in_process_worker(url, env, StreamConfig(), hook):
+            await courier.start()
             allowed = Job(str(uuid.uuid4()), MODEL, body(1)["features"], callback_url=receiver.url)
             # The same receiver by another name: a host the operator did not allow.
             other_name = receiver.url.replace("127.0.0.1", "localhost")
@@ -466,8 +475,11 @@ async def test_a_jobs_callback_is_sent_once_its_result_is_stored(redis_db, trito
             await asyncio.sleep(0.3)  # a callback to the refused host would have arrived now
             [received] = receiver.received
             assert orjson.loads(received.body)["prediction_id"] == allowed.prediction_id
+            assert await client.xlen(CALLBACK_STREAM) == 1  # only the allowed one was queued
     finally:
+        await courier.stop()
         await sender.close()
+        await store.close()
 
 
 async def test_a_worker_follows_policy_files_as_a_gateway_does(
