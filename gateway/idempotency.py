@@ -23,7 +23,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.expiring_map import ExpiringMap
 from gateway.problems import FieldError, Problem
 from gateway.sqlite_wal import enable_write_ahead_log
 
@@ -157,40 +157,25 @@ class KeptClaims:
     """Claims in this process, at most `limit` and none older than `keep_s`."""
 
     def __init__(self, limit: int, keep_s: float, clock: Any = time.monotonic) -> None:
-        self._limit = limit
-        self._keep_s = keep_s
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, Claim]] = OrderedDict()
+        self._entries: ExpiringMap[str, Claim] = ExpiringMap(limit, keep_s)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def holder(self, scope: str) -> Claim | None:
-        self._expire(self._clock())
-        entry = self._entries.get(scope)
-        return None if entry is None else entry[1]
+        return self._entries.get(scope, self._clock())
 
     async def claim(self, scope: str, claim: Claim) -> Claim:
         held = await self.holder(scope)
         if held is not None:
             return held
-        self._entries[scope] = (self._clock() + self._keep_s, claim)
-        while len(self._entries) > self._limit:
-            self._entries.popitem(last=False)
+        self._entries.put(scope, claim, self._clock())
         return claim
 
     async def release(self, scope: str, claim: Claim) -> None:
-        entry = self._entries.get(scope)
-        if entry is not None and entry[1] == claim:
-            del self._entries[scope]
-
-    def _expire(self, now: float) -> None:
-        # Insertion order is expiry order (one keep_s for all): the oldest is always first.
-        while self._entries:
-            expires, _ = next(iter(self._entries.values()))
-            if expires > now:
-                return
-            self._entries.popitem(last=False)
+        if await self.holder(scope) == claim:
+            self._entries.pop(scope)
 
 
 TRIM_EVERY = 1_000  # claims (by this worker) between deletions of expired ones

@@ -20,13 +20,13 @@ import os
 import random
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.audit import AuditUnavailable
 from gateway.callbacks import CallbackSender, callback_sender, retry_delay
+from gateway.expiring_map import ExpiringMap
 from gateway.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from gateway.idempotency import (
     Claim,
@@ -62,32 +62,16 @@ class KeptOutcomes:
     flat whatever the traffic. Pure: the caller passes the time."""
 
     def __init__(self, limit: int, keep_s: float) -> None:
-        self._limit = limit
-        self._keep_s = keep_s
-        # Insertion order is expiry order (one keep_s for all): the oldest is always first.
-        self._entries: OrderedDict[str, tuple[float, JobOutcome]] = OrderedDict()
+        self._entries: ExpiringMap[str, JobOutcome] = ExpiringMap(limit, keep_s)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, outcome: JobOutcome, now: float) -> None:
-        self._entries[outcome.prediction_id] = (now + self._keep_s, outcome)
-        self._entries.move_to_end(outcome.prediction_id)
-        self._expire(now)
-        while len(self._entries) > self._limit:
-            self._entries.popitem(last=False)
+        self._entries.put(outcome.prediction_id, outcome, now)
 
     def get(self, prediction_id: str, now: float) -> JobOutcome | None:
-        self._expire(now)
-        entry = self._entries.get(prediction_id)
-        return None if entry is None else entry[1]
-
-    def _expire(self, now: float) -> None:
-        while self._entries:
-            expires, _ = next(iter(self._entries.values()))
-            if expires > now:
-                return
-            self._entries.popitem(last=False)
+        return self._entries.get(prediction_id, now)
 
 
 FAILED_MARK = "failed"  # a mark's first word: a failed job, not a holder's pid
