@@ -165,3 +165,19 @@ def unreachable_redis_url() -> str:
     from gateway.demo.triton_process import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+@pytest.fixture
+async def offline_runtime():
+    """The repository's policies with Triton nowhere (a free port): a job that runs is
+    answered by the chain's default, at once."""
+    from gateway.demo.triton_process import free_port
+    from gateway.runtime import audit_log, load_configuration, start_runtime
+
+    settings = settings_for(REPO)
+    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    runtime = start_runtime(settings, load_configuration(settings, env), baselines={})
+    runtime.audit = audit_log(settings)
+    await runtime.audit.open()
+    yield runtime
+    await runtime.close()

@@ -21,7 +21,6 @@ from gateway.callback_outbox import CallbackCourier, callback_of
 from gateway.callbacks import CallbackSender, verify
 from gateway.demo.triton_process import free_port
 from gateway.jobs import Job
-from gateway.runtime import audit_log, load_configuration, start_runtime
 from gateway.streams import (
     CALLBACK_GROUP,
     CALLBACK_STREAM,
@@ -128,17 +127,22 @@ async def test_a_stored_result_queues_its_callback_once_and_a_duplicate_store_no
 # ---- delivering: signed, acknowledged, bounded ---------------------------------------------
 
 
-@pytest.fixture
-async def offline_runtime():
-    """The repository's policies with Triton nowhere (a free port): a job that runs is
-    answered by the chain's default, at once."""
-    settings = settings_for(REPO)
-    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
-    runtime = start_runtime(settings, load_configuration(settings, env), baselines={})
-    runtime.audit = audit_log(settings)
-    await runtime.audit.open()
-    yield runtime
-    await runtime.close()
+async def sent_by_a_live_worker(
+    store: StreamStore, receiver: Receiver
+) -> tuple[Outcomes, CallbackCourier]:
+    """A live worker ("alive") sends what the outbox holds, until the receiver has it and
+    the outbox is settled."""
+    outcomes = Outcomes()
+    callbacks = sender(outcomes)
+    courier = CallbackCourier(store, callbacks, "alive", allowed=("127.0.0.1",))
+    await courier.start()
+    try:
+        await receiver.wait_accepted(5)
+        assert await until(lambda: settled(store))
+    finally:
+        await courier.stop()
+        await callbacks.close()
+    return outcomes, courier
 
 
 async def test_a_worker_sends_the_callback_of_the_job_it_answered_signed_and_acknowledges_it(
@@ -232,16 +236,7 @@ async def test_a_callback_taken_by_a_worker_that_died_is_sent_by_another(store):
         [prediction_id] = await queue(store, receiver.url)
         await store.ensure_callback_group()
         [taken] = await store.read_callbacks("died", 10, None)
-        outcomes = Outcomes()
-        callbacks = sender(outcomes)
-        courier = CallbackCourier(store, callbacks, "alive", allowed=("127.0.0.1",))
-        await courier.start()
-        try:
-            await receiver.wait_accepted(5)
-            assert await until(lambda: settled(store))
-        finally:
-            await courier.stop()
-            await callbacks.close()
+        outcomes, courier = await sent_by_a_live_worker(store, receiver)
     [received] = receiver.received
     assert received.headers["X-AIGW-Prediction-Id"] == prediction_id
     assert outcomes == ["delivered"] and courier.counts == {"delivered": 1}
@@ -284,16 +279,7 @@ async def test_a_sigkilled_aigw_worker_loses_no_callback(store, tmp_path: Path):
             finally:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
-        outcomes = Outcomes()
-        callbacks = sender(outcomes)
-        courier = CallbackCourier(store, callbacks, "alive", allowed=("127.0.0.1",))
-        await courier.start()
-        try:
-            await receiver.wait_accepted(5)
-            assert await until(lambda: settled(store))
-        finally:
-            await courier.stop()
-            await callbacks.close()
+        outcomes, _ = await sent_by_a_live_worker(store, receiver)
     first, second = receiver.received
     assert first.body == second.body
     assert second.headers["X-AIGW-Prediction-Id"] == submitted.prediction_id

@@ -15,10 +15,8 @@ from gateway import streams
 from gateway.audit import AuditUnavailable
 from gateway.cli import main
 from gateway.contracts import load_contracts
-from gateway.demo.triton_process import free_port
 from gateway.idempotency import IdempotencyKey, IdempotencyKeyReused, Submitted, idempotency_key
 from gateway.jobs import Backpressure, Job, JobRejected
-from gateway.runtime import audit_log, load_configuration, start_runtime
 from gateway.streams import (
     GROUP,
     Delivery,
@@ -39,7 +37,7 @@ from gateway.streams import (
     stream_id,
 )
 from gateway.worker import StreamWorker, claim_interval_s, failure_action
-from tests.conftest import CHURN_REQUEST, REPO, settings_for
+from tests.conftest import CHURN_REQUEST, REPO
 
 CONTRACTS = load_contracts(REPO / "contracts")
 MODEL = "customer-churn"
@@ -399,19 +397,6 @@ async def test_claiming_takes_over_idle_entries_with_their_delivery_counts(redis
         assert {d.deliveries for d in again} == {3}
     finally:
         await store.close()
-
-
-@pytest.fixture
-async def offline_runtime():
-    """The repository's policies with Triton nowhere (a free port): a job that runs is
-    answered by the chain's default, at once."""
-    settings = settings_for(REPO)
-    env = {"AIGW_TRITON_URL": f"127.0.0.1:{free_port()}"}
-    runtime = start_runtime(settings, load_configuration(settings, env), baselines={})
-    runtime.audit = audit_log(settings)
-    await runtime.audit.open()
-    yield runtime
-    await runtime.close()
 
 
 @pytest.fixture
